@@ -1,0 +1,73 @@
+"""KV cache written by encoder mode (prefill, canvas commit) and read by decoder mode (denoising).
+
+One preallocated ``[B, H_kv, capacity, D]`` K and V tensor per layer, and a per-row length. Row ``b``'s
+token at absolute position ``p`` lives in slot ``p``, so rows with prompts of different lengths keep their
+own positions (no left-padding shift). Slots at or past a row's length hold junk (padding written by a
+batched prefill) and are always masked; they are overwritten by that row's next commit.
+
+Sliding-window layers keep every slot and mask by position; this is exactly the reference's dynamic-cache
+semantics (the last ``W - 1`` cached positions) without a ring buffer. The cache is an explicit argument of
+every model call and never stored on a module.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dgemma.config import ModelConfig
+
+
+class KVCache:
+    def __init__(self, cfg: ModelConfig, batch_size: int, capacity: int, device=None, dtype=torch.float32):
+        self.cfg = cfg
+        self.capacity = capacity
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+        for spec in cfg.layers:
+            shape = (batch_size, spec.num_kv_heads, capacity, spec.head_dim)
+            self.k.append(torch.zeros(shape, device=device, dtype=dtype))
+            self.v.append(torch.zeros(shape, device=device, dtype=dtype))
+        self.lengths = torch.zeros(batch_size, dtype=torch.long)  # host copy: drives slicing, never synced
+
+    @property
+    def batch_size(self) -> int:
+        return self.lengths.shape[0]
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, starts: torch.Tensor) -> None:
+        """Store new keys/values ``[B, H_kv, T, D]`` of row b at slots ``starts[b] .. starts[b] + T``."""
+        t = k.shape[2]
+        end = int(starts.max()) + t
+        if end > self.capacity:
+            raise ValueError(f"KV cache overflow: need {end} slots, capacity is {self.capacity}")
+        if bool((starts == starts[0]).all()):
+            s = int(starts[0])
+            self.k[layer][:, :, s : s + t] = k
+            self.v[layer][:, :, s : s + t] = v
+        else:
+            for b, s in enumerate(starts.tolist()):
+                self.k[layer][b, :, s : s + t] = k[b]
+                self.v[layer][b, :, s : s + t] = v[b]
+
+    def view(self, layer: int, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of slots ``[lo, hi)`` for every row."""
+        return self.k[layer][:, :, lo:hi], self.v[layer][:, :, lo:hi]
+
+    def select(self, rows: torch.Tensor) -> "KVCache":
+        """A cache holding only ``rows`` (a copy), used when some rows of a batch have stopped."""
+        out = KVCache.__new__(KVCache)
+        out.cfg, out.capacity = self.cfg, self.capacity
+        out.k = [t.index_select(0, rows.to(t.device)) for t in self.k]
+        out.v = [t.index_select(0, rows.to(t.device)) for t in self.v]
+        out.lengths = self.lengths.index_select(0, rows.cpu())
+        return out
+
+    def grow(self, capacity: int) -> None:
+        """Enlarge to at least ``capacity`` slots, keeping the contents (multi-turn chat reuses a cache)."""
+        if capacity <= self.capacity:
+            return
+        for store in (self.k, self.v):
+            for i, t in enumerate(store):
+                bigger = t.new_zeros(t.shape[0], t.shape[1], capacity, t.shape[3])
+                bigger[:, :, : self.capacity] = t
+                store[i] = bigger
+        self.capacity = capacity

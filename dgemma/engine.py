@@ -1,0 +1,208 @@
+"""Engine: the public face of dgemma. Owns model, tokenizer and sampling defaults; text in, text out.
+
+``dgemma.load(source)`` builds one; ``generate`` takes one prompt or a list (text or token ids, any
+lengths), ``stream`` yields an event per denoising step and per committed canvas, ``chat`` applies the
+checkpoint's chat template and splits the thinking channel from the answer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from dgemma import loading, sampler
+from dgemma.config import ModelConfig
+from dgemma.model import DiffusionGemma
+from dgemma.params import SamplingParams
+from dgemma.tokenizer import Tokenizer, split_thinking
+
+Prompt = str | Sequence[int]
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop": an EOS ended it; "length": max_new_tokens reached
+    steps: list[int]  # denoising steps of each canvas
+    prompt_tokens: int = 0
+
+    @property
+    def tokens_per_step(self) -> float:
+        return len(self.token_ids) / max(1, sum(self.steps))
+
+
+@dataclass
+class ChatResponse:
+    answer: str
+    thinking: str | None
+    completion: Completion
+
+
+@dataclass
+class StepUpdate:
+    """One denoising step of a streamed generation."""
+
+    canvas: int
+    step: int
+    draft_tokens: list[int]
+    accepted: int
+    mean_entropy: float
+
+
+@dataclass
+class CanvasUpdate:
+    """One committed canvas of a streamed generation."""
+
+    canvas: int
+    tokens: list[int]
+    text_delta: str
+    finished: bool
+    completion: Completion | None = field(default=None, repr=False)  # set on the last event
+
+
+class Engine:
+    def __init__(self, model: DiffusionGemma, tokenizer: Tokenizer | None = None,
+                 defaults: SamplingParams | None = None, generation_config: dict[str, Any] | None = None):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.generation_config = dict(generation_config or {})
+        self.defaults = defaults or SamplingParams.from_generation_config(self.generation_config)
+        if self.defaults.eos_token_id is None:
+            self.defaults = self.defaults.replace(eos_token_id=model.cfg.eos_token_id)
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.model.cfg
+
+    # ------------------------------------------------------------------ inputs
+    def params(self, params: SamplingParams | None = None, **overrides) -> SamplingParams:
+        """``params`` (or the checkpoint's defaults) with ``overrides``; EOS falls back to the model's."""
+        p = (params or self.defaults).replace(**overrides) if overrides else (params or self.defaults)
+        return p if p.eos_token_id is not None else p.replace(eos_token_id=self.defaults.eos_token_id)
+
+    def encode_prompt(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer: pass prompts as lists of token ids")
+            ids = self.tokenizer.encode(prompt)
+            bos = self.config.bos_token_id
+            if bos is not None and (not ids or ids[0] != bos):
+                ids = [bos] + ids
+        else:
+            ids = [int(t) for t in prompt]
+        if not ids:
+            raise ValueError("the prompt is empty")
+        vocab = self.config.vocab_size
+        if any(t < 0 or t >= vocab for t in ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        return ids
+
+    def _batch(self, prompts) -> tuple[list[list[int]], bool]:
+        single = isinstance(prompts, str) or (
+            isinstance(prompts, (list, tuple, torch.Tensor)) and len(prompts) > 0
+            and not isinstance(prompts[0], (str, list, tuple, torch.Tensor)))
+        if single:
+            return [self.encode_prompt(prompts)], True
+        if isinstance(prompts, (list, tuple)) and not prompts:
+            raise ValueError("no prompts given")
+        return [self.encode_prompt(p) for p in prompts], False
+
+    def _check_length(self, ids: list[list[int]], params: SamplingParams) -> None:
+        c = self.config.canvas_length
+        longest = max(len(p) for p in ids) + -(-params.max_new_tokens // c) * c
+        if longest > self.config.max_position_embeddings:
+            raise ValueError(
+                f"prompt plus max_new_tokens needs {longest} positions, more than this model's context "
+                f"of {self.config.max_position_embeddings}"
+            )
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return "" if self.tokenizer is None else self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    # ------------------------------------------------------------------ generation
+    @torch.inference_mode()
+    def generate(self, prompts, params: SamplingParams | None = None, **overrides):
+        """Complete one prompt (-> Completion) or a list of prompts (-> list[Completion])."""
+        ids, single = self._batch(prompts)
+        p = self.params(params, **overrides)
+        self._check_length(ids, p)
+        loop = sampler.run(self.model, ids, p, pad_id=self._pad(p), step_events=False)
+        rows = _drain(loop)
+        out = [self._completion(r) for r in rows]
+        return out[0] if single else out
+
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None,
+               **overrides) -> Iterator[StepUpdate | CanvasUpdate]:
+        """Yield a StepUpdate per denoising step and a CanvasUpdate per committed canvas of one prompt."""
+        ids, _ = self._batch([prompt])
+        p = self.params(params, **overrides)
+        self._check_length(ids, p)
+        with torch.inference_mode():
+            loop = sampler.run(self.model, ids, p, pad_id=self._pad(p))
+            tokens: list[int] = []
+            text = ""
+            while True:
+                try:
+                    event = next(loop)
+                except StopIteration as stop:
+                    return stop.value
+                if isinstance(event, sampler.StepEvent):
+                    yield StepUpdate(event.canvas, event.step, event.draft, event.accepted, event.mean_entropy)
+                    continue
+                tokens += event.tokens
+                new_text = self.decode(tokens)
+                delta, text = new_text[len(text):] if new_text.startswith(text) else new_text, new_text
+                update = CanvasUpdate(event.canvas, event.tokens, delta, event.finished)
+                if event.finished:
+                    rows = _drain(loop)
+                    update.completion = self._completion(rows[0])
+                yield update
+
+    def chat(self, messages: list[dict[str, Any]], params: SamplingParams | None = None,
+             enable_thinking: bool = False, **overrides) -> ChatResponse:
+        """Answer a conversation with the checkpoint's chat template; thinking is split out."""
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer, so it cannot chat")
+        ids = self.tokenizer.encode_chat(messages, enable_thinking=enable_thinking)
+        completion = self.generate(ids, params, **overrides)
+        thinking, answer = split_thinking(self.decode(completion.token_ids, skip_special_tokens=False))
+        completion.text = answer
+        return ChatResponse(answer=answer, thinking=thinking, completion=completion)
+
+    # ------------------------------------------------------------------ persistence
+    def save_pretrained(self, path) -> Path:
+        """Write a transformers-loadable checkpoint directory (weights, configs, tokenizer)."""
+        path = loading.save_checkpoint(self.model, path, self.generation_config)
+        if self.tokenizer is not None:
+            self.tokenizer.save(path)
+        return path
+
+    def _pad(self, p: SamplingParams) -> int:
+        pad = p.pad_token_id if p.pad_token_id is not None else self.config.pad_token_id
+        return 0 if pad is None else pad
+
+    def _completion(self, row: sampler.RowResult) -> Completion:
+        return Completion(self.decode(row.token_ids), row.token_ids, row.finish_reason, row.steps, row.prompt_tokens)
+
+
+def _drain(loop) -> list[sampler.RowResult]:
+    while True:
+        try:
+            next(loop)
+        except StopIteration as stop:
+            return stop.value
+
+
+def load(source, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None) -> Engine:
+    """An Engine for a checkpoint directory or Hugging Face Hub repo id (safetensors only)."""
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.removeprefix("torch."), None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError("dtype must be a torch dtype name such as bfloat16 or float32")
+    model, _, gen, ckpt = loading.load_weights(source, device=device, dtype=dtype)
+    tokenizer = Tokenizer.from_dir(ckpt) if (ckpt / "tokenizer.json").is_file() else None
+    return Engine(model, tokenizer, generation_config=gen)

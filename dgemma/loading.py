@@ -1,0 +1,256 @@
+"""Checkpoint I/O: the only file that knows the checkpoint's tensor names.
+
+Reads a directory written by transformers' ``save_pretrained`` (or a Hub snapshot of one): config.json,
+generation_config.json, single or sharded safetensors. The model is built on the meta device and the
+memory-mapped tensors are assigned to it, so no second copy is made when dtype and device already match.
+Loading is strict: a missing, unexpected or wrongly shaped tensor is named in the error. Writes the same
+format back (``save_checkpoint``), loadable by ``DiffusionGemmaForBlockDiffusion.from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from dgemma.config import ModelConfig
+from dgemma.errors import ConfigError, LoadError
+from dgemma.model import DiffusionGemma
+
+log = logging.getLogger("dgemma")
+
+DECODER = "model.decoder."
+ENCODER_TEXT = "model.encoder.language_model."
+_ENCODER_SCALAR = re.compile(r"^model\.encoder\.language_model\.layers\.(\d+)\.layer_scalar$")
+_SKIPPED_PREFIXES = ("model.encoder.vision_tower.", "model.encoder.embed_vision.")
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt"]
+
+
+# ---------------------------------------------------------------------------------------------- sources
+def resolve_source(source: str | os.PathLike) -> Path:
+    """A local checkpoint directory, or a Hub repo id fetched with huggingface_hub (cache and offline aware)."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path
+    text = str(source)
+    if path.exists():
+        raise LoadError(f"{text} is a file; pass the checkpoint directory that contains it")
+    if text.startswith((".", "/", "~")) or text.count("/") != 1 or not re.fullmatch(r"[\w.\-]+/[\w.\-]+", text):
+        raise LoadError(f"no checkpoint directory at {text} (and it is not a Hub repo id like owner/name)")
+    return _download(text)
+
+
+def _download(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError)
+
+    try:
+        return Path(snapshot_download(repo_id=repo_id, allow_patterns=_HUB_PATTERNS))
+    except LocalEntryNotFoundError:
+        raise LoadError(
+            f"{repo_id} is not in the local Hugging Face cache and the Hub cannot be reached "
+            "(offline or HF_HUB_OFFLINE=1); download it once with network access or pass a local directory"
+        ) from None
+    except GatedRepoError:
+        raise LoadError(f"{repo_id} is gated on the Hub: accept its licence and log in (hf auth login)") from None
+    except RepositoryNotFoundError:
+        raise LoadError(f"no model named {repo_id} on the Hugging Face Hub (or it is private)") from None
+    except OSError as e:  # network failures surface as OSError subclasses (requests/httpx errors)
+        raise LoadError(f"could not download {repo_id} from the Hugging Face Hub: {e}") from None
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise LoadError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise LoadError(f"{path} must hold a JSON object")
+    return data
+
+
+def read_config(ckpt: Path) -> ModelConfig:
+    if not (ckpt / "config.json").is_file():
+        raise LoadError(f"{ckpt} has no config.json; is it a DiffusionGemma checkpoint directory?")
+    try:
+        return ModelConfig.from_hf_dict(read_json(ckpt / "config.json"))
+    except ConfigError as e:
+        raise LoadError(f"{ckpt / 'config.json'}: {e}") from None
+
+
+def read_generation_config(ckpt: Path) -> dict[str, Any]:
+    path = ckpt / "generation_config.json"
+    return read_json(path) if path.is_file() else {}
+
+
+# ---------------------------------------------------------------------------------------------- tensors
+def _weight_files(ckpt: Path) -> list[Path]:
+    index = ckpt / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise LoadError(f"{index} has no weight_map")
+        files = [ckpt / name for name in sorted(set(weight_map.values()))]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise LoadError(f"{index} names shard {missing[0]}, which is not in {ckpt}")
+        return files
+    files = sorted(ckpt.glob("*.safetensors"))
+    if files:
+        return files
+    pickles = sorted(p.name for p in ckpt.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+    if pickles:
+        raise LoadError(
+            f"{ckpt} holds only pickle weights ({pickles[0]}); dgemma loads safetensors only, because "
+            "unpickling can run arbitrary code. Convert them with transformers "
+            "(from_pretrained then save_pretrained(safe_serialization=True))"
+        )
+    raise LoadError(f"{ckpt} contains no *.safetensors weights")
+
+
+def _open_tensors(files: list[Path]):
+    """Yield ``(name, lazily-read tensor getter, shape)`` for every tensor in ``files``."""
+    for file in files:
+        try:
+            handle = safe_open(str(file), framework="pt")
+            keys = list(handle.keys())
+        except Exception as e:  # the Rust error types are not importable in a stable way
+            raise LoadError(f"{file} is not a readable safetensors file (truncated or corrupt?): {e}") from None
+        for key in keys:
+            yield key, handle, file
+
+
+def map_name(key: str) -> str | None:
+    """Checkpoint tensor name -> dgemma parameter name; None for tensors that are tied duplicates."""
+    m = _ENCODER_SCALAR.match(key)
+    if m:
+        return f"layers.{m.group(1)}.encoder_layer_scalar"
+    if key.startswith(DECODER):
+        return key[len(DECODER):]
+    if key == "lm_head.weight" or key.startswith(ENCODER_TEXT):
+        return None  # tied to model.decoder.* (the release format ties encoder and decoder weights)
+    return key  # unknown: reported as unexpected
+
+
+def read_state_dict(ckpt: Path, model: torch.nn.Module, dtype: torch.dtype | None, device) -> dict[str, torch.Tensor]:
+    """Read and check every tensor against ``model``'s (meta) parameters; returns dgemma-named tensors."""
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    state: dict[str, torch.Tensor] = {}
+    skipped = 0
+    for key, handle, file in _open_tensors(_weight_files(ckpt)):
+        if key.startswith(_SKIPPED_PREFIXES):
+            skipped += 1
+            continue
+        name = map_name(key)
+        if name is None:
+            continue
+        if name not in expected:
+            raise LoadError(f"unexpected tensor {key} in {file.name}: it does not belong to this model config")
+        try:
+            tensor = handle.get_tensor(key)
+        except Exception as e:
+            raise LoadError(f"cannot read tensor {key} from {file} (truncated or corrupt?): {e}") from None
+        if tensor.shape != expected[name]:
+            raise LoadError(
+                f"tensor {key} in {file.name} has shape {list(tensor.shape)}, the config implies "
+                f"{list(expected[name])}"
+            )
+        if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
+            tensor = tensor.to(dtype)
+        state[name] = tensor.to(device) if device is not None else tensor
+    missing = [k for k in expected if k not in state]
+    if missing:
+        raise LoadError(f"checkpoint {ckpt} is missing tensor {_checkpoint_name(missing[0])}"
+                        + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    if skipped:
+        log.warning("dgemma: skipped %d vision tensors (image input is not supported yet)", skipped)
+    return state
+
+
+def _checkpoint_name(name: str) -> str:
+    m = re.fullmatch(r"layers\.(\d+)\.encoder_layer_scalar", name)
+    return f"{ENCODER_TEXT}layers.{m.group(1)}.layer_scalar" if m else DECODER + name
+
+
+def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor] | None = None, device=None, dtype=None):
+    """A model for ``cfg``: weights assigned from ``state`` (no copy), or randomly initialised if None."""
+    if state is None:
+        with torch.device(device or "cpu"):
+            model = DiffusionGemma(cfg)
+        init_weights(model)
+        return model.to(dtype) if dtype is not None else model
+    with torch.device("meta"):
+        model = DiffusionGemma(cfg)
+    model.load_state_dict(state, strict=True, assign=True)
+    # Non-persistent buffers (RoPE frequencies) are not in the checkpoint: rebuild them on the real device.
+    with torch.device(next(iter(state.values())).device):
+        fresh = DiffusionGemma.rope_buffers(cfg)
+    for name, buf in fresh.items():
+        setattr(model, name, buf)
+    return model.eval()
+
+
+def init_weights(model: DiffusionGemma, std: float = 0.02, generator: torch.Generator | None = None) -> None:
+    """Random init in the spirit of the reference: normal(0, std) matrices, ones for norms and scales."""
+    for name, p in model.named_parameters():
+        with torch.no_grad():
+            if p.ndim >= 2:
+                p.normal_(0.0, std, generator=generator)
+            else:
+                p.fill_(1.0)
+
+
+def load_weights(source, device=None, dtype=None):
+    """``(model, config, generation_config dict, checkpoint dir)`` for a directory or Hub id."""
+    ckpt = resolve_source(source)
+    cfg = read_config(ckpt)
+    with torch.device("meta"):
+        skeleton = DiffusionGemma(cfg)
+    state = read_state_dict(ckpt, skeleton, dtype, device)
+    return build_model(cfg, state), cfg, read_generation_config(ckpt), ckpt
+
+
+# ---------------------------------------------------------------------------------------------- saving
+def export_state_dict(model: DiffusionGemma) -> dict[str, torch.Tensor]:
+    """dgemma parameter names -> checkpoint names (the release layout: decoder weights + encoder scalars)."""
+    out = {}
+    for name, tensor in model.state_dict().items():
+        m = re.fullmatch(r"layers\.(\d+)\.encoder_layer_scalar", name)
+        key = f"{ENCODER_TEXT}layers.{m.group(1)}.layer_scalar" if m else DECODER + name
+        out[key] = tensor.detach().contiguous().cpu()
+    return out
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call ``write(tmp_path)`` then rename over ``path``: a crash never leaves a half-written file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(model: DiffusionGemma, path, generation_config: dict[str, Any] | None = None) -> Path:
+    """Write config.json, generation_config.json and model.safetensors in the release format."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    config = model.cfg.to_hf_dict()
+    config.setdefault("dtype", str(model.dtype).removeprefix("torch."))
+    tensors = export_state_dict(model)
+    atomic_write(path / "model.safetensors", lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    for name, data in (("config.json", config), ("generation_config.json", generation_config or {})):
+        atomic_write(path / name, lambda p, d=data: p.write_text(json.dumps(d, indent=2, sort_keys=True) + "\n"))
+    return path

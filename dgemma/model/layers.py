@@ -1,0 +1,113 @@
+"""Building blocks of the DiffusionGemma text stack: RMSNorm, RoPE, gated MLP, attention.
+
+Numerics follow spec section 3.2-3.5: RMSNorm in fp32 with a plain ``w`` (no ``1 + w``), the power -0.5
+instead of rsqrt, tanh-GELU, attention scale 1.0 (q/k RMS norms replace 1/sqrt(d)), K = V on full layers,
+scale-free RMS norm on V, rotate-half RoPE with ``proportional`` partial rotation on full layers.
+Attention takes its keys, values and mask as arguments; the model decides where they come from.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dgemma.config import LayerSpec, ModelConfig, RopeSpec
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """RMS-normalise the last dim in fp32, scale by ``weight`` (if any), return in ``x``'s dtype."""
+    xf = x.float()
+    out = xf * torch.pow(xf.pow(2).mean(-1, keepdim=True) + eps, -0.5)
+    if weight is not None:
+        out = out * weight.float()
+    return out.type_as(x)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, with_scale: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if with_scale else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rope_inv_freq(spec: RopeSpec, head_dim: int) -> torch.Tensor:
+    """Inverse frequencies, length ``head_dim // 2`` for proportional RoPE (zeros = unrotated pairs)."""
+    if spec.rope_type == "proportional":
+        n_rot = int(spec.partial_rotary_factor * head_dim // 2)
+        rotated = 1.0 / (spec.theta ** (torch.arange(0, 2 * n_rot, 2, dtype=torch.float) / head_dim))
+        inv = torch.cat([rotated, torch.zeros(head_dim // 2 - n_rot)])
+    else:  # default: rotate the first `dim` dims, exponent over `dim`
+        dim = int(head_dim * spec.partial_rotary_factor)
+        inv = 1.0 / (spec.theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+    return inv / spec.factor
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
+    """cos/sin tables ``[B, T, 2 * len(inv_freq)]`` for integer ``positions [B, T]``, computed in fp32."""
+    freqs = positions[..., None].float() * inv_freq.to(positions.device)  # [B, T, D/2]
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE on ``x [B, T, H, D]``; a table shorter than D leaves the tail dims untouched."""
+    d = cos.shape[-1]
+    rot, rest = x[..., :d], x[..., d:]
+    half = d // 2
+    rotated = torch.cat([-rot[..., half:], rot[..., :half]], dim=-1)
+    out = rot * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+    return out if rest.shape[-1] == 0 else torch.cat([out, rest], dim=-1)
+
+
+class GatedMLP(nn.Module):
+    """``down(gelu_tanh(gate(x)) * up(x))``: the dense "shared expert" and the self-conditioning MLP."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+
+
+class Attention(nn.Module):
+    """Projections and norms of one layer; ``attend`` runs scaled-dot-product attention with scale 1.0."""
+
+    def __init__(self, cfg: ModelConfig, spec: LayerSpec):
+        super().__init__()
+        d, hd = cfg.hidden_size, spec.head_dim
+        self.spec = spec
+        self.head_dim = hd
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv = spec.num_kv_heads
+        self.eps = cfg.rms_norm_eps
+        self.q_proj = nn.Linear(d, self.n_heads * hd, bias=False)
+        self.k_proj = nn.Linear(d, self.n_kv * hd, bias=False)
+        # Full-attention layers have no V projection: V is the raw K projection.
+        self.v_proj = nn.Linear(d, self.n_kv * hd, bias=False) if spec.is_sliding else None
+        self.o_proj = nn.Linear(self.n_heads * hd, d, bias=False)
+        self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
+
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """``x [B, T, d]`` -> q ``[B, H, T, D]``, k and v ``[B, H_kv, T, D]`` (normed, k and q roped)."""
+        b, t, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(b, t, self.n_heads, self.head_dim))
+        k_raw = self.k_proj(x).view(b, t, self.n_kv, self.head_dim)
+        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim) if self.v_proj is not None else k_raw
+        k = self.k_norm(k_raw)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        v = rms_norm(v, None, self.eps)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def attend(self, q, k, v, mask: torch.Tensor | None) -> torch.Tensor:
+        """q ``[B, H, Tq, D]``, k/v ``[B, H_kv, Tk, D]``, bool mask ``[B, 1, Tq, Tk]`` -> ``[B, Tq, d]``."""
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0, enable_gqa=self.n_kv != self.n_heads)
+        b, _, t, _ = out.shape
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))

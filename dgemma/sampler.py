@@ -1,0 +1,200 @@
+"""The reverse (denoising) loop: block-autoregressive canvases, each refined by entropy-bound sampling.
+
+Spec section 5, per canvas: start from uniform noise (or a given canvas); each step runs the decoder,
+divides the logits by a linear temperature counting down, samples every position, accepts the
+lowest-entropy positions under the entropy budget, re-noises the rest, and feeds the scaled logits back as
+self-conditioning. A row stops when its argmax canvas is stable and its mean entropy is below the
+confidence threshold, or after ``max_denoising_steps``. The argmax canvas is emitted, cut at the first EOS,
+and committed through the encoder before the next canvas starts.
+
+Every row has its own CPU ``torch.Generator`` seeded with ``params.seed``, and only draws while it is still
+denoising, so a row gets the same tokens alone or in a batch, on any device. ``run`` is a generator: it
+yields :class:`StepEvent` / :class:`CanvasEvent` and returns the per-row :class:`RowResult` list.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Generator, Sequence
+
+import torch
+
+from dgemma.cache import KVCache
+from dgemma.model import DiffusionGemma
+from dgemma.params import SamplingParams
+
+
+@dataclass
+class StepEvent:
+    row: int
+    canvas: int  # canvas index within this generation, from 0
+    step: int  # denoising step within the canvas, from 1
+    draft: list[int]  # current argmax canvas
+    accepted: int  # positions that kept their sampled token this step
+    mean_entropy: float
+
+
+@dataclass
+class CanvasEvent:
+    row: int
+    canvas: int
+    tokens: list[int]  # the new tokens this canvas contributes (cut at EOS / max_new_tokens)
+    finished: bool
+
+
+@dataclass
+class RowResult:
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str = "length"  # "stop" (EOS) or "length"
+    steps: list[int] = field(default_factory=list)  # denoising steps used by each canvas
+    prompt_tokens: int = 0
+
+
+def token_entropy(logp: torch.Tensor) -> torch.Tensor:
+    """Entropy ``[..., C]`` of categorical distributions given as log-probabilities ``[..., C, V]``."""
+    return -(logp.exp() * logp).sum(-1)
+
+
+def entropy_bound_accept(entropy: torch.Tensor, bound: float) -> torch.Tensor:
+    """Accept the k lowest-entropy positions with ``sum(h_1..h_k) - h_k <= bound`` (>= 1 per row).
+
+    ``entropy [N, C]`` -> bool ``[N, C]``. Recomputed from scratch every step (nothing stays frozen).
+    """
+    sorted_h, order = torch.sort(entropy, dim=-1)
+    keep = (torch.cumsum(sorted_h, dim=-1) - sorted_h) <= bound
+    return torch.zeros_like(keep).scatter(-1, order, keep)
+
+
+def sample_inverse_cdf(logp: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """One token per position from ``logp [C, V]`` with uniforms ``u [C]`` (in place of multinomial).
+
+    Inverse-CDF keeps the randomness to C numbers per step per row, drawn on the CPU generator.
+    """
+    cdf = torch.cumsum(logp.exp(), dim=-1)  # [C, V]
+    target = (u.to(cdf.device) * cdf[:, -1]).unsqueeze(-1)
+    idx = torch.searchsorted(cdf, target, right=True).squeeze(-1)
+    return idx.clamp_(max=logp.shape[-1] - 1)
+
+
+def _initial_canvases(params: SamplingParams, n_rows: int, length: int, vocab: int) -> list[torch.Tensor] | None:
+    if params.initial_canvas is None:
+        return None
+    canvas = torch.as_tensor(params.initial_canvas, dtype=torch.long)
+    if canvas.ndim == 1:
+        canvas = canvas.expand(n_rows, -1)
+    if canvas.ndim != 2 or canvas.shape != (n_rows, length):
+        raise ValueError(
+            f"invalid sampling parameter `initial_canvas`: expected {length} token ids "
+            f"(or {n_rows} rows of {length}), got shape {list(canvas.shape)}"
+        )
+    if bool(((canvas < 0) | (canvas >= vocab)).any()):
+        raise ValueError(f"invalid sampling parameter `initial_canvas`: token ids must be in [0, {vocab})")
+    return list(canvas)
+
+
+def _cut(tokens: list[int], eos: set[int], budget: int) -> tuple[list[int], bool]:
+    """Tokens up to (excluding) the first EOS and at most ``budget`` of them; whether an EOS was hit."""
+    for i, t in enumerate(tokens[:budget]):
+        if t in eos:
+            return tokens[:i], True
+    return tokens[:budget], False
+
+
+def run(
+    model: DiffusionGemma,
+    prompts: Sequence[Sequence[int]],
+    params: SamplingParams,
+    pad_id: int = 0,
+    step_events: bool = True,
+) -> Generator[StepEvent | CanvasEvent, None, list[RowResult]]:
+    cfg = model.cfg
+    n_rows, length, vocab = len(prompts), cfg.canvas_length, cfg.vocab_size
+    device = model.device
+    eos = set(params.eos_token_id or ())
+    n_canvases = math.ceil(params.max_new_tokens / length)
+    initial = _initial_canvases(params, n_rows, length, vocab)
+    seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
+    gens = [torch.Generator().manual_seed(seed) for _ in range(n_rows)]
+    results = [RowResult(prompt_tokens=len(p)) for p in prompts]
+    finished = [False] * n_rows
+
+    # Prefill: right-padded prompts; each row keeps positions 0..P_b-1 and its own cache length.
+    p_max = max(len(p) for p in prompts)
+    cache = KVCache(cfg, n_rows, p_max + (n_canvases - 1) * length, device=device, dtype=model.dtype)
+    ids = torch.full((n_rows, p_max), pad_id, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, : len(p)] = torch.as_tensor(list(p), dtype=torch.long)
+    model.encode(ids.to(device), cache, n_valid=torch.tensor([len(p) for p in prompts]))
+
+    for c in range(n_canvases):
+        rows = [b for b in range(n_rows) if not finished[b]]
+        final = yield from _denoise_canvas(model, cache, rows, gens, params, c,
+                                           initial if c == 0 else None, results, step_events)
+        committed = torch.full((n_rows, length), pad_id, dtype=torch.long)
+        for b in rows:
+            committed[b] = final[b]
+            budget = params.max_new_tokens - len(results[b].token_ids)
+            new, hit_eos = _cut(final[b].tolist(), eos, budget)
+            results[b].token_ids += new
+            if hit_eos or len(results[b].token_ids) >= params.max_new_tokens:
+                finished[b] = True
+                results[b].finish_reason = "stop" if hit_eos else "length"
+            yield CanvasEvent(row=b, canvas=c, tokens=new, finished=finished[b])
+        if all(finished) or c == n_canvases - 1:
+            break
+        model.encode(committed.to(device), cache)  # commit; finished rows write junk nobody reads
+    return results
+
+
+def _denoise_canvas(model, cache, rows, gens, params, c, initial, results, step_events):
+    """Denoise one canvas for batch ``rows``; yields StepEvents, returns ``{row: argmax canvas [C]}``."""
+    length, vocab = model.cfg.canvas_length, model.cfg.vocab_size
+    device = model.device
+    x = torch.stack([
+        initial[b] if initial is not None else torch.randint(0, vocab, (length,), generator=gens[b])
+        for b in rows
+    ]).to(device)  # [n, C]
+    active = list(rows)
+    sub = cache if len(active) == cache.batch_size else cache.select(torch.tensor(active))
+    sc = None  # previous step's temperature-scaled logits, [n, C, V]
+    history = {b: [] for b in rows}  # previous argmax canvases, newest last
+    final: dict[int, torch.Tensor] = {}
+    for b in rows:
+        results[b].steps.append(0)
+    for step in range(params.max_denoising_steps, 0, -1):
+        z = model.decode(x, sub, sc) / params.temperature(step)  # [n, C, V] fp32
+        logp = torch.log_softmax(z, dim=-1)
+        entropy = token_entropy(logp)  # [n, C]
+        argmax = z.argmax(-1)  # [n, C]
+        accept = entropy_bound_accept(entropy, params.entropy_bound)
+        mean_h = entropy.mean(-1).tolist()
+        keep = []
+        for i, b in enumerate(active):
+            u = torch.rand(length, generator=gens[b])
+            sampled = sample_inverse_cdf(logp[i], u)
+            noise = torch.randint(0, vocab, (length,), generator=gens[b]).to(device)
+            x[i] = torch.where(accept[i], sampled, noise)
+            results[b].steps[-1] += 1
+            a = argmax[i].cpu()
+            hist = history[b]
+            stable = len(hist) >= params.stability_threshold and all(
+                torch.equal(h, a) for h in hist[len(hist) - params.stability_threshold:])
+            if params.stability_threshold:
+                hist.append(a)
+                del hist[: -params.stability_threshold]
+            final[b] = a
+            if step_events:
+                yield StepEvent(row=b, canvas=c, step=results[b].steps[-1], draft=a.tolist(),
+                                accepted=int(accept[i].sum()), mean_entropy=mean_h[i])
+            if not (stable and mean_h[i] < params.confidence_threshold):
+                keep.append(i)
+        if not keep:
+            break
+        sc = z.to(model.dtype)  # the reference feeds back the processed logits in the embedding dtype
+        if len(keep) < len(active):
+            idx = torch.tensor(keep)
+            active = [active[i] for i in keep]
+            x, sc = x[idx.to(device)], sc[idx.to(device)]
+            sub = cache.select(torch.tensor(active))
+    return final

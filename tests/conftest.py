@@ -1,0 +1,116 @@
+"""Shared fixtures: tiny random DiffusionGemma checkpoints written by transformers' ``save_pretrained``.
+
+Several configs exercise different code paths: odd sizes, a context longer than the sliding window,
+distinct encoder/decoder layer scalars, the older ``global_head_dim`` serialisation, sharded weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+SPEC_CONFIG = Path(__file__).resolve().parents[2] / "shared" / "docs" / "tiny-diffusiongemma-config.json"
+
+TINY = {
+    "model_type": "diffusion_gemma",
+    "architectures": ["DiffusionGemmaForBlockDiffusion"],
+    "canvas_length": 16,
+    "boi_token_id": 500, "eoi_token_id": 501, "image_token_id": 502,
+    "tie_word_embeddings": True,
+    "text_config": {
+        "model_type": "diffusion_gemma_text",
+        "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "moe_intermediate_size": 32,
+        "num_experts": 4, "top_k_experts": 2, "num_hidden_layers": 4, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "head_dim": 16,
+        "per_layer_config": {"1": {"head_dim": 32, "num_key_value_heads": 1},
+                             "3": {"head_dim": 32, "num_key_value_heads": 1}},
+        "layer_types": ["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+        "sliding_window": 16, "max_position_embeddings": 4096,
+        "rope_parameters": {
+            "full_attention": {"partial_rotary_factor": 0.25, "rope_theta": 1000000.0, "rope_type": "proportional"},
+            "sliding_attention": {"rope_theta": 10000.0, "rope_type": "default"},
+        },
+        "use_bidirectional_attention": "vision", "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2,
+    },
+    "vision_config": {
+        "model_type": "gemma4_vision", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+        "num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 16, "patch_size": 16,
+        "pooling_kernel_size": 3, "position_embedding_size": 64, "standardize": False,
+        "rope_parameters": {"rope_theta": 100.0, "rope_type": "axial"},
+    },
+}
+
+# Odd sizes, 3 layers with one full layer, 5 experts top-3, canvas 12, older head-dim serialisation.
+ODD = copy.deepcopy(TINY)
+ODD["canvas_length"] = 12
+ODD["text_config"].update({
+    "vocab_size": 389, "hidden_size": 48, "intermediate_size": 72, "moe_intermediate_size": 24,
+    "num_experts": 5, "top_k_experts": 3, "num_hidden_layers": 3, "num_attention_heads": 6,
+    "num_key_value_heads": 3, "head_dim": 12, "global_head_dim": 24, "num_global_key_value_heads": 2,
+    "layer_types": ["sliding_attention", "sliding_attention", "full_attention"], "sliding_window": 7,
+})
+del ODD["text_config"]["per_layer_config"]
+
+CONFIGS = {"tiny": TINY, "odd": ODD}
+
+
+def write_hf_checkpoint(path: Path, raw: dict, seed: int = 0, distinct_scalars: bool = True,
+                        shard: bool = False, vocab_tokenizer: bool = True) -> Path:
+    """Build a random transformers model from ``raw`` and ``save_pretrained`` it (plus a byte tokenizer)."""
+    from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
+
+    torch.manual_seed(seed)
+    model = DiffusionGemmaForBlockDiffusion(DiffusionGemmaConfig(**copy.deepcopy(raw))).eval()
+    with torch.no_grad():
+        # Random norms and scalars so that a swapped or ignored tensor shows up in the parity checks.
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                p.copy_(1.0 + 0.3 * torch.randn_like(p))
+        if distinct_scalars:
+            n = raw["text_config"]["num_hidden_layers"]
+            for i in range(n):
+                model.model.encoder.language_model.layers[i].layer_scalar.fill_(0.6 + 0.1 * i)
+                model.model.decoder.layers[i].layer_scalar.fill_(1.3 - 0.1 * i)
+    model.save_pretrained(path, max_shard_size="200KB" if shard else "5GB")
+    if vocab_tokenizer:
+        from dgemma.tokenizer import write_test_tokenizer
+        write_test_tokenizer(path, raw["text_config"]["vocab_size"])
+    return path
+
+
+@pytest.fixture(scope="session")
+def ckpt_factory(tmp_path_factory):
+    """``ckpt_factory(name, **kw)`` -> path of a cached checkpoint directory for one of CONFIGS."""
+    made: dict[tuple, Path] = {}
+
+    def make(name: str = "tiny", **kw) -> Path:
+        key = (name, tuple(sorted(kw.items())))
+        if key not in made:
+            path = tmp_path_factory.mktemp(f"ckpt_{name}")
+            made[key] = write_hf_checkpoint(path, CONFIGS[name], **kw)
+        return made[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def hf_model_factory():
+    """Load a checkpoint directory with transformers (fp32, eval)."""
+    from transformers import DiffusionGemmaForBlockDiffusion
+
+    cache: dict[Path, object] = {}
+
+    def load(path: Path):
+        if path not in cache:
+            cache[path] = DiffusionGemmaForBlockDiffusion.from_pretrained(path, dtype=torch.float32).eval()
+        return cache[path]
+
+    return load
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
