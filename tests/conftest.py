@@ -59,8 +59,13 @@ CONFIGS = {"tiny": TINY, "odd": ODD}
 
 
 def write_hf_checkpoint(path: Path, raw: dict, seed: int = 0, distinct_scalars: bool = True,
-                        shard: bool = False, vocab_tokenizer: bool = True) -> Path:
-    """Build a random transformers model from ``raw`` and ``save_pretrained`` it (plus a byte tokenizer)."""
+                        shard: bool = False, vocab_tokenizer: bool = True, embed_std: float = 1.0) -> Path:
+    """Build a random transformers model from ``raw`` and ``save_pretrained`` it (plus a byte tokenizer).
+
+    ``embed_std`` sets the (tied) embedding's spread: the reference init (0.02) gives near-uniform logits
+    whose top-2 gaps are so small that even a 1e-4 temperature leaves sampling random; 1.0 gives the
+    peaked distributions of a trained model.
+    """
     from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
 
     torch.manual_seed(seed)
@@ -70,6 +75,8 @@ def write_hf_checkpoint(path: Path, raw: dict, seed: int = 0, distinct_scalars: 
         for name, p in model.named_parameters():
             if p.ndim == 1:
                 p.copy_(1.0 + 0.3 * torch.randn_like(p))
+        emb = model.model.decoder.embed_tokens.weight
+        emb.mul_(embed_std / emb.std())
         if distinct_scalars:
             n = raw["text_config"]["num_hidden_layers"]
             for i in range(n):
