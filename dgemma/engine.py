@@ -102,8 +102,13 @@ class Engine:
         return ids
 
     def _batch(self, prompts) -> tuple[list[list[int]], bool]:
+        """One prompt (text, or a flat sequence / 1-D tensor of ids) or a batch of them."""
+        if isinstance(prompts, torch.Tensor):
+            if prompts.ndim not in (1, 2):
+                raise ValueError("a tensor prompt must be 1-D (one prompt) or 2-D (a batch)")
+            prompts = prompts.tolist()
         single = isinstance(prompts, str) or (
-            isinstance(prompts, (list, tuple, torch.Tensor)) and len(prompts) > 0
+            isinstance(prompts, (list, tuple)) and len(prompts) > 0
             and not isinstance(prompts[0], (str, list, tuple, torch.Tensor)))
         if single:
             return [self.encode_prompt(prompts)], True

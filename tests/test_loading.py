@@ -1,0 +1,555 @@
+"""Checkpoint loading and saving: strictness, corrupt files, configs, Hub offline, mmap, save round trip.
+
+Every failure a user can cause must surface as ``dgemma.errors.LoadError`` (or ``ConfigError`` straight
+from ``ModelConfig``) whose message names the offending tensor, file or field.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import json
+import logging
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import dgemma
+from dgemma import loading
+from dgemma.cache import KVCache
+from dgemma.config import FULL, SLIDING, ModelConfig
+from dgemma.errors import ConfigError, LoadError
+
+from conftest import ODD, TINY
+
+SPEC_DEFAULTS = {"max_new_tokens": 256, "max_denoising_steps": 48, "entropy_bound": 0.1, "t_max": 0.8,
+                 "t_min": 0.4, "stability_threshold": 1, "confidence_threshold": 0.005}
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _copy(src: Path, tmp_path: Path, name: str = "ckpt") -> Path:
+    dst = tmp_path / name
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _rewrite(ckpt: Path, edit, file: str = "model.safetensors") -> None:
+    """Load ``file``'s tensors, let ``edit`` change the dict in place, write it back."""
+    tensors = load_file(ckpt / file)
+    edit(tensors)
+    save_file(tensors, str(ckpt / file), metadata={"format": "pt"})
+
+
+def _write_config(ckpt: Path, edit) -> None:
+    raw = json.loads((ckpt / "config.json").read_text())
+    edit(raw)
+    (ckpt / "config.json").write_text(json.dumps(raw))
+
+
+def _load_error(source, **kw) -> str:
+    with pytest.raises(LoadError) as info:
+        dgemma.load(source, **kw)
+    assert type(info.value) is LoadError
+    return str(info.value)
+
+
+@pytest.fixture
+def tiny(ckpt_factory, tmp_path):
+    """A private, corruptible copy of the tiny checkpoint."""
+    return _copy(ckpt_factory("tiny"), tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------- strict tensors
+@pytest.mark.parametrize("key", ["model.decoder.layers.1.self_attn.k_proj.weight",
+                                 "model.encoder.language_model.layers.2.layer_scalar",
+                                 "model.decoder.layers.3.layer_scalar",
+                                 "model.decoder.embed_tokens.weight"])
+def test_missing_tensor_is_named(tiny, key):
+    _rewrite(tiny, lambda t: t.pop(key))
+    msg = _load_error(tiny)
+    assert key in msg and "missing" in msg
+
+
+def test_unexpected_tensor_is_named(tiny):
+    key = "model.decoder.layers.0.foo.weight"
+    _rewrite(tiny, lambda t: t.__setitem__(key, torch.zeros(3, 4)))
+    msg = _load_error(tiny)
+    assert key in msg and "unexpected" in msg
+
+
+def test_wrongly_shaped_tensor_is_named_with_both_shapes(tiny):
+    key = "model.decoder.layers.1.self_attn.k_proj.weight"
+    good = list(load_file(tiny / "model.safetensors")[key].shape)
+    assert good == [32, 64]  # 1 KV head of dim 32 on the full layer, hidden 64
+    _rewrite(tiny, lambda t: t.__setitem__(key, torch.zeros(31, 64)))
+    msg = _load_error(tiny)
+    assert key in msg and "[31, 64]" in msg and str(good) in msg
+
+
+def test_vision_tensors_are_skipped_with_one_warning(ckpt_factory, caplog):
+    path = ckpt_factory("tiny")
+    keys = load_file(path / "model.safetensors").keys()
+    n_vision = sum(k.startswith(("model.encoder.vision_tower.", "model.encoder.embed_vision.")) for k in keys)
+    assert n_vision > 1  # precondition: the fixture checkpoint does hold vision tensors
+    with caplog.at_level(logging.WARNING, logger="dgemma"):
+        engine = dgemma.load(path)
+    records = [r for r in caplog.records if r.name == "dgemma"]
+    assert len(records) == 1, [r.getMessage() for r in records]
+    assert records[0].levelno == logging.WARNING and "vision" in records[0].getMessage()
+    assert not any(n.startswith(("vision", "embed_vision")) for n in engine.model.state_dict())
+
+
+# ---------------------------------------------------------------------------------------------- bad files
+@pytest.mark.parametrize("content", ["garbage", "torch.save"])
+def test_pickle_only_directory_is_refused_without_unpickling(tiny, monkeypatch, content):
+    state = load_file(tiny / "model.safetensors")
+    (tiny / "model.safetensors").unlink()
+    if content == "garbage":
+        # Unpickling these bytes would raise an UnpicklingError, not a LoadError.
+        (tiny / "pytorch_model.bin").write_bytes(b"\x80\x05garbage, never unpickle me" * 10)
+    else:
+        torch.save(state, tiny / "pytorch_model.bin")
+
+    import pickle
+
+    def boom(*a, **k):
+        raise AssertionError("dgemma unpickled a checkpoint")
+
+    monkeypatch.setattr(torch, "load", boom)
+    monkeypatch.setattr(pickle, "load", boom)
+    monkeypatch.setattr(pickle, "loads", boom)
+    monkeypatch.setattr(pickle, "Unpickler", boom)
+    msg = _load_error(tiny)
+    assert "safetensors" in msg and "pickle" in msg and "pytorch_model.bin" in msg
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _garbage(path: Path) -> None:
+    path.write_bytes(os.urandom(4096))
+
+
+def _bad_header_json(path: Path) -> None:
+    body = b"{this is not json" + b" " * 47
+    path.write_bytes(len(body).to_bytes(8, "little") + body + b"\0" * 256)
+
+
+def _huge_header_len(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[:8] = (2**62).to_bytes(8, "little")
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("corrupt", [_truncate, _garbage, _bad_header_json, _huge_header_len],
+                         ids=["truncated", "garbage", "bad-header-json", "huge-header-length"])
+def test_corrupt_safetensors_is_a_load_error_naming_the_file(tiny, corrupt):
+    corrupt(tiny / "model.safetensors")
+    msg = _load_error(tiny)
+    assert str(tiny / "model.safetensors") in msg
+
+
+def test_sharded_checkpoint_matches_unsharded(ckpt_factory):
+    sharded, single = ckpt_factory("tiny", shard=True), ckpt_factory("tiny")
+    shards = sorted(sharded.glob("model-*.safetensors"))
+    assert len(shards) >= 3 and (sharded / "model.safetensors.index.json").is_file()
+    assert not (sharded / "model.safetensors").exists()
+    a = dgemma.load(sharded).model.state_dict()
+    b = dgemma.load(single).model.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+
+
+def test_index_naming_a_missing_shard(ckpt_factory, tmp_path):
+    ckpt = _copy(ckpt_factory("tiny", shard=True), tmp_path)
+    gone = sorted(ckpt.glob("model-*.safetensors"))[1]
+    gone.unlink()
+    msg = _load_error(ckpt)
+    assert gone.name in msg
+
+
+def test_no_safetensors_at_all(tiny):
+    (tiny / "model.safetensors").unlink()
+    msg = _load_error(tiny)
+    assert "safetensors" in msg and str(tiny) in msg
+
+
+# ---------------------------------------------------------------------------------------------- paths and configs
+def test_no_config_json(tiny):
+    (tiny / "config.json").unlink()
+    msg = _load_error(tiny)
+    assert "config.json" in msg and str(tiny) in msg
+
+
+@pytest.mark.parametrize("text", ["{not json", "", '{"text_config": {"vocab_size": 512,}}'])
+def test_invalid_json_config(tiny, text):
+    (tiny / "config.json").write_text(text)
+    msg = _load_error(tiny)
+    assert "config.json" in msg and "JSON" in msg
+
+
+def test_config_json_that_is_not_an_object(tiny):
+    (tiny / "config.json").write_text("[1, 2, 3]")
+    msg = _load_error(tiny)
+    assert "config.json" in msg
+
+
+@pytest.mark.xfail(strict=True, reason="read_json only catches json.JSONDecodeError; a config.json that is not "
+                                       "UTF-8 raises a raw UnicodeDecodeError instead of LoadError")
+def test_config_json_with_non_utf8_bytes(tiny):
+    (tiny / "config.json").write_bytes(b"\xff\xfe\x00garbage\x9c\x80")
+    msg = _load_error(tiny)
+    assert "config.json" in msg
+
+
+def test_path_that_does_not_exist(tmp_path):
+    missing = tmp_path / "no" / "such" / "checkpoint"
+    msg = _load_error(missing)
+    assert str(missing) in msg
+    assert "\n" not in msg
+
+
+def test_file_path_instead_of_directory(tiny):
+    msg = _load_error(tiny / "model.safetensors")
+    assert str(tiny / "model.safetensors") in msg and "directory" in msg
+
+
+def test_hub_id_offline_and_not_cached(tmp_path, monkeypatch):
+    import huggingface_hub.constants as hf_constants
+
+    home = tmp_path / "hf_home"
+    (home / "hub").mkdir(parents=True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setenv("HF_HUB_CACHE", str(home / "hub"))
+    # huggingface_hub reads these once at import; patch the module constants it consults at call time.
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hf_constants, "HF_HOME", str(home))
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(home / "hub"))
+
+    def no_network(*a, **k):
+        raise AssertionError("the test tried to reach the network")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+
+    repo = "google/diffusiongemma-26B-A4B-it"
+    with pytest.raises(LoadError) as info:
+        dgemma.load(repo)
+    err = info.value
+    msg = str(err)
+    assert repo in msg
+    assert "cache" in msg and "offline" in msg.lower()
+    assert "\n" not in msg and msg.rstrip(".").count(". ") == 0  # one sentence
+    assert err.__cause__ is None and err.__suppress_context__ is True
+
+
+# ---------------------------------------------------------------------------------------------- config schema
+def _per_layer_form(raw: dict) -> dict:
+    """``raw`` with the global head shape moved into ``per_layer_config`` (newer transformers form)."""
+    out = copy.deepcopy(raw)
+    text = out["text_config"]
+    hd, kv = text.pop("global_head_dim"), text.pop("num_global_key_value_heads")
+    text["per_layer_config"] = {str(i): {"head_dim": hd, "num_key_value_heads": kv}
+                                for i, t in enumerate(text["layer_types"]) if t == FULL}
+    return out
+
+
+def _global_form(raw: dict) -> dict:
+    """``raw`` with ``per_layer_config`` replaced by ``global_head_dim`` / ``num_global_key_value_heads``."""
+    out = copy.deepcopy(raw)
+    text = out["text_config"]
+    per_layer = text.pop("per_layer_config")
+    (shape,) = {(v["head_dim"], v["num_key_value_heads"]) for v in per_layer.values()}
+    text["global_head_dim"], text["num_global_key_value_heads"] = shape
+    return out
+
+
+def test_both_head_dim_serialisations_give_the_same_layers(ckpt_factory):
+    odd_global = ModelConfig.from_hf_dict(ODD)
+    assert [(s.layer_type, s.head_dim, s.num_kv_heads) for s in odd_global.layers] == [
+        (SLIDING, 12, 3), (SLIDING, 12, 3), (FULL, 24, 2)]
+    odd_per_layer = ModelConfig.from_hf_dict(_per_layer_form(ODD))
+    saved = json.loads((ckpt_factory("odd") / "config.json").read_text())  # as transformers wrote it
+    odd_saved = ModelConfig.from_hf_dict(saved)
+    assert odd_per_layer.layers == odd_global.layers == odd_saved.layers
+    assert odd_per_layer == odd_global == odd_saved
+
+    tiny_per_layer = ModelConfig.from_hf_dict(TINY)
+    tiny_global = ModelConfig.from_hf_dict(_global_form(TINY))
+    assert tiny_per_layer.layers == tiny_global.layers
+    assert [s.head_dim for s in tiny_global.layers] == [16, 32, 16, 32]
+    assert [s.num_kv_heads for s in tiny_global.layers] == [2, 1, 2, 1]
+
+
+def _bare(n_layers: int, **text) -> dict:
+    base = copy.deepcopy(TINY)
+    t = base["text_config"]
+    t.update(num_hidden_layers=n_layers, **text)
+    for k in ("layer_types", "per_layer_config"):
+        t.pop(k, None)
+    return base
+
+
+@pytest.mark.parametrize("n, fulls", [(12, {5, 11}), (8, {5, 7}), (4, {3}), (1, {0}), (13, {5, 11, 12})])
+def test_default_layer_types(n, fulls):
+    cfg = ModelConfig.from_hf_dict(_bare(n))
+    assert [s.layer_type for s in cfg.layers] == [FULL if i in fulls else SLIDING for i in range(n)]
+    # without per_layer_config or global_head_dim, full layers get the default global head dim
+    for s in cfg.layers:
+        assert (s.head_dim, s.num_kv_heads) == ((512, 2) if s.layer_type == FULL else (16, 2))
+
+
+def test_last_layer_forced_to_full_attention():
+    raw = copy.deepcopy(ODD)
+    raw["text_config"]["layer_types"] = [SLIDING] * 3
+    assert [s.layer_type for s in ModelConfig.from_hf_dict(raw).layers] == [SLIDING, SLIDING, FULL]
+    raw["text_config"]["layer_types"] = None  # null: the default pattern
+    assert [s.layer_type for s in ModelConfig.from_hf_dict(raw).layers] == [SLIDING, SLIDING, FULL]
+
+
+def _set(path: tuple, value):
+    def edit(raw):
+        target = raw
+        for k in path[:-1]:
+            target = target[k]
+        target[path[-1]] = value
+    return edit
+
+
+BAD_CONFIGS = {
+    "model_type": (_set(("model_type",), "gemma3"), "gemma3"),
+    "tie_top": (_set(("tie_word_embeddings",), False), "tie_word_embeddings"),
+    "tie_text": (_set(("text_config", "tie_word_embeddings"), False), "tie_word_embeddings"),
+    "activation": (_set(("text_config", "hidden_activation"), "relu"), "relu"),
+    "layer_types_len": (_set(("text_config", "layer_types"), [SLIDING, FULL]), "layer_types"),
+    "layer_type_name": (_set(("text_config", "layer_types"), [SLIDING, "chunked_attention", FULL]),
+                        "chunked_attention"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
+def test_config_errors(case):
+    edit, needle = BAD_CONFIGS[case]
+    raw = copy.deepcopy(ODD)
+    edit(raw)
+    with pytest.raises(ConfigError) as info:
+        ModelConfig.from_hf_dict(raw)
+    assert needle in str(info.value)
+
+
+@pytest.mark.parametrize("case", ["model_type", "tie_top", "activation", "layer_types_len"])
+def test_loader_wraps_config_errors(ckpt_factory, tmp_path, case):
+    ckpt = _copy(ckpt_factory("odd"), tmp_path)
+    edit, needle = BAD_CONFIGS[case]
+    _write_config(ckpt, edit)
+    msg = _load_error(ckpt)
+    assert str(ckpt / "config.json") in msg and needle in msg
+
+
+# ---------------------------------------------------------------------------------------------- generation config
+def _defaults_dict(p) -> dict:
+    return {k: getattr(p, k) for k in SPEC_DEFAULTS}
+
+
+def test_generation_config_nulls_give_spec_defaults(ckpt_factory):
+    path = ckpt_factory("tiny")
+    gen = json.loads((path / "generation_config.json").read_text())
+    assert gen.get("t_max", "absent") is None  # precondition: transformers wrote nulls
+    engine = dgemma.load(path)
+    assert _defaults_dict(engine.defaults) == SPEC_DEFAULTS
+    assert engine.defaults.eos_token_id == (1,)  # the model's
+
+
+def test_absent_generation_config_gives_spec_defaults(tiny):
+    (tiny / "generation_config.json").unlink()
+    engine = dgemma.load(tiny)
+    assert _defaults_dict(engine.defaults) == SPEC_DEFAULTS
+    assert engine.defaults.eos_token_id == (1,)
+
+
+def test_generation_config_values_are_honoured(tiny):
+    gen = {"sampler_config": {"_cls_name": "EntropyBoundSamplerConfig", "entropy_bound": 0.2},
+           "eos_token_id": [1, 106], "max_denoising_steps": 32, "t_max": None, "confidence_threshold": 0}
+    (tiny / "generation_config.json").write_text(json.dumps(gen))
+    d = dgemma.load(tiny).defaults
+    assert d.entropy_bound == 0.2 and d.eos_token_id == (1, 106)
+    assert d.max_denoising_steps == 32 and d.confidence_threshold == 0
+    assert d.t_max == 0.8 and d.t_min == 0.4 and d.max_new_tokens == 256
+
+
+def test_invalid_generation_config_json(tiny):
+    (tiny / "generation_config.json").write_text("{oops")
+    msg = _load_error(tiny)
+    assert "generation_config.json" in msg
+
+
+# ---------------------------------------------------------------------------------------------- dtype / device
+def test_dtype_bfloat16(ckpt_factory):
+    model = dgemma.load(ckpt_factory("tiny"), dtype="bfloat16").model
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert model.dtype == torch.bfloat16
+    model = dgemma.load(ckpt_factory("tiny"), dtype=torch.bfloat16, device="cpu").model
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
+
+
+def test_dtype_string_forms(ckpt_factory):
+    model = dgemma.load(ckpt_factory("odd"), dtype="torch.float32").model
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+@pytest.mark.parametrize("bad", ["nonsense", "Tensor", "float128"])
+def test_bad_dtype_is_value_error(ckpt_factory, bad):
+    with pytest.raises(ValueError, match="dtype"):
+        dgemma.load(ckpt_factory("tiny"), dtype=bad)
+
+
+# ---------------------------------------------------------------------------------------------- memory mapping
+def _anon_rss() -> int:
+    gc.collect()
+    with open("/proc/self/statm") as f:
+        fields = f.read().split()
+    return (int(fields[1]) - int(fields[2])) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="needs Linux /proc")
+def test_load_is_memory_mapped_without_a_second_copy(ckpt_factory, tmp_path):
+    raw = {"model_type": "diffusion_gemma", "canvas_length": 16, "tie_word_embeddings": True, "text_config": {
+        "vocab_size": 100_000, "hidden_size": 256, "intermediate_size": 64, "moe_intermediate_size": 16,
+        "num_experts": 2, "top_k_experts": 1, "num_hidden_layers": 2, "num_attention_heads": 2,
+        "num_key_value_heads": 1, "head_dim": 32, "global_head_dim": 32, "sliding_window": 16,
+        "layer_types": [SLIDING, FULL]}}
+    cfg = ModelConfig.from_hf_dict(raw)
+    model = loading.build_model(cfg)
+    loading.save_checkpoint(model, tmp_path / "big")
+    del model
+    size = (tmp_path / "big" / "model.safetensors").stat().st_size
+    assert size > 100e6
+    # Warm up: the first model build on the meta device imports a lot of torch (sympy, ...), ~70 MB.
+    loading.load_weights(ckpt_factory("tiny"))
+
+    before = _anon_rss()
+    loaded, cfg2, _, _ = loading.load_weights(tmp_path / "big")
+    after = _anon_rss()
+    assert cfg2.layers == cfg.layers
+    assert loaded.embed_tokens.weight.shape == (100_000, 256)
+    growth = after - before
+    assert growth < 0.25 * size, f"anonymous RSS grew {growth / 1e6:.1f} MB for a {size / 1e6:.1f} MB file"
+    # the weights are really there (reading the mapped pages is fine: they stay file-backed)
+    assert float(loaded.embed_tokens.weight.detach().float().std()) == pytest.approx(0.02, rel=0.05)
+    assert _anon_rss() - before < 0.25 * size
+
+
+# ---------------------------------------------------------------------------------------------- saving
+def _legacy_odd(ckpt_factory, tmp_path) -> Path:
+    """The odd checkpoint with its config.json in the older global_head_dim serialisation."""
+    ckpt = _copy(ckpt_factory("odd"), tmp_path, "odd_legacy")
+
+    def edit(raw):
+        text = raw["text_config"]
+        text.pop("per_layer_config")
+        text["global_head_dim"], text["num_global_key_value_heads"] = 24, 2
+
+    _write_config(ckpt, edit)
+    return ckpt
+
+
+@pytest.mark.parametrize("name", ["tiny", "odd_legacy"])
+def test_save_load_round_trip_and_transformers_parity(ckpt_factory, hf_model_factory, tmp_path, name):
+    src = _legacy_odd(ckpt_factory, tmp_path) if name == "odd_legacy" else ckpt_factory(name)
+    engine = dgemma.load(src)
+    out = tmp_path / "saved"
+    engine.save_pretrained(out)
+    for f in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+              "tokenizer_config.json"):
+        assert (out / f).is_file(), f
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+
+    again = dgemma.load(out)
+    a, b = engine.model.state_dict(), again.model.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    assert again.config == engine.config
+    assert again.defaults == engine.defaults
+
+    hf = hf_model_factory(out)
+    cfg = engine.config
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(0, cfg.vocab_size, (2, 9), generator=g)
+    canvas = torch.randint(0, cfg.vocab_size, (2, cfg.canvas_length), generator=g)
+    with torch.no_grad():
+        cache = KVCache(cfg, 2, 9 + cfg.canvas_length, dtype=torch.float32)
+        again.model.encode(ids, cache)
+        ours = again.model.decode(canvas, cache)
+        ref = hf(input_ids=ids, decoder_input_ids=canvas).logits
+    assert ours.shape == ref.shape == (2, cfg.canvas_length, cfg.vocab_size)
+    assert (ours - ref).abs().max() <= 1e-4
+    assert ref.abs().max() > 0.05
+
+
+def test_interrupted_save_keeps_the_previous_checkpoint(ckpt_factory, tmp_path, monkeypatch):
+    engine = dgemma.load(ckpt_factory("tiny"))
+    out = tmp_path / "saved"
+    engine.save_pretrained(out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    real_save_file = loading.save_file
+
+    class Killed(Exception):
+        pass
+
+    def half_then_die(tensors, filename, metadata=None):
+        real_save_file(tensors, filename, metadata=metadata)
+        data = Path(filename).read_bytes()
+        Path(filename).write_bytes(data[: len(data) // 2])
+        raise Killed("killed mid-write")
+
+    monkeypatch.setattr(loading, "save_file", half_then_die)
+    with pytest.raises(Killed):
+        engine.save_pretrained(out)
+    after = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert after.keys() == before.keys()  # no stray temp files
+    assert after["model.safetensors"] == before["model.safetensors"]
+    monkeypatch.undo()
+    reloaded = dgemma.load(out).model.state_dict()
+    for k, v in engine.model.state_dict().items():
+        assert torch.equal(v, reloaded[k]), k
+
+
+def test_save_into_a_new_nested_directory(ckpt_factory, tmp_path):
+    engine = dgemma.load(ckpt_factory("odd"))
+    out = engine.save_pretrained(tmp_path / "a" / "b")
+    assert Path(out) == tmp_path / "a" / "b"
+    assert json.loads((out / "config.json").read_text())["text_config"]["vocab_size"] == 389
+
+
+@pytest.mark.xfail(strict=True, reason="save_checkpoint keeps the source config.json's `dtype` (setdefault), so a "
+                                       "model loaded with dtype=bfloat16 from an fp32 checkpoint is saved as bf16 "
+                                       "weights under a config.json that says float32")
+def test_saved_config_dtype_matches_saved_weights(ckpt_factory, tmp_path):
+    src = ckpt_factory("tiny")
+    assert json.loads((src / "config.json").read_text()).get("dtype") == "float32"
+    out = dgemma.load(src, dtype="bfloat16").save_pretrained(tmp_path / "bf16")
+    assert load_file(out / "model.safetensors")["model.decoder.embed_tokens.weight"].dtype == torch.bfloat16
+    assert json.loads((out / "config.json").read_text()).get("dtype") == "bfloat16"
+
+
+@pytest.mark.xfail(strict=True, reason="an invalid value in generation_config.json escapes dgemma.load as the bare "
+                                       "ValueError of SamplingParams, which does not name the file; errors.py says "
+                                       "ConfigError covers generation_config.json")
+@pytest.mark.parametrize("gen", [{"max_denoising_steps": 0}, {"t_max": 0.1, "t_min": 0.5},
+                                 {"eos_token_id": "x"}])
+def test_invalid_generation_config_values_name_the_file(tiny, gen):
+    (tiny / "generation_config.json").write_text(json.dumps(gen))
+    with pytest.raises(dgemma.DgemmaError) as info:
+        dgemma.load(tiny)
+    assert "generation_config.json" in str(info.value)

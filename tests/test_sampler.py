@@ -1,0 +1,149 @@
+"""Sampler semantics: entropy-bound acceptance, sampling, stopping, EOS, seeding and batching."""
+
+import math
+
+import pytest
+import torch
+
+import dgemma
+from dgemma import sampler
+from dgemma.engine import CanvasUpdate, StepUpdate
+
+
+@pytest.fixture(scope="module")
+def engine(ckpt_factory):
+    return dgemma.load(ckpt_factory("tiny"))
+
+
+def test_entropy_bound_accept_rule():
+    h = torch.tensor([[0.5, 0.01, 0.3, 0.02, 0.2]])
+    # sorted: 0.01, 0.02, 0.2, 0.3, 0.5; sums before each: 0, 0.01, 0.03, 0.23, 0.53
+    assert sampler.entropy_bound_accept(h, 0.1).tolist() == [[False, True, False, True, True]]
+    assert sampler.entropy_bound_accept(h, 0.25).tolist() == [[False, True, True, True, True]]
+    # the lowest-entropy position is always accepted, even when it alone exceeds the bound
+    assert sampler.entropy_bound_accept(torch.tensor([[5.0, 3.0]]), 0.1).tolist() == [[False, True]]
+
+
+def test_token_entropy_matches_categorical():
+    logits = 4 * torch.randn(3, 7, 50)
+    ref = torch.distributions.Categorical(logits=logits).entropy()
+    assert torch.allclose(sampler.token_entropy(torch.log_softmax(logits, -1)), ref, atol=1e-5)
+
+
+def test_inverse_cdf_sampling_follows_the_distribution():
+    probs = torch.tensor([0.5, 0.0, 0.3, 0.2])
+    logp = probs.log().expand(20000, -1)
+    g = torch.Generator().manual_seed(0)
+    draws = sampler.sample_inverse_cdf(logp, torch.rand(20000, generator=g))
+    freq = torch.bincount(draws, minlength=4).float() / 20000
+    assert freq[1] == 0  # a zero-probability token is never drawn
+    assert torch.allclose(freq, probs, atol=0.015)
+    one_hot = torch.full((3, 9), -1e9)
+    one_hot[torch.arange(3), torch.tensor([4, 0, 8])] = 0
+    assert sampler.sample_inverse_cdf(one_hot, torch.tensor([0.0, 0.5, 0.999999])).tolist() == [4, 0, 8]
+
+
+def _stream(engine, prompt, **kw):
+    events = list(engine.stream(prompt, **kw))
+    steps = [e for e in events if isinstance(e, StepUpdate)]
+    canvases = [e for e in events if isinstance(e, CanvasUpdate)]
+    return steps, canvases
+
+
+def test_seeded_runs_are_reproducible(engine):
+    a = engine.generate("hello", max_new_tokens=40, seed=7)
+    b = engine.generate("hello", max_new_tokens=40, seed=7)
+    c = engine.generate("hello", max_new_tokens=40, seed=8)
+    assert (a.token_ids, a.steps) == (b.token_ids, b.steps)
+    assert a.token_ids != c.token_ids
+
+
+def test_accepted_counts_obey_the_entropy_bound(engine, monkeypatch):
+    """Recompute each step's entropies from the decoder's logits and check the accepted count."""
+    seen = []
+    decode = engine.model.decode
+
+    def spy(canvas, cache, sc=None, sc_mask=None):
+        out = decode(canvas, cache, sc, sc_mask)
+        seen.append(out)
+        return out
+
+    monkeypatch.setattr(engine.model, "decode", spy)
+    bound, n = 0.5, 48
+    steps, _ = _stream(engine, "abc", max_new_tokens=16, entropy_bound=bound, seed=1, confidence_threshold=0.0)
+    assert len(steps) == len(seen) == n
+    counts = set()
+    for ev, logits in zip(steps, seen):
+        temperature = 0.4 + 0.4 * (n + 1 - ev.step) / n
+        h = sampler.token_entropy(torch.log_softmax(logits[0] / temperature, -1)).sort().values
+        k = ev.accepted
+        assert k >= 1
+        assert float(h[: k - 1].sum()) <= bound + 1e-5  # the k-th was admissible...
+        if k < len(h):
+            assert float(h[:k].sum()) > bound - 1e-5  # ...and the (k+1)-th was not
+        assert ev.mean_entropy == pytest.approx(float(h.mean()), rel=1e-4)
+        counts.add(k)
+    assert len(counts) > 1  # the test exercised more than one acceptance size
+
+
+def test_fixed_step_count_when_confidence_threshold_is_zero(engine):
+    out = engine.generate("x", max_new_tokens=48, max_denoising_steps=5, confidence_threshold=0.0, seed=0)
+    assert out.steps == [5, 5, 5]
+
+
+def test_stable_and_confident_stopping(engine):
+    # Confidence always met: with stability 0 a canvas stops after its first step...
+    out = engine.generate("x", max_new_tokens=32, confidence_threshold=1e9, stability_threshold=0, seed=0)
+    assert out.steps == [1, 1]
+    # ...with stability 1 it stops at the first step whose draft equals the previous step's draft.
+    steps, _ = _stream(engine, "x", max_new_tokens=16, confidence_threshold=1e9, stability_threshold=1,
+                       seed=0, t_max=0.05, t_min=0.05)
+    drafts = [e.draft_tokens for e in steps]
+    assert len(drafts) >= 2 and drafts[-1] == drafts[-2]
+    assert all(drafts[i] != drafts[i - 1] for i in range(1, len(drafts) - 1))
+
+
+def test_eos_ends_the_row_and_output_respects_max_new_tokens(engine):
+    base = engine.generate("hello", max_new_tokens=48, seed=3, eos_token_id=())
+    assert len(base.token_ids) == 48 and base.finish_reason == "length"
+    stop_tok = base.token_ids[20]
+    first = base.token_ids.index(stop_tok)
+    out = engine.generate("hello", max_new_tokens=48, seed=3, eos_token_id=[stop_tok])
+    assert out.token_ids == base.token_ids[:first] and out.finish_reason == "stop"
+    assert len(out.steps) == first // 16 + 1  # no canvas after the one holding the EOS
+    odd = engine.generate("hello", max_new_tokens=21, seed=3, eos_token_id=())
+    assert odd.token_ids == base.token_ids[:21] and odd.steps == base.steps[:2]
+
+
+def test_batched_equals_one_by_one(engine):
+    prompts = ["a", "a much longer prompt than the others, past the window", [2, 9, 9, 9]]
+    params = dict(max_new_tokens=40, seed=11)
+    eos = engine.generate(prompts[0], **params).token_ids[5]  # makes some rows stop early
+    batch = engine.generate(prompts, eos_token_id=[eos], **params)
+    for prompt, got in zip(prompts, batch):
+        alone = engine.generate(prompt, eos_token_id=[eos], **params)
+        assert (got.token_ids, got.steps, got.finish_reason) == (alone.token_ids, alone.steps, alone.finish_reason)
+    assert len({tuple(c.steps) for c in batch}) > 1 or len({c.finish_reason for c in batch}) > 1
+
+
+def test_initial_canvas_is_used_and_validated(engine):
+    c = engine.config.canvas_length
+    canvas = list(range(10, 10 + c))
+    steps, _ = _stream(engine, "q", max_new_tokens=c, initial_canvas=canvas, max_denoising_steps=1,
+                       t_max=1e-4, t_min=1e-4)
+    # one step from a fixed canvas at ~zero temperature is deterministic: same as any seed
+    steps2, _ = _stream(engine, "q", max_new_tokens=c, initial_canvas=canvas, max_denoising_steps=1,
+                        t_max=1e-4, t_min=1e-4, seed=123)
+    assert steps[0].draft_tokens == steps2[0].draft_tokens
+    with pytest.raises(ValueError, match="initial_canvas"):
+        engine.generate("q", initial_canvas=[1, 2, 3])
+    with pytest.raises(ValueError, match="initial_canvas"):
+        engine.generate("q", initial_canvas=[10_000] * c)
+    with pytest.raises(ValueError, match="initial_canvas"):
+        engine.generate(["q", "r"], initial_canvas=[canvas] * 3)
+
+
+def test_tokens_per_step_accounting(engine):
+    out = engine.generate("hello", max_new_tokens=32, seed=2, eos_token_id=())
+    assert out.tokens_per_step == pytest.approx(32 / sum(out.steps))
+    assert math.ceil(32 / engine.config.canvas_length) == len(out.steps)
