@@ -1,0 +1,54 @@
+"""Building blocks: fast paths against their slow references, RoPE against the spec's formulas."""
+
+import torch
+
+from dgemma.config import ModelConfig, RopeSpec
+from dgemma.model.layers import apply_rope, rope_inv_freq
+from dgemma.model.moe import Experts, Router, experts_reference
+from conftest import ODD
+
+
+def test_grouped_experts_match_the_reference_loop():
+    cfg = ModelConfig.from_hf_dict(ODD)
+    torch.manual_seed(0)
+    experts, router = Experts(cfg), Router(cfg)
+    for p in (experts.gate_up_proj, experts.down_proj):
+        torch.nn.init.normal_(p, std=0.2)
+    torch.nn.init.normal_(router.per_expert_scale, mean=1.0, std=0.3)
+    x = torch.randn(37, cfg.hidden_size)
+    w, idx = router(x)
+    assert idx.shape == (37, cfg.top_k_experts)
+    fast, slow = experts(x, w, idx), experts_reference(experts, x, w, idx)
+    assert torch.allclose(fast, slow, atol=1e-5) and fast.abs().max() > 0.1
+
+
+def test_router_renormalises_then_applies_per_expert_scale():
+    cfg = ModelConfig.from_hf_dict(ODD)
+    router = Router(cfg)
+    torch.nn.init.normal_(router.proj.weight)
+    with torch.no_grad():
+        router.per_expert_scale.copy_(torch.arange(1.0, cfg.num_experts + 1))
+    w, idx = router(torch.randn(5, cfg.hidden_size))
+    # dividing out each expert's gain leaves renormalised top-k probabilities that sum to 1
+    assert torch.allclose((w / (idx + 1).float()).sum(-1), torch.ones(5), atol=1e-6)
+    assert not torch.allclose(w.sum(-1), torch.ones(5))  # the gain is applied after renormalising
+
+
+def test_proportional_rope_rotates_only_the_leading_pairs():
+    inv = rope_inv_freq(RopeSpec("proportional", 1e6, 0.25), 512)
+    assert inv.shape == (256,)
+    assert torch.allclose(inv[:64], 1e6 ** (-torch.arange(0, 128, 2).float() / 512))  # exponent over 512
+    assert (inv[64:] == 0).all()
+    x = torch.randn(1, 3, 2, 512)
+    freqs = torch.tensor([[0.0, 5.0, 9.0]])[..., None] * inv
+    emb = torch.cat([freqs, freqs], -1)
+    y = apply_rope(x, emb.cos(), emb.sin())
+    untouched = torch.cat([torch.arange(64, 256), torch.arange(320, 512)])
+    assert torch.equal(y[..., untouched], x[..., untouched])
+    assert torch.allclose(y[:, 0], x[:, 0])  # position 0 is the identity
+    assert torch.allclose(y.norm(dim=-1), x.norm(dim=-1), atol=1e-4)  # a rotation
+
+
+def test_default_rope_frequencies():
+    inv = rope_inv_freq(RopeSpec("default", 1e4), 256)
+    assert torch.allclose(inv, 1e4 ** (-torch.arange(0, 256, 2).float() / 256))
