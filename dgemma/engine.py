@@ -15,6 +15,7 @@ import torch
 
 from dgemma import loading, sampler
 from dgemma.config import ModelConfig
+from dgemma.errors import LoadError
 from dgemma.model import DiffusionGemma
 from dgemma.params import SamplingParams
 from dgemma.tokenizer import Tokenizer, split_thinking
@@ -210,4 +211,8 @@ def load(source, device: str | torch.device | None = None, dtype: torch.dtype | 
             raise ValueError("dtype must be a torch dtype name such as bfloat16 or float32")
     model, _, gen, ckpt = loading.load_weights(source, device=device, dtype=dtype)
     tokenizer = Tokenizer.from_dir(ckpt) if (ckpt / "tokenizer.json").is_file() else None
-    return Engine(model, tokenizer, generation_config=gen)
+    try:
+        defaults = SamplingParams.from_generation_config(gen)
+    except ValueError as e:
+        raise LoadError(f"{ckpt / 'generation_config.json'}: {e}") from None
+    return Engine(model, tokenizer, defaults=defaults, generation_config=gen)

@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ from safetensors.torch import save_file
 
 from dgemma.config import ModelConfig
 from dgemma.errors import ConfigError, LoadError
+from dgemma.fileio import atomic_write
 from dgemma.model import DiffusionGemma
 
 log = logging.getLogger("dgemma")
@@ -72,8 +72,8 @@ def read_json(path: Path) -> dict[str, Any]:
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise LoadError(f"{path} is not valid JSON ({e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LoadError(f"{path} is not valid UTF-8 JSON ({e})") from None
     if not isinstance(data, dict):
         raise LoadError(f"{path} must hold a JSON object")
     return data
@@ -231,24 +231,13 @@ def export_state_dict(model: DiffusionGemma) -> dict[str, torch.Tensor]:
     return out
 
 
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` then rename over ``path``: a crash never leaves a half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_checkpoint(model: DiffusionGemma, path, generation_config: dict[str, Any] | None = None) -> Path:
     """Write config.json, generation_config.json and model.safetensors in the release format."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     config = model.cfg.to_hf_dict()
-    config.setdefault("dtype", str(model.dtype).removeprefix("torch."))
+    config.pop("torch_dtype", None)
+    config["dtype"] = str(model.dtype).removeprefix("torch.")  # what the weights below are stored in
     tensors = export_state_dict(model)
     atomic_write(path / "model.safetensors", lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
     for name, data in (("config.json", config), ("generation_config.json", generation_config or {})):

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -21,6 +20,8 @@ from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as _HFTokenizer
+
+from dgemma.fileio import atomic_write_text
 
 __all__ = ["ChatTemplateError", "Tokenizer", "split_thinking", "build_byte_tokenizer",
            "write_test_tokenizer", "GEMMA_SPECIAL_TOKENS", "GEMMA_MARKERS", "GEMMA_LIKE_TEMPLATE"]
@@ -58,22 +59,6 @@ GEMMA_LIKE_TEMPLATE = r"""{{- bos_token -}}
 
 class ChatTemplateError(ValueError):
     """The chat template is missing or rejected the conversation."""
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temp file + os.replace (never half-written)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _token_str(value: Any) -> str | None:
@@ -167,14 +152,14 @@ class Tokenizer:
         """Write tokenizer.json, tokenizer_config.json (+ chat_template.jinja) atomically."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(path / "tokenizer.json", self._tok.to_str(pretty=True))
+        atomic_write_text(path / "tokenizer.json", self._tok.to_str(pretty=True))
         config = {k: v for k, v in self.config.items() if k != "chat_template"}
         if self.chat_template is not None:
             config["chat_template"] = self.chat_template
-        _atomic_write_text(path / "tokenizer_config.json",
+        atomic_write_text(path / "tokenizer_config.json",
                            json.dumps(config, indent=2, ensure_ascii=False) + "\n")
         if write_jinja and self.chat_template is not None:
-            _atomic_write_text(path / "chat_template.jinja", self.chat_template)
+            atomic_write_text(path / "chat_template.jinja", self.chat_template)
 
     # ---- basic text <-> ids -------------------------------------------------
     @property

@@ -202,8 +202,6 @@ def test_config_json_that_is_not_an_object(tiny):
     assert "config.json" in msg
 
 
-@pytest.mark.xfail(strict=True, reason="read_json only catches json.JSONDecodeError; a config.json that is not "
-                                       "UTF-8 raises a raw UnicodeDecodeError instead of LoadError")
 def test_config_json_with_non_utf8_bytes(tiny):
     (tiny / "config.json").write_bytes(b"\xff\xfe\x00garbage\x9c\x80")
     msg = _load_error(tiny)
@@ -532,9 +530,6 @@ def test_save_into_a_new_nested_directory(ckpt_factory, tmp_path):
     assert json.loads((out / "config.json").read_text())["text_config"]["vocab_size"] == 389
 
 
-@pytest.mark.xfail(strict=True, reason="save_checkpoint keeps the source config.json's `dtype` (setdefault), so a "
-                                       "model loaded with dtype=bfloat16 from an fp32 checkpoint is saved as bf16 "
-                                       "weights under a config.json that says float32")
 def test_saved_config_dtype_matches_saved_weights(ckpt_factory, tmp_path):
     src = ckpt_factory("tiny")
     assert json.loads((src / "config.json").read_text()).get("dtype") == "float32"
@@ -543,9 +538,6 @@ def test_saved_config_dtype_matches_saved_weights(ckpt_factory, tmp_path):
     assert json.loads((out / "config.json").read_text()).get("dtype") == "bfloat16"
 
 
-@pytest.mark.xfail(strict=True, reason="an invalid value in generation_config.json escapes dgemma.load as the bare "
-                                       "ValueError of SamplingParams, which does not name the file; errors.py says "
-                                       "ConfigError covers generation_config.json")
 @pytest.mark.parametrize("gen", [{"max_denoising_steps": 0}, {"t_max": 0.1, "t_min": 0.5},
                                  {"eos_token_id": "x"}])
 def test_invalid_generation_config_values_name_the_file(tiny, gen):
