@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+
+import dgemma
+from dgemma.errors import LoadError
 
 SPEC_CONFIG = Path(__file__).resolve().parents[2] / "shared" / "docs" / "tiny-diffusiongemma-config.json"
 
@@ -121,3 +125,33 @@ def hf_model_factory():
 
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+SPEC_DEFAULTS = {"max_new_tokens": 256, "max_denoising_steps": 48, "entropy_bound": 0.1, "t_max": 0.8,
+                 "t_min": 0.4, "stability_threshold": 1, "confidence_threshold": 0.005}
+
+
+# ------------------------------------------------------------------ helpers for the loader/config tests
+def _copy(src: Path, tmp_path: Path, name: str = "ckpt") -> Path:
+    dst = tmp_path / name
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _write_config(ckpt: Path, edit) -> None:
+    raw = json.loads((ckpt / "config.json").read_text())
+    edit(raw)
+    (ckpt / "config.json").write_text(json.dumps(raw))
+
+
+def _load_error(source, **kw) -> str:
+    with pytest.raises(LoadError) as info:
+        dgemma.load(source, **kw)
+    assert type(info.value) is LoadError
+    return str(info.value)
+
+
+@pytest.fixture
+def tiny(ckpt_factory, tmp_path):
+    """A private, corruptible copy of the tiny checkpoint."""
+    return _copy(ckpt_factory("tiny"), tmp_path)
