@@ -189,8 +189,7 @@ def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor] | None = None, 
             model = DiffusionGemma(cfg)
         init_weights(model)
         return model.to(dtype) if dtype is not None else model
-    with torch.device("meta"):
-        model = DiffusionGemma(cfg)
+    model = _meta_model(cfg)
     model.load_state_dict(state, strict=True, assign=True)
     # Non-persistent buffers (RoPE frequencies) are not in the checkpoint: rebuild them on the real device.
     with torch.device(next(iter(state.values())).device):
@@ -214,10 +213,14 @@ def load_weights(source, device=None, dtype=None):
     """``(model, config, generation_config dict, checkpoint dir)`` for a directory or Hub id."""
     ckpt = resolve_source(source)
     cfg = read_config(ckpt)
-    with torch.device("meta"):
-        skeleton = DiffusionGemma(cfg)
-    state = read_state_dict(ckpt, skeleton, dtype, device)
+    state = read_state_dict(ckpt, _meta_model(cfg), dtype, device)
     return build_model(cfg, state), cfg, read_generation_config(ckpt), ckpt
+
+
+def _meta_model(cfg: ModelConfig) -> DiffusionGemma:
+    """The model's structure with no storage: names and shapes for checking, a target for ``assign``."""
+    with torch.device("meta"):
+        return DiffusionGemma(cfg)
 
 
 # ---------------------------------------------------------------------------------------------- saving
