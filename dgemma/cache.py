@@ -60,14 +60,3 @@ class KVCache:
         out.v = [t.index_select(0, rows.to(t.device)) for t in self.v]
         out.lengths = self.lengths.index_select(0, rows.cpu())
         return out
-
-    def grow(self, capacity: int) -> None:
-        """Enlarge to at least ``capacity`` slots, keeping the contents (multi-turn chat reuses a cache)."""
-        if capacity <= self.capacity:
-            return
-        for store in (self.k, self.v):
-            for i, t in enumerate(store):
-                bigger = t.new_zeros(t.shape[0], t.shape[1], capacity, t.shape[3])
-                bigger[:, :, : self.capacity] = t
-                store[i] = bigger
-        self.capacity = capacity

@@ -162,3 +162,17 @@ def test_invalid_generation_config_values_name_the_file(tiny, gen):
     with pytest.raises(dgemma.DgemmaError) as info:
         dgemma.load(tiny)
     assert "generation_config.json" in str(info.value)
+
+
+@pytest.mark.parametrize("raw", [TINY, ODD], ids=["tiny", "odd"])
+def test_config_built_in_code_writes_a_transformers_config(raw):
+    """A config with no original config.json (built in code) serialises to one transformers accepts."""
+    import dataclasses
+
+    from transformers import DiffusionGemmaConfig
+
+    cfg = dataclasses.replace(ModelConfig.from_hf_dict(copy.deepcopy(raw)), hf_config={})
+    written = cfg.to_hf_dict()
+    assert ModelConfig.from_hf_dict(written) == cfg
+    hf = DiffusionGemmaConfig(**copy.deepcopy(written))
+    assert ModelConfig.from_hf_dict(hf.to_dict()) == cfg
