@@ -11,6 +11,11 @@ import sys
 
 from dgemma.errors import DgemmaError
 
+# Sampling options exposed as flags, with the generation_config.json names.
+SAMPLING_OPTIONS = (("max_new_tokens", int), ("max_denoising_steps", int), ("entropy_bound", float),
+                    ("t_max", float), ("t_min", float), ("stability_threshold", int),
+                    ("confidence_threshold", float), ("seed", int))
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dgemma", description="Block-diffusion text generation (DiffusionGemma).")
@@ -22,18 +27,14 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--dtype", default=None, help="float32, bfloat16, ... (default: the checkpoint's)")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     gen.add_argument("--json", action="store_true", help="print text, token ids and steps per canvas as JSON")
-    for name, kind in (("max_new_tokens", int), ("max_denoising_steps", int), ("entropy_bound", float),
-                       ("t_max", float), ("t_min", float), ("stability_threshold", int),
-                       ("confidence_threshold", float), ("seed", int)):
+    for name, kind in SAMPLING_OPTIONS:
         gen.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=None)
     args = parser.parse_args(argv)
 
     if args.model is None:
         parser.exit(2, "dgemma: no embedded default model ships yet; pass --model DIR_OR_HUB_ID\n")
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
-    overrides = {k: getattr(args, k) for k in ("max_new_tokens", "max_denoising_steps", "entropy_bound", "t_max",
-                                               "t_min", "stability_threshold", "confidence_threshold", "seed")
-                 if getattr(args, k) is not None}
+    overrides = {k: getattr(args, k) for k, _ in SAMPLING_OPTIONS if getattr(args, k) is not None}
     try:
         import dgemma
 
