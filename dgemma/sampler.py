@@ -20,6 +20,7 @@ from typing import Generator, Sequence
 
 import torch
 
+from dgemma import denoise
 from dgemma.cache import KVCache
 from dgemma.model import DiffusionGemma
 from dgemma.params import SamplingParams
@@ -51,11 +52,6 @@ class RowResult:
     prompt_tokens: int = 0
 
 
-def token_entropy(logp: torch.Tensor) -> torch.Tensor:
-    """Entropy ``[..., C]`` of categorical distributions given as log-probabilities ``[..., C, V]``."""
-    return -(logp.exp() * logp).sum(-1)
-
-
 def entropy_bound_accept(entropy: torch.Tensor, bound: float) -> torch.Tensor:
     """Accept the k lowest-entropy positions with ``sum(h_1..h_k) - h_k <= bound`` (>= 1 per row).
 
@@ -64,17 +60,6 @@ def entropy_bound_accept(entropy: torch.Tensor, bound: float) -> torch.Tensor:
     sorted_h, order = torch.sort(entropy, dim=-1)
     keep = (torch.cumsum(sorted_h, dim=-1) - sorted_h) <= bound
     return torch.zeros_like(keep).scatter(-1, order, keep)
-
-
-def sample_inverse_cdf(logp: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """One token per position from ``logp [C, V]`` with uniforms ``u [C]`` (in place of multinomial).
-
-    Inverse-CDF keeps the randomness to C numbers per step per row, drawn on the CPU generator.
-    """
-    cdf = torch.cumsum(logp.exp(), dim=-1)  # [C, V]
-    target = (u.to(cdf.device) * cdf[:, -1]).unsqueeze(-1)
-    idx = torch.searchsorted(cdf, target, right=True).squeeze(-1)
-    return idx.clamp_(max=logp.shape[-1] - 1)
 
 
 def _initial_canvases(params: SamplingParams, n_rows: int, length: int, vocab: int) -> list[torch.Tensor] | None:
@@ -107,6 +92,7 @@ def run(
     params: SamplingParams,
     pad_id: int = 0,
     step_events: bool = True,
+    fused: bool = True,
 ) -> Generator[StepEvent | CanvasEvent, None, list[RowResult]]:
     cfg = model.cfg
     n_rows, length, vocab = len(prompts), cfg.canvas_length, cfg.vocab_size
@@ -130,7 +116,7 @@ def run(
     for c in range(n_canvases):
         rows = [b for b in range(n_rows) if not finished[b]]
         final = yield from _denoise_canvas(model, cache, rows, gens, params, c,
-                                           initial if c == 0 else None, results, step_events)
+                                           initial if c == 0 else None, results, step_events, fused)
         committed = torch.full((n_rows, length), pad_id, dtype=torch.long)
         for b in rows:
             committed[b] = final[b]
@@ -147,54 +133,54 @@ def run(
     return results
 
 
-def _denoise_canvas(model, cache, rows, gens, params, c, initial, results, step_events):
+def _denoise_canvas(model, cache, rows, gens, params, c, initial, results, step_events, fused):
     """Denoise one canvas for batch ``rows``; yields StepEvents, returns ``{row: argmax canvas [C]}``."""
     length, vocab = model.cfg.canvas_length, model.cfg.vocab_size
     device = model.device
+    step_fn = denoise.step_fused if fused else denoise.step_reference
     x = torch.stack([
         initial[b] if initial is not None else torch.randint(0, vocab, (length,), generator=gens[b])
         for b in rows
     ]).to(device)  # [n, C]
     active = list(rows)
     sub = cache if len(active) == cache.batch_size else cache.select(torch.tensor(active))
-    sc = None  # previous step's temperature-scaled logits, [n, C, V]
+    soft = None  # self-conditioning input from the previous step, [n, C, d]
     history = {b: [] for b in rows}  # previous argmax canvases, newest last
     final: dict[int, torch.Tensor] = {}
     for b in rows:
         results[b].steps.append(0)
     for step in range(params.max_denoising_steps, 0, -1):
-        z = model.decode(x, sub, sc) / params.temperature(step)  # [n, C, V] fp32
-        logp = torch.log_softmax(z, dim=-1)
-        entropy = token_entropy(logp)  # [n, C]
-        argmax = z.argmax(-1)  # [n, C]
-        accept = entropy_bound_accept(entropy, params.entropy_bound)
-        mean_h = entropy.mean(-1).tolist()
+        h = model.decode_hidden(x, sub, soft)  # [n, C, d]
+        u = torch.stack([torch.rand(length, generator=gens[b]) for b in active])  # [n, C]
+        stats = step_fn(model, h, params.temperature(step), u)
+        accept = entropy_bound_accept(stats.entropy, params.entropy_bound)  # [n, C]
+        noise = torch.stack([torch.randint(0, vocab, (length,), generator=gens[b]) for b in active])
+        x = torch.where(accept, stats.sampled, noise.to(device))
+        mean_h = stats.entropy.mean(-1).tolist()
+        argmax = stats.argmax.cpu()
+        n_accepted = accept.sum(-1).tolist()
         keep = []
         for i, b in enumerate(active):
-            u = torch.rand(length, generator=gens[b])
-            sampled = sample_inverse_cdf(logp[i], u)
-            noise = torch.randint(0, vocab, (length,), generator=gens[b]).to(device)
-            x[i] = torch.where(accept[i], sampled, noise)
             results[b].steps[-1] += 1
-            a = argmax[i].cpu()
+            a = argmax[i]
             hist = history[b]
             stable = len(hist) >= params.stability_threshold and all(
-                torch.equal(h, a) for h in hist[len(hist) - params.stability_threshold:])
+                torch.equal(h_, a) for h_ in hist[len(hist) - params.stability_threshold:])
             if params.stability_threshold:
                 hist.append(a)
                 del hist[: -params.stability_threshold]
             final[b] = a
             if step_events:
                 yield StepEvent(row=b, canvas=c, step=results[b].steps[-1], draft=a.tolist(),
-                                accepted=int(accept[i].sum()), mean_entropy=mean_h[i])
+                                accepted=n_accepted[i], mean_entropy=mean_h[i])
             if not (stable and mean_h[i] < params.confidence_threshold):
                 keep.append(i)
         if not keep:
             break
-        sc = z.to(model.dtype)  # the reference feeds back the processed logits in the embedding dtype
+        soft = stats.soft
         if len(keep) < len(active):
             idx = torch.tensor(keep)
             active = [active[i] for i in keep]
-            x, sc = x[idx.to(device)], sc[idx.to(device)]
+            x, soft = x[idx.to(device)], soft[idx.to(device)]
             sub = cache.select(torch.tensor(active))
     return final

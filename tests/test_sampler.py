@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import dgemma
-from dgemma import sampler
+from dgemma import denoise, sampler
 from dgemma.engine import CanvasUpdate, StepUpdate
 
 
@@ -27,20 +27,20 @@ def test_entropy_bound_accept_rule():
 def test_token_entropy_matches_categorical():
     logits = 4 * torch.randn(3, 7, 50)
     ref = torch.distributions.Categorical(logits=logits).entropy()
-    assert torch.allclose(sampler.token_entropy(torch.log_softmax(logits, -1)), ref, atol=1e-5)
+    assert torch.allclose(denoise.token_entropy(torch.log_softmax(logits, -1)), ref, atol=1e-5)
 
 
 def test_inverse_cdf_sampling_follows_the_distribution():
     probs = torch.tensor([0.5, 0.0, 0.3, 0.2])
     logp = probs.log().expand(20000, -1)
     g = torch.Generator().manual_seed(0)
-    draws = sampler.sample_inverse_cdf(logp, torch.rand(20000, generator=g))
+    draws = denoise.sample_inverse_cdf(logp.exp(), torch.rand(20000, generator=g))
     freq = torch.bincount(draws, minlength=4).float() / 20000
     assert freq[1] == 0  # a zero-probability token is never drawn
     assert torch.allclose(freq, probs, atol=0.015)
     one_hot = torch.full((3, 9), -1e9)
     one_hot[torch.arange(3), torch.tensor([4, 0, 8])] = 0
-    assert sampler.sample_inverse_cdf(one_hot, torch.tensor([0.0, 0.5, 0.999999])).tolist() == [4, 0, 8]
+    assert denoise.sample_inverse_cdf(one_hot.exp(), torch.tensor([0.0, 0.5, 0.999999])).tolist() == [4, 0, 8]
 
 
 def _stream(engine, prompt, **kw):
@@ -61,21 +61,21 @@ def test_seeded_runs_are_reproducible(engine):
 def test_accepted_counts_obey_the_entropy_bound(engine, monkeypatch):
     """Recompute each step's entropies from the decoder's logits and check the accepted count."""
     seen = []
-    decode = engine.model.decode
+    decode_hidden = engine.model.decode_hidden
 
-    def spy(canvas, cache, sc=None, sc_mask=None):
-        out = decode(canvas, cache, sc, sc_mask)
-        seen.append(out)
+    def spy(canvas, cache, soft=None):
+        out = decode_hidden(canvas, cache, soft)
+        seen.append(engine.model.logits(out))
         return out
 
-    monkeypatch.setattr(engine.model, "decode", spy)
+    monkeypatch.setattr(engine.model, "decode_hidden", spy)
     bound, n = 0.5, 48
     steps, _ = _stream(engine, "abc", max_new_tokens=16, entropy_bound=bound, seed=1, confidence_threshold=0.0)
     assert len(steps) == len(seen) == n
     counts = set()
     for ev, logits in zip(steps, seen):
         temperature = 0.4 + 0.4 * (n + 1 - ev.step) / n
-        h = sampler.token_entropy(torch.log_softmax(logits[0] / temperature, -1)).sort().values
+        h = denoise.token_entropy(torch.log_softmax(logits[0] / temperature, -1)).sort().values
         k = ev.accepted
         assert k >= 1
         assert float(h[: k - 1].sum()) <= bound + 1e-5  # the k-th was admissible...

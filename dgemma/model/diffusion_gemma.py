@@ -197,16 +197,24 @@ class DiffusionGemma(nn.Module):
         ``sc_logits [B, C, V]``: previous step's (temperature-scaled) logits for self-conditioning;
         ``sc_mask [B]`` bool switches it off per row (training).
         """
-        c = canvas.shape[1]
-        positions = (cache.lengths[:, None] + torch.arange(c)).to(canvas.device)
         soft = None
         if sc_logits is not None:
             soft = self.soft_embedding(sc_logits)
             if sc_mask is not None:
                 soft = soft * sc_mask.to(soft.dtype)[:, None, None]
+        return self.logits(self.decode_hidden(canvas, cache, soft))
+
+    def decode_hidden(self, canvas: torch.Tensor, cache: KVCache, soft: torch.Tensor | None = None) -> torch.Tensor:
+        """The denoiser up to the final norm: ``canvas [B, C]`` -> hidden states ``[B, C, d]``.
+
+        ``soft [B, C, d]`` is a ready soft embedding for self-conditioning (see ``soft_embedding``); the
+        sampler computes it from each step's logits chunk by chunk (``dgemma.denoise.step_fused``).
+        """
+        c = canvas.shape[1]
+        positions = (cache.lengths[:, None] + torch.arange(c)).to(canvas.device)
         x = self.self_conditioning(self.embed(canvas), soft)
         kv = DecoderKV(cache, c, self.cfg.sliding_window, canvas.device)
-        return self.logits(self._run(x, positions, kv, encoder=False))
+        return self._run(x, positions, kv, encoder=False)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Tied LM head and tanh soft-cap, in fp32."""
