@@ -182,17 +182,26 @@ def _checkpoint_name(name: str) -> str:
     return f"{ENCODER_TEXT}layers.{m.group(1)}.layer_scalar" if m else DECODER + name
 
 
-def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor] | None = None, device=None, dtype=None):
-    """A model for ``cfg``: weights assigned from ``state`` (no copy), or randomly initialised if None."""
+def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor] | None = None, device=None, dtype=None,
+                seed: int | None = None, embed_std: float | None = None):
+    """A model for ``cfg``: weights assigned from ``state`` (no copy), or randomly initialised if None.
+
+    The random model is allocated once, directly on ``device`` in ``dtype`` (a 26B config in bf16 needs
+    its 52 GB only once, never an fp32 copy first). ``seed`` makes it reproducible on a given device;
+    ``embed_std`` rescales the tied embedding (1.0 gives the peaked logits of a trained model).
+    """
     if state is None:
-        with torch.device(device or "cpu"):
-            model = DiffusionGemma(cfg)
-        init_weights(model)
-        return model.to(dtype) if dtype is not None else model
-    model = _meta_model(cfg)
-    model.load_state_dict(state, strict=True, assign=True)
-    # Non-persistent buffers (RoPE frequencies) are not in the checkpoint: rebuild them on the real device.
-    with torch.device(next(iter(state.values())).device):
+        model = _meta_model(cfg).to(dtype or torch.float32).to_empty(device=device or "cpu")
+        gen = torch.Generator(device=model.device)
+        gen.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, (1,))))
+        init_weights(model, generator=gen)
+        if embed_std is not None:
+            model.embed_tokens.weight.data.normal_(0.0, embed_std, generator=gen)
+    else:
+        model = _meta_model(cfg)
+        model.load_state_dict(state, strict=True, assign=True)
+    # Non-persistent buffers (RoPE frequencies, fp32 whatever the weights) are not in the checkpoint.
+    with torch.device(model.device):
         fresh = DiffusionGemma.rope_buffers(cfg)
     for name, buf in fresh.items():
         setattr(model, name, buf)
@@ -201,12 +210,15 @@ def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor] | None = None, 
 
 def init_weights(model: DiffusionGemma, std: float = 0.02, generator: torch.Generator | None = None) -> None:
     """Random init in the spirit of the reference: normal(0, std) matrices, ones for norms and scales."""
-    for name, p in model.named_parameters():
-        with torch.no_grad():
+    with torch.no_grad():
+        for p in model.parameters():
             if p.ndim >= 2:
                 p.normal_(0.0, std, generator=generator)
             else:
                 p.fill_(1.0)
+        for name, buf in model.named_buffers():
+            if name.endswith("layer_scalar"):
+                buf.fill_(1.0)
 
 
 def load_weights(source, device=None, dtype=None):
@@ -224,13 +236,16 @@ def _meta_model(cfg: ModelConfig) -> DiffusionGemma:
 
 
 # ---------------------------------------------------------------------------------------------- saving
-def export_state_dict(model: DiffusionGemma) -> dict[str, torch.Tensor]:
-    """dgemma parameter names -> checkpoint names (the release layout: decoder weights + encoder scalars)."""
+def export_state_dict(model: DiffusionGemma, to_cpu: bool = True) -> dict[str, torch.Tensor]:
+    """dgemma parameter names -> checkpoint names (the release layout: decoder weights + encoder scalars).
+
+    ``to_cpu=False`` keeps the tensors where they are (no copy), to hand them to another in-memory model.
+    """
     out = {}
     for name, tensor in model.state_dict().items():
         m = re.fullmatch(r"layers\.(\d+)\.encoder_layer_scalar", name)
         key = f"{ENCODER_TEXT}layers.{m.group(1)}.layer_scalar" if m else DECODER + name
-        out[key] = tensor.detach().contiguous().cpu()
+        out[key] = tensor.detach().contiguous().cpu() if to_cpu else tensor.detach()
     return out
 
 

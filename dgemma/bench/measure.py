@@ -61,11 +61,16 @@ class CallLog:
         work = flops.encode_flops(self.model.cfg, starts, n_new)
         return self._timed(kind, ids.shape[0], ids.shape[1], work, self.model.encode, ids, cache, n_valid)
 
-    def decode(self, canvas, cache, sc_logits=None, sc_mask=None, **kw):
-        starts = cache.lengths.tolist()
-        work = flops.decode_flops(self.model.cfg, starts, sc_logits is not None or kw.get("soft") is not None)
+    def decode(self, canvas, cache, sc_logits=None, sc_mask=None):
+        work = flops.decode_flops(self.model.cfg, cache.lengths.tolist(), sc_logits is not None)
         return self._timed("decode", canvas.shape[0], canvas.shape[1], work, self.model.decode, canvas, cache,
-                           sc_logits, sc_mask, **kw)
+                           sc_logits, sc_mask)
+
+    def decode_hidden(self, canvas, cache, soft=None):
+        # The sampler's step then computes the LM head and the soft embedding: counted here as well.
+        work = flops.decode_flops(self.model.cfg, cache.lengths.tolist(), soft is not None)
+        return self._timed("decode", canvas.shape[0], canvas.shape[1], work, self.model.decode_hidden, canvas,
+                           cache, soft)
 
     def of(self, kind: str) -> list[Call]:
         return [c for c in self.calls if c.kind == kind]
