@@ -221,9 +221,37 @@ def init_weights(model: DiffusionGemma, std: float = 0.02, generator: torch.Gene
                 buf.fill_(1.0)
 
 
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (AVX-512 BF16 / AMX).
+
+    Without it PyTorch emulates bf16 matmuls, about 100x slower than fp32 (measured on an AVX2 EPYC:
+    1.5 vs 112 GFLOP/s), so a bf16 checkpoint is better run in fp32 there.
+    """
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return "AVX512" in torch.backends.cpu.get_cpu_capability() or "AMX" in torch.backends.cpu.get_cpu_capability()
+
+
+def default_dtype(device) -> torch.dtype | None:
+    """The dtype to load in when the caller names none: the checkpoint's (None), except on a CPU that
+    emulates bf16, where fp32 is ~50x faster for the price of twice the memory."""
+    device = torch.device(device if device is not None else "cpu")
+    if device.type == "cpu" and not cpu_has_fast_bf16():
+        return torch.float32
+    return None
+
+
 def load_weights(source, device=None, dtype=None):
-    """``(model, config, generation_config dict, checkpoint dir)`` for a directory or Hub id."""
+    """``(model, config, generation_config dict, checkpoint dir)`` for a directory or Hub id.
+
+    ``dtype=None`` keeps the checkpoint's dtype, except on CPUs without bf16 hardware (see default_dtype).
+    """
     ckpt = resolve_source(source)
+    if dtype is None:
+        dtype = default_dtype(device)
+        if dtype is not None:
+            log.info("dgemma: this CPU has no bf16 matmul hardware; loading in %s", dtype)
     cfg = read_config(ckpt)
     state = read_state_dict(ckpt, _meta_model(cfg), dtype, device)
     return build_model(cfg, state), cfg, read_generation_config(ckpt), ckpt

@@ -111,7 +111,7 @@ def test_instruments():
 
 
 def test_run_benchmark_report_table_and_plot(tmp_path):
-    spec = BenchSpec(preset="tiny", batch_sizes=(1, 2), steps=(2, 3), prompt_len=6, new_tokens=20)
+    spec = BenchSpec(preset="tiny", batch_sizes=(1, 2), steps=(2, 3), prompt_len=6, new_tokens=20, batch_search=4)
     lines = []
     report = run_benchmark(spec, echo=lines.append)
     engines = [(r["engine"], r["batch"], r["steps"]) for r in report["runs"]]
@@ -122,8 +122,10 @@ def test_run_benchmark_report_table_and_plot(tmp_path):
         assert run["new_tokens"] == 20 * run["batch"] and run["tokens_per_s"] > 0
         if run["engine"] == "dgemma":
             assert run["steps_per_canvas"] == run["steps"]
+            assert 0 < run["floor_ms"] < run["forward_ms"]
     assert {"vs_transformers", "vs_ar", "vs_batch1"} <= set(report["ratios"][-1])
-    assert report["machine"]["roofline"]["gflops"] > 0
+    assert report["machine"]["roofline"]["gflops"] > 0 and report["machine"]["memory_gbs"] > 0
+    assert report["batch_search"]["largest_batch"] == 4  # a CPU has no hard memory wall: the limit ends it
     table = format_table(report)
     assert table.count("\n| dgemma |") == 4
     png = plot_reports([report], tmp_path / "bench.png")
@@ -141,3 +143,11 @@ def test_bench_command(tmp_path, capsys):
             main(["bench", "--preset", "tiny", "--no-transformers", *bad] if "--config" not in bad
                  else ["bench", "--no-transformers", *bad])
         assert info.value.code == 2
+
+
+def test_decode_bytes_counts_touched_experts():
+    cfg = preset_config("26b-a4b")
+    one, many = flops.decode_bytes(cfg, [0], False, 2), flops.decode_bytes(cfg, [0] * 64, False, 2)
+    # 256 tokens x top-8 of 128 touch nearly every expert: a bigger batch reads barely more weights.
+    assert one == pytest.approx(many, rel=1e-3)
+    assert flops.decode_bytes(cfg, [4096], True, 2) > flops.decode_bytes(cfg, [0], True, 2)  # the KV cache

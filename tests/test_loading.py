@@ -366,3 +366,13 @@ def test_saved_config_dtype_matches_saved_weights(ckpt_factory, tmp_path):
     out = dgemma.load(src, dtype="bfloat16").save_pretrained(tmp_path / "bf16")
     assert load_file(out / "model.safetensors")["model.decoder.embed_tokens.weight"].dtype == torch.bfloat16
     assert json.loads((out / "config.json").read_text()).get("dtype") == "bfloat16"
+
+
+@pytest.mark.parametrize("fast_bf16", [True, False])
+def test_default_dtype_follows_the_cpus_bf16_support(ckpt_factory, tmp_path, monkeypatch, fast_bf16):
+    """A bf16 checkpoint stays bf16 on a CPU with bf16 hardware and loads as fp32 where bf16 is emulated."""
+    src = dgemma.load(ckpt_factory("tiny"), dtype="bfloat16").save_pretrained(tmp_path / "bf16")
+    monkeypatch.setattr(loading, "cpu_has_fast_bf16", lambda: fast_bf16)
+    assert dgemma.load(src).model.dtype == (torch.bfloat16 if fast_bf16 else torch.float32)
+    assert dgemma.load(src, dtype="bfloat16").model.dtype == torch.bfloat16  # an explicit dtype always wins
+    assert loading.default_dtype("meta") is None  # only the CPU is second-guessed

@@ -62,3 +62,27 @@ def decode_flops(cfg: ModelConfig, starts: list[int], self_conditioning: bool) -
 
 def lm_head_flops(cfg: ModelConfig, n_positions: int) -> int:
     return 2 * n_positions * cfg.hidden_size * cfg.vocab_size
+
+
+def decode_bytes(cfg: ModelConfig, starts: list[int], self_conditioning: bool, dtype_bytes: int) -> int:
+    """Bytes one denoising pass must read at least: touched weights, the embedding (LM head and soft
+    embedding), and each row's visible KV cache. Divided by memory bandwidth: the step's floor time.
+
+    An expert counts once it is hit by any of the ``rows x C`` tokens; with uniform routing the expected
+    number of experts touched is ``E (1 - (1 - k/E)^tokens)`` (nearly all for 256 tokens x top-8 of 128).
+    """
+    d, e, k = cfg.hidden_size, cfg.num_experts, cfg.top_k_experts
+    tokens = len(starts) * cfg.canvas_length
+    touched = e * (1 - (1 - k / e) ** tokens)
+    weights = 0
+    kv = 0
+    for spec in cfg.layers:
+        hd, h, n_kv = spec.head_dim, cfg.num_attention_heads, spec.num_kv_heads
+        weights += d * h * hd * 2 + d * n_kv * hd * (2 if spec.is_sliding else 1)
+        weights += 3 * d * cfg.intermediate_size + d * e + touched * 3 * d * cfg.moe_intermediate_size
+        for start in starts:
+            cached = min(start, cfg.sliding_window - 1) if spec.is_sliding else start
+            kv += cached * n_kv * hd * (2 if spec.is_sliding else 1)  # full layers: K = V, one tensor
+    embed_reads = 2 if self_conditioning else 1
+    weights += embed_reads * cfg.vocab_size * d + (3 * d * cfg.intermediate_size if self_conditioning else 0)
+    return int((weights + kv) * dtype_bytes)

@@ -14,7 +14,7 @@ import json
 import os
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -23,7 +23,7 @@ import torch
 from dgemma import loading, sampler
 from dgemma.bench import flops
 from dgemma.bench.baselines import autoregressive, transformers_generate, transformers_model
-from dgemma.bench.measure import CallLog, PeakMemory, matmul_rate
+from dgemma.bench.measure import CallLog, PeakMemory, matmul_rate, memory_rate
 from dgemma.bench.presets import PRESETS
 from dgemma.config import ModelConfig
 from dgemma.fileio import atomic_write_text
@@ -47,6 +47,7 @@ class BenchSpec:
     warmup: bool = True
     seed: int = 0
     embed_std: float | None = 1.0  # random weights: peaked, trained-like logits
+    batch_search: int = 0  # > 0: also find the largest batch (powers of two up to this) that fits
 
 
 @dataclass
@@ -61,6 +62,7 @@ class RunResult:
     ttfc_s: float | None = None  # time to the first committed canvas (its tokens are final)
     step_ms: float | None = None  # one denoising iteration: decoder pass + sampler work
     forward_ms: float | None = None  # the decoder pass alone
+    floor_ms: float | None = None  # least bytes a decoder pass reads / measured memory bandwidth
     canvas_ms: float | None = None
     commit_ms: float | None = None
     steps_per_canvas: float | None = None  # per row, mean over rows and canvases
@@ -109,7 +111,8 @@ def sampling_params(spec: BenchSpec, steps: int) -> SamplingParams:
 
 
 @torch.inference_mode()
-def measure_dgemma(model, prompts: torch.Tensor, params: SamplingParams, fused: bool = True):
+def measure_dgemma(model, prompts: torch.Tensor, params: SamplingParams, fused: bool = True,
+                   bandwidth: float | None = None):
     """One generation through the sampler, timed call by call; ``(RunResult, RowResults, CallLog)``."""
     log = CallLog(model)
     first_canvas, canvas_done = None, []
@@ -140,6 +143,7 @@ def measure_dgemma(model, prompts: torch.Tensor, params: SamplingParams, fused: 
         tokens_per_s=new / wall, prefill_s=log.of("prefill")[0].seconds, ttfc_s=first_canvas,
         step_ms=1000 * sum(canvas_s) / max(1, len(decodes)),
         forward_ms=1000 * sum(c.seconds for c in decodes) / max(1, len(decodes)),
+        floor_ms=1000 * sum(c.bytes for c in decodes) / max(1, len(decodes)) / bandwidth if bandwidth else None,
         canvas_ms=1000 * sum(canvas_s) / max(1, len(canvas_s)),
         commit_ms=1000 * sum(c.seconds for c in commits) / len(commits) if commits else None,
         steps_per_canvas=sum(per_row_steps) / max(1, len(per_row_steps)),
@@ -181,6 +185,7 @@ def machine_info(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     rates = {str(dt).removeprefix("torch."): matmul_rate(dt, device) / 1e9
              for dt in dict.fromkeys([torch.float32, torch.bfloat16, dtype])}
     info["matmul_gflops"] = rates
+    info["memory_gbs"] = memory_rate(device, megabytes=1024 if device.type == "cuda" else 256) / 1e9
     return info
 
 
@@ -195,8 +200,8 @@ def run_benchmark(spec: BenchSpec, echo: Callable[[str], None] = print) -> dict[
     # AMX, GPUs), fp32 where bf16 is emulated (then about 100x slower).
     roof_dtype, bf16_rate = max(info["matmul_gflops"].items(), key=lambda kv: kv[1])
     info["roofline"] = {"dtype": roof_dtype, "gflops": bf16_rate}
-    echo(f"machine: {info['name']}, {info['threads']} threads, matmul GFLOP/s " +
-         ", ".join(f"{k} {v:.1f}" for k, v in info["matmul_gflops"].items()))
+    echo(f"machine: {info['name']}, {info['threads']} threads, memory {info['memory_gbs']:.1f} GB/s, "
+         "matmul GFLOP/s " + ", ".join(f"{k} {v:.1f}" for k, v in info["matmul_gflops"].items()))
     gen = torch.Generator().manual_seed(spec.seed)
     hf = None
     if spec.transformers:
@@ -215,7 +220,7 @@ def run_benchmark(spec: BenchSpec, echo: Callable[[str], None] = print) -> dict[
         prompts = torch.randint(3, cfg.vocab_size, (batch, spec.prompt_len), generator=gen)
         for steps in spec.steps:
             params = sampling_params(spec, steps)
-            res, _, _ = measure_dgemma(model, prompts, params)
+            res, _, _ = measure_dgemma(model, prompts, params, bandwidth=info["memory_gbs"] * 1e9)
             res.roofline_fraction = res.achieved_gflops / bf16_rate
             runs.append(res)
             echo(_line(res))
@@ -231,10 +236,37 @@ def run_benchmark(spec: BenchSpec, echo: Callable[[str], None] = print) -> dict[
             r.roofline_fraction = r.achieved_gflops / bf16_rate
             runs.append(r)
             echo(_line(r))
-    report = {"spec": asdict(spec), "model": source, "machine": info,
+    if spec.batch_search:
+        report_batch = largest_batch(model, spec.prompt_len, limit=spec.batch_search, seed=spec.seed)
+        echo(f"largest batch that fits: {report_batch['largest_batch']} (searched up to {spec.batch_search})")
+    else:
+        report_batch = None
+    report = {"spec": asdict(spec), "model": source, "machine": info, "batch_search": report_batch,
               "parameters": sum(p.numel() for p in model.parameters()), "runs": [asdict(r) for r in runs],
               "ratios": ratios(runs), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     return report
+
+
+def largest_batch(model, prompt_len: int, limit: int = 4096, seed: int = 0) -> dict[str, Any]:
+    """The largest power-of-two batch whose prefill plus one 2-step canvas fits in device memory.
+
+    Stops at ``limit`` (CPU memory is not a hard wall, so on a CPU the limit is what ends the search).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    params = SamplingParams(max_new_tokens=model.cfg.canvas_length, max_denoising_steps=2,
+                            confidence_threshold=0.0, eos_token_id=(), seed=seed)
+    best, peak, batch = 0, 0, 1
+    while batch <= limit:
+        prompts = torch.randint(3, model.cfg.vocab_size, (batch, prompt_len), generator=gen)
+        try:
+            res, _, _ = measure_dgemma(model, prompts, params)
+        except torch.OutOfMemoryError:
+            break
+        finally:
+            if model.device.type == "cuda":
+                torch.cuda.empty_cache()
+        best, peak, batch = batch, res.peak_mem_bytes, batch * 2
+    return {"largest_batch": best, "peak_mem_bytes": peak, "limit": limit, "prompt_len": prompt_len}
 
 
 def ratios(runs: list[RunResult]) -> list[dict[str, Any]]:
@@ -270,7 +302,7 @@ def _line(r: RunResult) -> str:
 
 
 COLUMNS = [("engine", "{}"), ("batch", "{}"), ("steps", "{}"), ("tokens_per_s", "{:.1f}"), ("ttfc_s", "{:.2f}"),
-           ("prefill_s", "{:.3f}"), ("step_ms", "{:.1f}"), ("forward_ms", "{:.1f}"), ("canvas_ms", "{:.0f}"),
+           ("prefill_s", "{:.3f}"), ("step_ms", "{:.1f}"), ("forward_ms", "{:.1f}"), ("floor_ms", "{:.1f}"), ("canvas_ms", "{:.0f}"),
            ("steps_per_canvas", "{:.1f}"), ("tokens_per_forward", "{:.2f}"), ("achieved_gflops", "{:.1f}"),
            ("roofline_fraction", "{:.2f}"), ("peak_mem_bytes", "{}")]
 

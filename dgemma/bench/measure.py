@@ -33,6 +33,7 @@ class Call:
     start: float  # perf_counter at entry
     seconds: float
     flops: int
+    bytes: int = 0  # least memory traffic (decoder passes only)
 
 
 @dataclass
@@ -45,14 +46,19 @@ class CallLog:
     def __getattr__(self, name):  # cfg, device, dtype, logits, embed, ...
         return getattr(self.__dict__["model"], name)
 
-    def _timed(self, kind: str, rows: int, tokens: int, work: int, fn, *args, **kw):
+    def _timed(self, kind: str, rows: int, tokens: int, work: int, fn, *args, traffic: int = 0, **kw):
         device = self.model.device
         synchronize(device)
         t0 = time.perf_counter()
         out = fn(*args, **kw)
         synchronize(device)
-        self.calls.append(Call(kind, rows, tokens, t0, time.perf_counter() - t0, work))
+        self.calls.append(Call(kind, rows, tokens, t0, time.perf_counter() - t0, work, traffic))
         return out
+
+    def _decode_work(self, cache, self_conditioning: bool) -> dict:
+        starts, cfg = cache.lengths.tolist(), self.model.cfg
+        return {"work": flops.decode_flops(cfg, starts, self_conditioning),
+                "traffic": flops.decode_bytes(cfg, starts, self_conditioning, self.model.dtype.itemsize)}
 
     def encode(self, ids, cache, n_valid=None):
         starts = cache.lengths.tolist()
@@ -62,15 +68,15 @@ class CallLog:
         return self._timed(kind, ids.shape[0], ids.shape[1], work, self.model.encode, ids, cache, n_valid)
 
     def decode(self, canvas, cache, sc_logits=None, sc_mask=None):
-        work = flops.decode_flops(self.model.cfg, cache.lengths.tolist(), sc_logits is not None)
-        return self._timed("decode", canvas.shape[0], canvas.shape[1], work, self.model.decode, canvas, cache,
-                           sc_logits, sc_mask)
+        w = self._decode_work(cache, sc_logits is not None)
+        return self._timed("decode", canvas.shape[0], canvas.shape[1], w["work"], self.model.decode, canvas,
+                           cache, sc_logits, sc_mask, traffic=w["traffic"])
 
     def decode_hidden(self, canvas, cache, soft=None):
         # The sampler's step then computes the LM head and the soft embedding: counted here as well.
-        work = flops.decode_flops(self.model.cfg, cache.lengths.tolist(), soft is not None)
-        return self._timed("decode", canvas.shape[0], canvas.shape[1], work, self.model.decode_hidden, canvas,
-                           cache, soft)
+        w = self._decode_work(cache, soft is not None)
+        return self._timed("decode", canvas.shape[0], canvas.shape[1], w["work"], self.model.decode_hidden,
+                           canvas, cache, soft, traffic=w["traffic"])
 
     def of(self, kind: str) -> list[Call]:
         return [c for c in self.calls if c.kind == kind]
@@ -117,6 +123,20 @@ class PeakMemory:
 
 
 # ---------------------------------------------------------------------------------------------- roofline
+def memory_rate(device: torch.device, megabytes: int = 256, reps: int = 5) -> float:
+    """Measured bytes/s of a large device-to-device copy (bytes read plus bytes written)."""
+    device = torch.device(device)
+    src = torch.ones(megabytes << 18, device=device)  # fp32: megabytes MiB
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        dst.copy_(src)
+    synchronize(device)
+    return 2 * src.numel() * 4 * reps / (time.perf_counter() - t0)
+
+
 def matmul_rate(dtype: torch.dtype, device: torch.device, budget_s: float = 0.3, max_n: int = 4096) -> float:
     """Measured FLOP/s of a square matmul in ``dtype`` on ``device``, sized to take about ``budget_s``.
 

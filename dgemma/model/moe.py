@@ -48,23 +48,25 @@ class Experts(nn.Module):
         return F.linear(F.gelu(gate, approximate="tanh") * up, self.down_proj[e])
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """``x [N, d]``, ``weights/idx [N, k]`` -> ``[N, d]``: tokens grouped by expert."""
+        """``x [N, d]``, ``weights/idx [N, k]`` -> ``[N, d]``: tokens grouped by expert.
+
+        One gather puts the (token, slot) pairs in expert order, each expert runs on its contiguous slice,
+        and one weighted ``index_add_`` scatters the results back.
+        """
         n, k = idx.shape
         flat = idx.reshape(-1)  # [N*k]
         order = torch.argsort(flat, stable=True)
         counts = torch.bincount(flat, minlength=self.num_experts).tolist()
         token_of = order // k  # token index of each sorted (token, slot) pair
-        w_sorted = weights.reshape(-1)[order]
-        out = torch.zeros_like(x)
+        xs = x.index_select(0, token_of)  # [N*k, d], grouped by expert
+        ys = torch.empty_like(xs)
         start = 0
         for e, c in enumerate(counts):
-            if c == 0:
-                continue
-            tok = token_of[start : start + c]
-            y = (self._expert(e, x[tok]) * w_sorted[start : start + c, None]).to(x.dtype)
-            out.index_add_(0, tok, y)
-            start += c
-        return out
+            if c:
+                ys[start : start + c] = self._expert(e, xs[start : start + c])
+                start += c
+        ys = (ys * weights.reshape(-1)[order, None]).to(x.dtype)  # routing weights are fp32
+        return torch.zeros_like(x).index_add_(0, token_of, ys)
 
 
 def experts_reference(experts: Experts, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
