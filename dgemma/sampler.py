@@ -152,7 +152,8 @@ def _denoise_canvas(model, cache, rows, gens, params, c, initial, results, step_
     for step in range(params.max_denoising_steps, 0, -1):
         h = model.decode_hidden(x, sub, soft)  # [n, C, d]
         u = torch.stack([torch.rand(length, generator=gens[b]) for b in active])  # [n, C]
-        stats = step_fn(model, h, params.temperature(step), u)
+        # The last possible step has no next step to self-condition: skip its soft embedding.
+        stats = step_fn(model, h, params.temperature(step), u, soft=step > 1)
         accept = entropy_bound_accept(stats.entropy, params.entropy_bound)  # [n, C]
         noise = torch.stack([torch.randint(0, vocab, (length,), generator=gens[b]) for b in active])
         x = torch.where(accept, stats.sampled, noise.to(device))

@@ -115,7 +115,7 @@ def measure_dgemma(model, prompts: torch.Tensor, params: SamplingParams, fused: 
                    bandwidth: float | None = None):
     """One generation through the sampler, timed call by call; ``(RunResult, RowResults, CallLog)``."""
     log = CallLog(model)
-    first_canvas, canvas_done = None, []
+    canvas_done = []
     with PeakMemory(model.device) as peak:
         t0 = time.perf_counter()
         loop = sampler.run(log, prompts.tolist(), params, pad_id=0, step_events=False, fused=fused)
@@ -155,7 +155,7 @@ def measure_dgemma(model, prompts: torch.Tensor, params: SamplingParams, fused: 
     return res, rows, log
 
 
-def _baseline_result(engine: str, run, batch: int, steps: int, work: float, device) -> RunResult:
+def _baseline_result(engine: str, run, batch: int, steps: int, work: float) -> RunResult:
     new = sum(len(t) for t in run.tokens)
     res = RunResult(engine=engine, batch=batch, steps=steps, new_tokens=new, wall_s=run.seconds,
                     tokens_per_s=new / run.seconds, prefill_s=run.prefill_seconds,
@@ -226,13 +226,13 @@ def run_benchmark(spec: BenchSpec, echo: Callable[[str], None] = print) -> dict[
             echo(_line(res))
             if hf is not None:
                 ref = transformers_generate(hf, prompts, params, fixed_steps=not spec.adaptive)
-                r = _baseline_result("transformers", ref, batch, steps, res.gflop * 1e9, device)
+                r = _baseline_result("transformers", ref, batch, steps, res.gflop * 1e9)
                 r.roofline_fraction = r.achieved_gflops / bf16_rate
                 runs.append(r)
                 echo(_line(r))
         if spec.autoregressive:
             ar = autoregressive(model, prompts, spec.new_tokens)
-            r = _baseline_result("ar", ar, batch, 0, ar_flops(cfg, batch, spec.prompt_len, spec.new_tokens), device)
+            r = _baseline_result("ar", ar, batch, 0, ar_flops(cfg, batch, spec.prompt_len, spec.new_tokens))
             r.roofline_fraction = r.achieved_gflops / bf16_rate
             runs.append(r)
             echo(_line(r))
