@@ -24,7 +24,7 @@ from dgemma import loading, sampler
 from dgemma.bench import flops
 from dgemma.bench.baselines import autoregressive, transformers_generate, transformers_model
 from dgemma.bench.measure import CallLog, PeakMemory, matmul_rate, memory_rate
-from dgemma.bench.presets import PRESETS
+from dgemma.bench.presets import preset_config
 from dgemma.config import ModelConfig
 from dgemma.fileio import atomic_write_text
 from dgemma.params import SamplingParams
@@ -96,9 +96,7 @@ def build(spec: BenchSpec) -> tuple[torch.nn.Module, str]:
         cfg = ModelConfig.from_hf_dict(loading.read_json(path))
         source = f"config {spec.config} (random weights)"
     else:
-        if spec.preset not in PRESETS:
-            raise ValueError(f"unknown preset `{spec.preset}`; choose one of: {', '.join(PRESETS)}")
-        cfg = ModelConfig.from_hf_dict(PRESETS[spec.preset]())
+        cfg = preset_config(spec.preset)
         source = f"preset {spec.preset} (random weights)"
     model = loading.build_model(cfg, device=device, dtype=dtype, seed=spec.seed, embed_std=spec.embed_std)
     return model, source
