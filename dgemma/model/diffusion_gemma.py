@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from dgemma.cache import KVCache
@@ -156,13 +157,22 @@ class DiffusionGemma(nn.Module):
         scale = torch.tensor(self.cfg.embed_scale, dtype=self.dtype, device=self.device)
         return self.embed_tokens(ids) * scale
 
-    def _run(self, x: torch.Tensor, positions: torch.Tensor, kv, encoder: bool) -> torch.Tensor:
+    def run_layers(self, x: torch.Tensor, positions: torch.Tensor, kv, encoder: bool,
+                   checkpoint: bool = False) -> torch.Tensor:
+        """Every layer then the final norm: ``x [B, T, d]`` at ``positions [B, T]`` -> ``[B, T, d]``.
+
+        ``kv`` is the K/V strategy (cache-backed here, ``dgemma.train.objective`` for training).
+        ``checkpoint`` recomputes each layer's activations in the backward pass (activation checkpointing).
+        """
         tables = {}
         for t in self.cfg.rope:
             tables[t] = rope_cos_sin(getattr(self, f"inv_freq_{t}"), positions, x.dtype)
         for layer in self.layers:
             cos, sin = tables[self.cfg.layers[layer.index].layer_type]
-            x = layer(x, cos, sin, kv, encoder)
+            if checkpoint and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, kv, encoder, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, kv, encoder)
         return self.norm(x)
 
     def encode(self, ids: torch.Tensor, cache: KVCache, n_valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -175,7 +185,7 @@ class DiffusionGemma(nn.Module):
         starts = cache.lengths.clone()
         positions = (starts[:, None] + torch.arange(t)).to(ids.device)
         kv = EncoderKV(cache, starts, t, self.cfg.sliding_window, ids.device)
-        h = self._run(self.embed(ids), positions, kv, encoder=True)
+        h = self.run_layers(self.embed(ids), positions, kv, encoder=True)
         cache.lengths += torch.full((b,), t) if n_valid is None else n_valid.cpu()
         return h
 
@@ -214,7 +224,7 @@ class DiffusionGemma(nn.Module):
         positions = (cache.lengths[:, None] + torch.arange(c)).to(canvas.device)
         x = self.self_conditioning(self.embed(canvas), soft)
         kv = DecoderKV(cache, c, self.cfg.sliding_window, canvas.device)
-        return self._run(x, positions, kv, encoder=False)
+        return self.run_layers(x, positions, kv, encoder=False)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Tied LM head and tanh soft-cap, in fp32."""

@@ -1,0 +1,225 @@
+"""Training data: JSONL records -> token-id examples -> padded micro-batches (spec section 4.2).
+
+A record is either ``{"messages": [...]}`` (chat; the last message is the assistant answer that is
+supervised, earlier turns are context) or ``{"prompt": ..., "completion": ...}`` (strings, or message
+lists in the conversational form). With a chat template the conversation is rendered by it; without
+one (or ``template = "raw"``) prompt and completion are plain text, BOS first, EOS after the answer.
+
+The supervised response is the answer's tokens up to and including its closing EOS, then EOS fill to a
+multiple of the canvas length (the fill is supervised too). Examples longer than ``max_length`` are
+skipped or cut to whole blocks, as the caller chooses, and counted. The order of examples in training is
+a pure function of (seed, step): see :class:`DataStream`; nothing about it needs saving to resume.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from dgemma.errors import DgemmaError
+from dgemma.tokenizer import Tokenizer
+
+OVERLONG = ("skip", "truncate")
+TEMPLATES = ("auto", "chat", "raw")
+
+
+class DataError(DgemmaError, ValueError):
+    """A training file that cannot be used; the message names the file and line."""
+
+
+@dataclass(frozen=True)
+class Example:
+    """One tokenised example: ``ids`` = prompt + response + EOS fill (whole canvas blocks)."""
+
+    ids: tuple[int, ...]
+    prefix_len: int  # index of the first supervised token
+    block: int = 256  # canvas length
+
+    @property
+    def n_blocks(self) -> int:
+        return (len(self.ids) - self.prefix_len) // self.block
+
+
+@dataclass
+class DataStats:
+    records: int = 0
+    kept: int = 0
+    skipped_overlong: int = 0
+    truncated: int = 0
+    tokens: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        return (f"{self.kept} examples from {self.records} records ({self.tokens} tokens); "
+                f"{self.skipped_overlong} skipped as too long, {self.truncated} cut to fit")
+
+
+def read_jsonl(path: str | Path) -> Iterable[tuple[int, dict[str, Any]]]:
+    """Yield ``(line number, record)``; a bad line raises DataError naming file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"training data file not found: {path}")
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+            yield lineno, record
+
+
+def _messages(value: Any, where: str, what: str) -> list[dict[str, str]]:
+    if isinstance(value, str):
+        return [{"role": "user" if what == "prompt" else "assistant", "content": value}]
+    if not isinstance(value, list) or not value:
+        raise DataError(f"{where}: '{what}' must be a string or a non-empty list of messages")
+    for m in value:
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            raise DataError(f"{where}: every message needs string 'role' and 'content' fields")
+    return list(value)
+
+
+def record_to_conversation(record: dict[str, Any], where: str) -> tuple[list[dict], dict] | tuple[str, str]:
+    """``(context messages, answer message)`` for chat records, ``(prompt, completion)`` for text pairs."""
+    if "messages" in record:
+        msgs = _messages(record["messages"], where, "messages")
+        if msgs[-1]["role"] != "assistant":
+            raise DataError(f"{where}: the last message must be the assistant's answer "
+                            f"(got role {msgs[-1]['role']!r})")
+        return msgs[:-1], msgs[-1]
+    if "prompt" in record and "completion" in record:
+        p, c = record["prompt"], record["completion"]
+        if isinstance(p, str) and isinstance(c, str):
+            return p, c
+        comp = _messages(c, where, "completion")
+        return _messages(p, where, "prompt") + comp[:-1], comp[-1]
+    raise DataError(f"{where}: expected a 'messages' list or 'prompt' and 'completion' fields "
+                    f"(found {sorted(record)[:5]})")
+
+
+class ExampleBuilder:
+    """Turns records into :class:`Example`s with one tokenizer, canvas length and length policy."""
+
+    def __init__(self, tokenizer: Tokenizer, block: int, max_length: int, overlong: str = "skip",
+                 template: str = "auto", eos_id: int | None = None, bos_id: int | None = None):
+        if overlong not in OVERLONG:
+            raise DataError(f"overlong must be one of {OVERLONG}, got {overlong!r}")
+        if template not in TEMPLATES:
+            raise DataError(f"template must be one of {TEMPLATES}, got {template!r}")
+        if template == "chat" and tokenizer.chat_template is None:
+            raise DataError("template = 'chat' but the tokenizer has no chat template")
+        self.tok, self.block, self.max_length, self.overlong = tokenizer, block, max_length, overlong
+        self.chat = template == "chat" or (template == "auto" and tokenizer.chat_template is not None)
+        self.eos = eos_id if eos_id is not None else tokenizer.eos_id
+        if self.eos is None:
+            raise DataError("the tokenizer names no eos_token, and no eos id was given: the response "
+                            "fill needs one")
+        self.bos = bos_id if bos_id is not None else tokenizer.bos_id
+
+    def prompt_and_response(self, record: dict[str, Any], where: str) -> tuple[list[int], list[int]]:
+        context, answer = record_to_conversation(record, where)
+        if self.chat:
+            if isinstance(context, str):
+                context = [{"role": "user", "content": context}]
+                answer = {"role": "assistant", "content": answer}
+            prompt_text = self.tok.apply_chat_template(context, add_generation_prompt=True)
+            full_text = self.tok.apply_chat_template(context + [answer], add_generation_prompt=False)
+            if not full_text.startswith(prompt_text):
+                raise DataError(f"{where}: the chat template renders the answer turn in a way that does not "
+                                "extend the prompt; use template = 'raw' or fix the template")
+            prompt = self.tok.encode(prompt_text)
+            response = self.tok.encode(full_text[len(prompt_text):])
+            if self.eos in response:  # supervise up to the answer's closing EOS, not the newline after it
+                response = response[: len(response) - response[::-1].index(self.eos)]
+            else:
+                response.append(self.eos)
+        else:
+            if not isinstance(context, str):
+                raise DataError(f"{where}: chat records need a tokenizer with a chat template")
+            prompt = ([self.bos] if self.bos is not None else []) + self.tok.encode(context)
+            response = self.tok.encode(answer) + [self.eos]
+        return prompt, response
+
+    def build(self, record: dict[str, Any], where: str, stats: DataStats) -> Example | None:
+        stats.records += 1
+        prompt, response = self.prompt_and_response(record, where)
+        n_blocks = max(1, math.ceil(len(response) / self.block))
+        fits = (self.max_length - len(prompt)) // self.block
+        if fits < 1 or (n_blocks > fits and self.overlong == "skip"):
+            stats.skipped_overlong += 1
+            return None
+        if n_blocks > fits:
+            stats.truncated += 1
+            n_blocks = fits
+        response = (response + [self.eos] * (n_blocks * self.block))[: n_blocks * self.block]
+        ids = tuple(prompt + response)
+        stats.kept += 1
+        stats.tokens += len(ids)
+        return Example(ids=ids, prefix_len=len(prompt), block=self.block)
+
+    def load(self, path: str | Path, stats: DataStats | None = None, progress=None) -> list[Example]:
+        """Every example of a JSONL file; ``progress(n)`` is called per record if given."""
+        stats = stats if stats is not None else DataStats()
+        out = []
+        for lineno, record in read_jsonl(path):
+            ex = self.build(record, f"{path}:{lineno}", stats)
+            if ex is not None:
+                out.append(ex)
+            if progress is not None:
+                progress(1)
+        if not out:
+            raise DataError(f"{path}: no usable examples ({stats.summary()})")
+        return out
+
+
+class DataStream:
+    """An endless sequence of example indices: a fresh seeded permutation per epoch.
+
+    ``indices(step, n)`` is the global batch of optimiser step ``step``; it depends only on (seed, step),
+    so a resumed run sees the same data in the same order with nothing saved but the step number.
+    """
+
+    def __init__(self, n_examples: int, seed: int):
+        self.n, self.seed = n_examples, seed
+        self._perms: dict[int, list[int]] = {}
+
+    def _perm(self, epoch: int) -> list[int]:
+        if epoch not in self._perms:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perms = {epoch: torch.randperm(self.n, generator=g).tolist()}
+        return self._perms[epoch]
+
+    def indices(self, step: int, n: int) -> list[int]:
+        out = []
+        for k in range(step * n, (step + 1) * n):
+            out.append(self._perm(k // self.n)[k % self.n])
+        return out
+
+
+@dataclass
+class Batch:
+    """Right-padded micro-batch: ``ids [B, S]``, ``lengths [B]``, ``prefix [B]`` (first supervised index)."""
+
+    ids: torch.Tensor
+    lengths: torch.Tensor
+    prefix: torch.Tensor
+
+    def to(self, device) -> "Batch":
+        return Batch(self.ids.to(device), self.lengths.to(device), self.prefix.to(device))
+
+
+def collate(examples: list[Example], pad_id: int) -> Batch:
+    s = max(len(e.ids) for e in examples)
+    ids = torch.full((len(examples), s), pad_id, dtype=torch.long)
+    for i, e in enumerate(examples):
+        ids[i, : len(e.ids)] = torch.tensor(e.ids)
+    return Batch(ids, torch.tensor([len(e.ids) for e in examples]), torch.tensor([e.prefix_len for e in examples]))

@@ -1,0 +1,183 @@
+"""The block-diffusion training objective (spec sections 4.1-4.5), as an ``nn.Module`` around the model.
+
+Per example: ``t ~ U(eps, 1)``; one response block ``b`` chosen uniformly; each of its positions replaced
+with probability ``t`` by a uniform token. The encoder runs causally over the clean full sequence
+(prompt + response + EOS fill) and yields the next-token (AR) loss; its per-layer K/V feed the decoder,
+whose canvas (the noisy block, at its absolute positions) sees the prompt and the clean blocks strictly
+before ``b`` (sliding layers: only the last ``W - 1`` of those, the window inference sees) and itself
+bidirectionally. Self-conditioning is the two-pass scheme: a no-grad pass without it, then, for examples
+whose coin came up (p = 0.5), the softmax of those logits as the signal of the graded pass. The loss sums
+cross-entropy over every supervised canvas position, corrupted or not, with no 1/t weight.
+
+Every random draw of an example comes from a generator seeded by (seed, step, slot in the global batch):
+the same example gets the same noise whatever the number of processes or micro-batches, and a resumed
+run redraws exactly what the interrupted one would have.
+
+The module returns loss *sums*; the trainer divides by global token counts (spec 4.5). Wrapping the
+objective in a module gives FSDP2 one root whose ``forward`` covers the embedding, LM head and
+self-conditioning block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from torch import nn
+
+from dgemma.train.data import Batch, Example
+
+TRAIN_STREAM, EVAL_STREAM = 0, 1
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    eps: float = 1e-3  # t ~ U(eps, 1)
+    self_conditioning_p: float = 0.5
+    encoder_loss_weight: float = 1.0
+    loss_chunk_rows: int = 2048  # LM-head rows per checkpointed cross-entropy chunk
+
+
+@dataclass(frozen=True)
+class Draw:
+    """The random choices for one example: noise level, block, corrupted positions, their tokens, SC coin."""
+
+    t: float
+    block: int
+    replace: torch.Tensor  # [C] bool
+    tokens: torch.Tensor  # [C] long, uniform over the vocabulary
+    self_condition: bool
+
+
+def draw(example: Example, seed: int, step: int, slot: int, vocab: int, cfg: ObjectiveConfig,
+         stream: int = TRAIN_STREAM) -> Draw:
+    g = torch.Generator().manual_seed(((seed * 1_000_003 + stream) * 1_000_033 + step) * 65_537 + slot
+                                      & (2**63 - 1))
+    c = example.block
+    t = cfg.eps + (1.0 - cfg.eps) * float(torch.rand((), generator=g))
+    block = int(torch.randint(example.n_blocks, (), generator=g))
+    replace = torch.rand(c, generator=g) < t
+    tokens = torch.randint(0, vocab, (c,), generator=g)
+    sc = bool(torch.rand((), generator=g) < cfg.self_conditioning_p)
+    return Draw(t, block, replace, tokens, sc)
+
+
+class TrainEncoderKV:
+    """Encoder K/V strategy for training: causal (and windowed) attention over the whole sequence, no cache;
+    keeps each layer's K/V for the decoder. ``setdefault`` so that activation-checkpoint recomputation
+    does not replace the tensors the decoder's graph already holds."""
+
+    def __init__(self, s: int, window: int, device):
+        q = torch.arange(s, device=device)
+        causal = q[None, :] <= q[:, None]  # [S(query), S(key)]
+        self.masks = {False: causal[None, None], True: (causal & (q[None, :] > q[:, None] - window))[None, None]}
+        self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, layer: int, sliding: bool, k: torch.Tensor, v: torch.Tensor):
+        self.kv.setdefault(layer, (k, v))
+        return k, v, self.masks[sliding]
+
+
+class TrainDecoderKV:
+    """Decoder K/V strategy for training: keys = [clean encoder K/V (S) ; canvas K/V (C)].
+
+    Encoder key ``j`` is visible to the canvas of a row iff ``j < start`` (prompt and strictly earlier
+    blocks), and on sliding layers also ``j >= start - W + 1``; the canvas sees itself.
+    """
+
+    def __init__(self, enc_kv: dict, start: torch.Tensor, s: int, c: int, window: int,
+                 rows: torch.Tensor | None = None, detach: bool = False):
+        self.enc, self.rows, self.detach = enc_kv, rows, detach
+        slots = torch.arange(s, device=start.device)
+        full = slots[None, :] < start[:, None]  # [B, S]
+        sliding = full & (slots[None, :] >= start[:, None] - window + 1)
+        canvas = torch.ones(start.shape[0], c, dtype=torch.bool, device=start.device)
+        self.masks = {False: torch.cat([full, canvas], 1)[:, None, None, :],
+                      True: torch.cat([sliding, canvas], 1)[:, None, None, :]}  # [B, 1, 1, S + C]
+
+    def __call__(self, layer: int, sliding: bool, k: torch.Tensor, v: torch.Tensor):
+        ek, ev = self.enc[layer]
+        if self.rows is not None:
+            ek, ev = ek[self.rows], ev[self.rows]
+        if self.detach:
+            ek, ev = ek.detach(), ev.detach()
+        return torch.cat([ek, k], dim=2), torch.cat([ev, v], dim=2), self.masks[sliding]
+
+
+def _ce_sum(model, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(model.logits(h), targets, reduction="sum")
+
+
+def lm_loss_sum(model, h: torch.Tensor, targets: torch.Tensor, chunk_rows: int) -> torch.Tensor:
+    """Summed cross-entropy of the soft-capped LM head over ``h [N, d]`` against ``targets [N]``.
+
+    Chunked and checkpointed, so no more than ``chunk_rows x vocab`` fp32 logits exist at once, forward
+    or backward (a 262k vocabulary makes the full logits the largest tensor of a step).
+    """
+    total = torch.zeros((), dtype=torch.float32, device=h.device)
+    for i in range(0, h.shape[0], chunk_rows):
+        hc, tc = h[i: i + chunk_rows], targets[i: i + chunk_rows]
+        if torch.is_grad_enabled():
+            total = total + torch.utils.checkpoint.checkpoint(_ce_sum, model, hc, tc, use_reentrant=False)
+        else:
+            total = total + _ce_sum(model, hc, tc)
+    return total
+
+
+class Objective(nn.Module):
+    """``forward(batch, draws) -> (diffusion CE sum, AR CE sum)`` for one micro-batch.
+
+    ``net`` is what is trained and saved: the DiffusionGemma itself, or a peft model around it.
+    """
+
+    def __init__(self, net: nn.Module, cfg: ObjectiveConfig, checkpoint: bool = False):
+        super().__init__()
+        self.net, self.cfg, self.checkpoint = net, cfg, checkpoint
+
+    @property
+    def model(self):
+        return self.net.get_base_model() if hasattr(self.net, "get_base_model") else self.net
+
+    def forward(self, batch: Batch, draws: list[Draw]) -> tuple[torch.Tensor, torch.Tensor]:
+        m = self.model
+        c, window = m.cfg.canvas_length, m.cfg.sliding_window
+        ids = batch.ids  # [B, S]
+        b, s = ids.shape
+        dev = ids.device
+
+        # Encoder: clean sequence, causal; AR loss over pairs (i, i+1) that are both real tokens.
+        enc = TrainEncoderKV(s, window, dev)
+        positions = torch.arange(s, device=dev).expand(b, s)
+        h = m.run_layers(m.embed(ids), positions, enc, encoder=True, checkpoint=self.checkpoint)  # [B, S, d]
+        pairs = torch.arange(s - 1, device=dev)[None, :] < (batch.lengths - 1)[:, None]  # [B, S-1]
+        ar = lm_loss_sum(m, h[:, :-1][pairs], ids[:, 1:][pairs], self.cfg.loss_chunk_rows)
+
+        # Decoder: the chosen block of each row, corrupted, at its absolute positions.
+        start = batch.prefix + c * torch.tensor([d.block for d in draws], device=dev)  # [B]
+        cpos = start[:, None] + torch.arange(c, device=dev)  # [B, C]
+        clean = ids.gather(1, cpos)
+        replace = torch.stack([d.replace for d in draws]).to(dev)
+        noisy = torch.where(replace, torch.stack([d.tokens for d in draws]).to(dev), clean)
+        dec = TrainDecoderKV(enc.kv, start, s, c, window)
+
+        soft = None
+        sc_rows = [i for i, d in enumerate(draws) if d.self_condition]
+        if sc_rows:
+            idx = torch.tensor(sc_rows, device=dev)
+            with torch.no_grad():  # pass 1: no self-conditioning, not back-propagated
+                x1 = m.self_conditioning(m.embed(noisy[idx]), None)
+                kv1 = TrainDecoderKV(enc.kv, start[idx], s, c, window, rows=idx, detach=True)
+                sc_logits = m.logits(m.run_layers(x1, cpos[idx], kv1, encoder=False))  # [n, C, V] fp32
+            rows_soft = m.soft_embedding(sc_logits)  # [n, C, d]; graded through the embedding matrix
+            soft = rows_soft.new_zeros(b, c, rows_soft.shape[-1]).index_copy(0, idx, rows_soft)
+        x = m.self_conditioning(m.embed(noisy), soft)  # zero rows of `soft` = no signal for that example
+        hd = m.run_layers(x, cpos, dec, encoder=False, checkpoint=self.checkpoint)  # [B, C, d]
+        diff = lm_loss_sum(m, hd.reshape(b * c, -1), clean.reshape(-1), self.cfg.loss_chunk_rows)
+        return diff, ar
+
+
+def token_counts(examples: list[Example]) -> tuple[int, int]:
+    """``(supervised canvas positions, AR pairs)`` of a batch: the loss denominators (spec 4.5)."""
+    return sum(e.block for e in examples), sum(len(e.ids) - 1 for e in examples)

@@ -1,0 +1,194 @@
+"""The training objective against inference and against transformers (spec section 4)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dgemma.cache import KVCache
+from dgemma.loading import load_weights
+from dgemma.train.data import Example, collate
+from dgemma.train.objective import Draw, Objective, ObjectiveConfig, draw, lm_loss_sum, token_counts
+
+from conftest import TINY, write_hf_checkpoint
+
+
+def _example(prompt_len: int, n_blocks: int, c: int, vocab: int, seed: int) -> Example:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (prompt_len + n_blocks * c,), generator=g).tolist()
+    return Example(tuple(ids), prompt_len, c)
+
+
+def _draw(ex: Example, block: int, t: float, sc: bool, vocab: int, seed: int) -> Draw:
+    g = torch.Generator().manual_seed(seed)
+    return Draw(t, block, torch.rand(ex.block, generator=g) < t, torch.randint(0, vocab, (ex.block,), generator=g), sc)
+
+
+@pytest.fixture(scope="module")
+def model(ckpt_factory):
+    m, cfg, _, _ = load_weights(ckpt_factory("tiny"), dtype=torch.float32)
+    return m
+
+
+def _decoder_logits(model, batch, draws):
+    """Capture the graded decoder pass's logits by wrapping lm_loss_sum's inputs."""
+    seen = {}
+    import dgemma.train.objective as obj
+
+    orig = obj.lm_loss_sum
+
+    def spy(m, h, targets, chunk):
+        seen.setdefault("enc" if "enc" not in seen else "dec", (h.detach(), targets))
+        return orig(m, h, targets, chunk)
+
+    obj.lm_loss_sum = spy
+    try:
+        Objective(model, ObjectiveConfig()).eval()(batch, draws)
+    finally:
+        obj.lm_loss_sum = orig
+    return seen
+
+
+def test_decoder_pass_equals_inference_with_the_prefix_cached(model):
+    """Block b's canvas sees exactly what inference sees after committing blocks < b: the prompt and the
+    clean earlier blocks, sliding layers only the last W-1 of them (context longer than the window)."""
+    cfg = model.cfg
+    c, v = cfg.canvas_length, cfg.vocab_size
+    exs = [_example(5, 3, c, v, 1), _example(9, 2, c, v, 2)]
+    draws = [_draw(exs[0], 2, 0.5, False, v, 3), _draw(exs[1], 1, 0.7, False, v, 4)]
+    batch = collate(exs, pad_id=0)
+    h = _decoder_logits(model, batch, draws)["dec"][0].view(2, c, -1)
+    for i, (ex, d) in enumerate(zip(exs, draws)):
+        start = ex.prefix_len + c * d.block
+        assert start > cfg.sliding_window  # the window rule is exercised
+        cache = KVCache(cfg, 1, start, device="cpu", dtype=torch.float32)
+        model.encode(torch.tensor([ex.ids[:start]]), cache)
+        clean = torch.tensor(ex.ids[start: start + c])
+        noisy = torch.where(d.replace, d.tokens, clean)
+        want = model.decode_hidden(noisy[None], cache)
+        torch.testing.assert_close(h[i], want[0], atol=1e-5, rtol=1e-5)
+
+
+def test_block_never_sees_its_own_clean_tokens(model):
+    """Strict < rule: changing the clean tokens of block b (or later) leaves block b's decoder pass as is;
+    changing a token of block b-1 changes it."""
+    cfg = model.cfg
+    c, v = cfg.canvas_length, cfg.vocab_size
+    ex = _example(4, 3, c, v, 5)
+    d = _draw(ex, 1, 1.0, False, v, 6)  # t = 1: every canvas position replaced, nothing clean leaks in
+    d = Draw(d.t, d.block, torch.ones(c, dtype=torch.bool), d.tokens, False)
+    base = _decoder_logits(model, collate([ex], 0), [d])["dec"][0]
+
+    def edited(pos):
+        ids = list(ex.ids)
+        ids[pos] = (ids[pos] + 7) % v
+        return _decoder_logits(model, collate([Example(tuple(ids), ex.prefix_len, c)], 0), [d])["dec"][0]
+
+    own, later, earlier = 4 + c + 3, 4 + 2 * c + 1, 4 + c - 1
+    torch.testing.assert_close(edited(own), base, atol=0, rtol=0)
+    torch.testing.assert_close(edited(later), base, atol=0, rtol=0)
+    assert not torch.allclose(edited(earlier), base)
+
+
+def test_draws_follow_the_spec_and_are_reproducible():
+    ex = Example(tuple(range(4 + 32)), 4, 16)
+    cfg = ObjectiveConfig()
+    a = draw(ex, seed=3, step=7, slot=2, vocab=100, cfg=cfg)
+    b = draw(ex, seed=3, step=7, slot=2, vocab=100, cfg=cfg)
+    assert a.t == b.t and a.block == b.block and torch.equal(a.replace, b.replace) and torch.equal(a.tokens, b.tokens)
+    many = [draw(ex, 0, s, 0, 100, cfg) for s in range(400)]
+    ts = torch.tensor([d.t for d in many])
+    assert ts.min() >= 1e-3 and ts.max() < 1 and abs(ts.mean() - 0.5) < 0.05
+    assert {d.block for d in many} == {0, 1}
+    assert 0.4 < sum(d.self_condition for d in many) / 400 < 0.6
+    frac = torch.stack([d.replace.float().mean() for d in many])
+    assert torch.corrcoef(torch.stack([ts, frac]))[0, 1] > 0.8  # replacement rate follows t
+    never = [draw(ex, 0, s, 0, 100, ObjectiveConfig(self_conditioning_p=0.0)) for s in range(50)]
+    assert not any(d.self_condition for d in never)
+
+
+def test_chunked_lm_loss_equals_full_cross_entropy(model):
+    h = torch.randn(37, model.cfg.hidden_size, requires_grad=True)
+    t = torch.randint(0, model.cfg.vocab_size, (37,))
+    want = F.cross_entropy(model.logits(h), t, reduction="sum")
+    (gw,) = torch.autograd.grad(want, h)
+    got = lm_loss_sum(model, h, t, chunk_rows=8)
+    (gg,) = torch.autograd.grad(got, h)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(gg, gw)
+
+
+def test_token_counts():
+    exs = [Example(tuple(range(5 + 32)), 5, 16), Example(tuple(range(3 + 16)), 3, 16)]
+    assert token_counts(exs) == (32, 36 + 18)
+
+
+def test_loss_and_gradients_match_transformers(tmp_path):
+    """Losses of a 2-example batch (one self-conditioned) equal the same objective computed with
+    transformers' model (encoder + decoder_attention_mask, TRL style), and so do the gradients.
+    The sliding window covers the whole sequence here so that the HF dynamic cache keeps every key."""
+    from transformers import DiffusionGemmaForBlockDiffusion
+    from transformers.cache_utils import DynamicCache
+
+    raw = copy.deepcopy(TINY)
+    raw["text_config"]["sliding_window"] = 128
+    path = write_hf_checkpoint(tmp_path / "ckpt", raw, embed_std=0.3)
+    ours, cfg, _, _ = load_weights(path, dtype=torch.float32)
+    hf = DiffusionGemmaForBlockDiffusion.from_pretrained(path, dtype=torch.float32).eval()
+    c, v = cfg.canvas_length, cfg.vocab_size
+    exs = [_example(6, 3, c, v, 11), _example(10, 2, c, v, 12)]
+    draws = [_draw(exs[0], 1, 0.6, True, v, 13), _draw(exs[1], 0, 0.3, False, v, 14)]
+    diff, ar = Objective(ours, ObjectiveConfig()).train()(collate(exs, 0), draws)
+    (diff + ar).backward()
+
+    want_diff = want_ar = 0.0
+    for ex, d in zip(exs, draws):
+        ids = torch.tensor([ex.ids])
+        s = ids.shape[1]
+        start = ex.prefix_len + c * d.block
+        clean = ids[:, start: start + c]
+        noisy = torch.where(d.replace, d.tokens, clean[0])[None]
+        dmask = torch.cat([torch.arange(s) < start, torch.ones(c, dtype=torch.bool)])[None].long()
+        kw = dict(decoder_input_ids=noisy, decoder_attention_mask=dmask,
+                  decoder_position_ids=start + torch.arange(c)[None])
+        with torch.no_grad():
+            first = hf(input_ids=ids, past_key_values=DynamicCache(config=hf.config), **kw)
+        out = hf(input_ids=ids, past_key_values=DynamicCache(config=hf.config), **kw,
+                 self_conditioning_logits=first.logits, self_conditioning_mask=torch.tensor([d.self_condition]))
+        want_diff = want_diff + F.cross_entropy(out.logits[0], clean[0], reduction="sum")
+        enc = hf.lm_head(out.encoder_last_hidden_state).float()
+        enc = torch.tanh(enc / cfg.final_logit_softcapping) * cfg.final_logit_softcapping
+        want_ar = want_ar + F.cross_entropy(enc[0, :-1], ids[0, 1:], reduction="sum")
+    (want_diff + want_ar).backward()
+    torch.testing.assert_close(diff, want_diff, atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(ar, want_ar, atol=1e-3, rtol=1e-4)
+    ours_g = dict(ours.named_parameters())
+    compared = set()
+    for name, p in hf.named_parameters():  # tied encoder/decoder weights are listed once, under either name
+        for prefix in ("model.decoder.", "model.encoder.language_model."):
+            if name.startswith(prefix) and p.grad is not None:
+                key = name.removeprefix(prefix)
+                torch.testing.assert_close(ours_g[key].grad, p.grad, atol=1e-4, rtol=1e-3,
+                                           msg=lambda m, n=name: f"{n}: {m}")
+                compared.add(key)
+    assert compared == set(ours_g)  # every parameter gets a gradient, and all of them match
+
+
+def test_activation_checkpointing_gives_the_same_gradients(model):
+    cfg = model.cfg
+    c, v = cfg.canvas_length, cfg.vocab_size
+    exs = [_example(7, 2, c, v, 21), _example(3, 3, c, v, 22)]
+    draws = [_draw(exs[0], 1, 0.4, True, v, 23), _draw(exs[1], 2, 0.9, True, v, 24)]
+    grads = []
+    for ckpt in (False, True):
+        model.zero_grad()
+        diff, ar = Objective(model, ObjectiveConfig(), checkpoint=ckpt)(collate(exs, 0), draws)
+        (diff + ar).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    model.zero_grad()
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-6, rtol=1e-5)
