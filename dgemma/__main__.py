@@ -30,9 +30,14 @@ def main(argv: list[str] | None = None) -> int:
     for name, kind in SAMPLING_OPTIONS:
         gen.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=None)
     _bench_parser(sub)
+    from dgemma.train import cli as train_cli
+
+    train_cli.add_parsers(sub)
     args = parser.parse_args(argv)
     if args.command == "bench":
         return _bench(parser, args)
+    if args.command in ("train", "merge"):
+        return train_cli.run(parser, args)
 
     if args.model is None:
         parser.exit(2, "dgemma: no embedded default model ships yet; pass --model DIR_OR_HUB_ID\n")

@@ -264,27 +264,34 @@ def _meta_model(cfg: ModelConfig) -> DiffusionGemma:
 
 
 # ---------------------------------------------------------------------------------------------- saving
-def export_state_dict(model: DiffusionGemma, to_cpu: bool = True) -> dict[str, torch.Tensor]:
+def export_state_dict(model: DiffusionGemma, to_cpu: bool = True,
+                      state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """dgemma parameter names -> checkpoint names (the release layout: decoder weights + encoder scalars).
 
     ``to_cpu=False`` keeps the tensors where they are (no copy), to hand them to another in-memory model.
+    ``state`` (dgemma names) replaces ``model.state_dict()``, e.g. weights gathered from shards.
     """
     out = {}
-    for name, tensor in model.state_dict().items():
+    for name, tensor in (model.state_dict() if state is None else state).items():
         m = re.fullmatch(r"layers\.(\d+)\.encoder_layer_scalar", name)
         key = f"{ENCODER_TEXT}layers.{m.group(1)}.layer_scalar" if m else DECODER + name
         out[key] = tensor.detach().contiguous().cpu() if to_cpu else tensor.detach()
     return out
 
 
-def save_checkpoint(model: DiffusionGemma, path, generation_config: dict[str, Any] | None = None) -> Path:
-    """Write config.json, generation_config.json and model.safetensors in the release format."""
+def save_checkpoint(model: DiffusionGemma, path, generation_config: dict[str, Any] | None = None,
+                    state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write config.json, generation_config.json and model.safetensors in the release format.
+
+    ``state`` (dgemma names, e.g. gathered from FSDP shards) is written instead of the model's own tensors.
+    """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     config = model.cfg.to_hf_dict()
     config.pop("torch_dtype", None)
-    config["dtype"] = str(model.dtype).removeprefix("torch.")  # what the weights below are stored in
-    tensors = export_state_dict(model)
+    tensors = export_state_dict(model, state=state)
+    dtype = tensors[DECODER + "embed_tokens.weight"].dtype
+    config["dtype"] = str(dtype).removeprefix("torch.")  # what the weights below are stored in
     atomic_write(path / "model.safetensors", lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
     for name, data in (("config.json", config), ("generation_config.json", generation_config or {})):
         atomic_write(path / name, lambda p, d=data: p.write_text(json.dumps(d, indent=2, sort_keys=True) + "\n"))

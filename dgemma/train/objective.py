@@ -140,7 +140,10 @@ class Objective(nn.Module):
     def model(self):
         return self.net.get_base_model() if hasattr(self.net, "get_base_model") else self.net
 
-    def forward(self, batch: Batch, draws: list[Draw]) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, batch: Batch, draws: list[Draw], first_pass: bool | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``first_pass=True`` runs the self-conditioning pass on every row (the signal still gated by each
+        row's coin), so that all processes of a sharded run build the same graph; ``None``: only as needed."""
         m = self.model
         c, window = m.cfg.canvas_length, m.cfg.sliding_window
         ids = batch.ids  # [B, S]
@@ -163,15 +166,21 @@ class Objective(nn.Module):
         dec = TrainDecoderKV(enc.kv, start, s, c, window)
 
         soft = None
-        sc_rows = [i for i, d in enumerate(draws) if d.self_condition]
-        if sc_rows:
-            idx = torch.tensor(sc_rows, device=dev)
+        coins = [d.self_condition for d in draws]
+        # Sharded runs self-condition every row and gate the signal per row, so that each process builds
+        # the same graph (FSDP gathers the same parameters); otherwise only the rows whose coin came up.
+        rows = list(range(b)) if first_pass else [i for i, on in enumerate(coins) if on]
+        if rows:
+            idx = torch.tensor(rows, device=dev)
             with torch.no_grad():  # pass 1: no self-conditioning, not back-propagated
                 x1 = m.self_conditioning(m.embed(noisy[idx]), None)
                 kv1 = TrainDecoderKV(enc.kv, start[idx], s, c, window, rows=idx, detach=True)
                 sc_logits = m.logits(m.run_layers(x1, cpos[idx], kv1, encoder=False))  # [n, C, V] fp32
             rows_soft = m.soft_embedding(sc_logits)  # [n, C, d]; graded through the embedding matrix
-            soft = rows_soft.new_zeros(b, c, rows_soft.shape[-1]).index_copy(0, idx, rows_soft)
+            if first_pass:
+                soft = rows_soft * torch.tensor(coins, device=dev, dtype=rows_soft.dtype)[:, None, None]
+            else:
+                soft = rows_soft.new_zeros(b, c, rows_soft.shape[-1]).index_copy(0, idx, rows_soft)
         x = m.self_conditioning(m.embed(noisy), soft)  # zero rows of `soft` = no signal for that example
         hd = m.run_layers(x, cpos, dec, encoder=False, checkpoint=self.checkpoint)  # [B, C, d]
         diff = lm_loss_sum(m, hd.reshape(b * c, -1), clean.reshape(-1), self.cfg.loss_chunk_rows)

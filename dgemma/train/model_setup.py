@@ -1,0 +1,113 @@
+"""What is trained: a checkpoint to fine-tune or a fresh model from a config, its tokenizer, and LoRA.
+
+Weights are kept in fp32 for training (master weights; autocast does the bf16 compute). The router is
+frozen when fine-tuning (spec 4.6) unless the config says otherwise, trained when starting from scratch.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dgemma.bench.presets import PRESETS
+from dgemma.config import ModelConfig
+from dgemma.errors import DgemmaError
+from dgemma.loading import build_model, load_weights, read_json, resolve_source, save_checkpoint
+from dgemma.tokenizer import Tokenizer
+from dgemma.train import lora
+from dgemma.train.config import TrainConfig
+
+
+@dataclass
+class ModelSetup:
+    model: Any  # the DiffusionGemma (with LoRA layers injected when LoRA is on)
+    net: Any  # what is trained and saved: the model, or the peft model around it
+    tokenizer: Tokenizer
+    generation_config: dict[str, Any]
+    base_source: str | None  # the checkpoint fine-tuned, if any
+    peft_model: Any = None
+
+    @property
+    def pad_id(self) -> int:
+        pad = self.tokenizer.pad_id
+        return pad if pad is not None else (self.model.cfg.pad_token_id or 0)
+
+    @property
+    def eos_id(self) -> int | None:
+        eos = self.tokenizer.eos_id
+        return eos if eos is not None else (self.model.cfg.eos_token_id or (None,))[0]
+
+
+def _tokenizer(path: str | Path) -> Tokenizer:
+    try:
+        return Tokenizer.from_dir(path)
+    except FileNotFoundError as e:
+        raise DgemmaError(f"{e}; set model.tokenizer to a directory with tokenizer.json") from None
+
+
+def scratch_config(cfg: TrainConfig, tokenizer: Tokenizer) -> ModelConfig:
+    """The model config for a from-scratch run: a config.json, or a preset with the tokenizer's vocabulary
+    and special-token ids."""
+    m = cfg.model
+    if m.preset:
+        if m.preset not in PRESETS:
+            raise DgemmaError(f"unknown model.preset {m.preset!r}; choose one of: {', '.join(PRESETS)}")
+        raw = PRESETS[m.preset]()
+        text = raw["text_config"]
+        text["vocab_size"] = tokenizer.vocab_size
+        for key, value in (("pad_token_id", tokenizer.pad_id), ("bos_token_id", tokenizer.bos_id),
+                           ("eos_token_id", tokenizer.eos_id)):
+            if value is not None:
+                text[key] = value
+    else:
+        path = Path(m.config)
+        raw = read_json(path / "config.json" if path.is_dir() else path)
+    model_cfg = ModelConfig.from_hf_dict(raw)
+    if tokenizer.vocab_size > model_cfg.vocab_size:
+        raise DgemmaError(f"the tokenizer has {tokenizer.vocab_size} tokens, more than the model's vocabulary "
+                          f"of {model_cfg.vocab_size}")
+    return model_cfg
+
+
+def build(cfg: TrainConfig, device: torch.device) -> ModelSetup:
+    m = cfg.model
+    if m.init:
+        model, model_cfg, generation_config, ckpt = load_weights(m.init, device=device, dtype=torch.float32)
+        tokenizer = _tokenizer(m.tokenizer or ckpt)
+        base = str(m.init)
+    else:
+        tokenizer = _tokenizer(m.tokenizer)
+        model_cfg = scratch_config(cfg, tokenizer)
+        model = build_model(model_cfg, device=device, dtype=torch.float32, seed=cfg.train.seed)
+        eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else list(model_cfg.eos_token_id)
+        generation_config = {"eos_token_id": eos, "pad_token_id": model_cfg.pad_token_id,
+                             "bos_token_id": model_cfg.bos_token_id}
+        base = None
+    for p in model.parameters():
+        p.requires_grad_(True)
+    freeze = m.freeze_router if m.freeze_router is not None else bool(m.init)
+    if freeze:
+        for layer in model.layers:
+            layer.router.requires_grad_(False)
+    model.train()
+    setup = ModelSetup(model, model, tokenizer, dict(generation_config), base)
+    if cfg.lora.enabled:
+        setup.peft_model = setup.net = lora.apply(model, cfg.lora, base)
+    return setup
+
+
+def merge_adapter(base: str | Path, adapter: str | Path, out: str | Path, dtype: torch.dtype | None = None) -> Path:
+    """Load ``base``, apply and merge the LoRA ``adapter``, write the release format (with the tokenizer)."""
+    ckpt = resolve_source(base)
+    model, _, generation_config, _ = load_weights(ckpt, device="cpu", dtype=dtype or torch.float32)
+    merged = lora.merge(lora.load_adapter(model, adapter))
+    out = Path(out)
+    save_checkpoint(merged, out, copy.deepcopy(generation_config))
+    tok_dir = Path(adapter) if (Path(adapter) / "tokenizer.json").is_file() else ckpt
+    if (tok_dir / "tokenizer.json").is_file():
+        Tokenizer.from_dir(tok_dir).save(out)
+    return out

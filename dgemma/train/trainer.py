@@ -1,0 +1,307 @@
+"""The training loop: build (or load) the model, read the data, optimise, evaluate, save, resume.
+
+One optimiser step takes ``train.batch_size`` examples (over all processes), in micro-batches of
+``train.micro_batch``; losses are divided by the step's global token counts (spec 4.5), so the result
+does not depend on how the batch is split. AdamW with linear warm-up and cosine decay, gradient clipping,
+bf16 autocast where the hardware has it, activation checkpointing. Checkpoints are atomic and resumable
+(``dgemma.train.checkpoint``); a resumed run continues the same loss curve.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from dgemma.bench.measure import PeakMemory
+from dgemma.errors import DgemmaError
+from dgemma.fileio import atomic_write_text
+from dgemma.train import checkpoint, dist, lora
+from dgemma.train.config import TrainConfig
+from dgemma.train.data import DataStats, DataStream, ExampleBuilder, collate
+from dgemma.train.model_setup import ModelSetup, build
+from dgemma.train.objective import EVAL_STREAM, Objective, draw, token_counts
+from dgemma.train.progress import Progress
+
+LOG_FILE = "log.jsonl"
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    final: Path | None  # release-format model (merged, for LoRA)
+    adapter: Path | None  # LoRA adapter directory
+    history: list[dict] = field(default_factory=list)  # one entry per logged step
+    evals: list[dict] = field(default_factory=list)
+    trainable_parameters: int = 0
+    peak_memory_bytes: int = 0
+    peak_memory_kind: str = ""
+    data: DataStats | None = None
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up to ``lr`` over ``warmup`` steps, then cosine decay to ``min_lr`` at ``steps``."""
+    t = cfg.train
+    if step < t.warmup:
+        return t.lr * (step + 1) / (t.warmup + 1)
+    progress = (step - t.warmup) / max(1, t.steps - t.warmup)
+    return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for plain fp32."""
+    if name == "fp32":
+        return None
+    if name == "bf16":
+        return torch.bfloat16
+    from dgemma.loading import cpu_has_fast_bf16
+
+    fast = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_fast_bf16()
+    return torch.bfloat16 if fast else None
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, env: dist.Dist | None = None, setup: ModelSetup | None = None,
+                 log: Callable[[str], None] | None = None, show_progress: bool | None = None):
+        self.cfg, self.t = cfg, cfg.train
+        self.env = env or dist.setup(cfg.train.device)
+        self.out = Path(self.t.out)
+        self.say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self.show_progress = show_progress
+        self.setup = setup or build(cfg, self.env.device)
+        s = self.setup
+        self.objective = Objective(s.net, cfg.objective, checkpoint=self.t.activation_checkpointing)
+        self.objective.train()
+        if self.env.sharded:
+            dist.shard(self.objective, s.model.layers)
+        named = [(n, p) for n, p in self.objective.named_parameters() if p.requires_grad]
+        if not named:
+            raise DgemmaError("nothing to train: every parameter is frozen")
+        self.params = [p for _, p in named]
+        self.trainable = sum(p.numel() for p in self.params)
+        groups = [{"params": [p for _, p in named if p.ndim >= 2], "weight_decay": self.t.weight_decay},
+                  {"params": [p for _, p in named if p.ndim < 2], "weight_decay": 0.0}]
+        self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=self.t.lr, betas=self.t.betas,
+                                           eps=self.t.adam_eps)
+        self.autocast = resolve_precision(self.t.precision, self.env.device)
+        per_step = self.t.micro_batch * self.env.world
+        if self.t.batch_size % per_step:
+            raise DgemmaError(f"train.batch_size ({self.t.batch_size}) must be a multiple of micro_batch x "
+                              f"processes ({self.t.micro_batch} x {self.env.world})")
+        self.accum = self.t.batch_size // per_step
+        self._load_data()
+
+    # ------------------------------------------------------------------ data
+    def _load_data(self) -> None:
+        s, d = self.setup, self.cfg.data
+        cfg = s.model.cfg
+        if d.max_length > cfg.max_position_embeddings:
+            raise DgemmaError(f"data.max_length ({d.max_length}) exceeds the model's context "
+                              f"({cfg.max_position_embeddings})")
+        builder = ExampleBuilder(s.tokenizer, cfg.canvas_length, d.max_length, d.overlong, d.template,
+                                 eos_id=s.eos_id)
+        self.stats = DataStats()
+        self.examples = builder.load(d.train, self.stats)
+        self.eval_examples = builder.load(d.eval, DataStats()) if d.eval else []
+        self.stream = DataStream(len(self.examples), self.t.seed)
+        if self.env.main:
+            self.say(f"data: {self.stats.summary()}" + (f"; {len(self.eval_examples)} eval examples"
+                                                        if self.eval_examples else ""))
+
+    # ------------------------------------------------------------------ steps
+    def _amp(self):
+        if self.autocast is None:
+            return nullcontext()
+        return torch.autocast(self.env.device.type, dtype=self.autocast)
+
+    def _first_pass(self, draws, i: int) -> bool | None:
+        """Sharded: whether any process's micro-batch ``i`` self-conditions (then all run the pass)."""
+        if not self.env.sharded:
+            return None
+        per = self.t.micro_batch * self.env.world
+        return any(d.self_condition for d in draws[i * per: (i + 1) * per])
+
+    def _micro_slots(self, i: int, n: int) -> list[int]:
+        lo = (i * self.env.world + self.env.rank) * self.t.micro_batch
+        return [k for k in range(lo, lo + self.t.micro_batch) if k < n]
+
+    def train_step(self, step: int) -> dict[str, float]:
+        """One optimiser step; returns the global mean losses, gradient norm and learning rate."""
+        idx = self.stream.indices(step, self.t.batch_size)
+        exs = [self.examples[i] for i in idx]
+        n_sup, n_pairs = token_counts(exs)
+        vocab = self.setup.model.cfg.vocab_size
+        torch.manual_seed((self.t.seed * 1_000_003 + step) * 1024 + self.env.rank)  # LoRA dropout, if any
+        weight = self.cfg.objective.encoder_loss_weight
+        sums = [0.0, 0.0]
+        draws = [draw(ex, self.t.seed, step, k, vocab, self.cfg.objective) for k, ex in enumerate(exs)]
+        for i in range(self.accum):
+            slots = self._micro_slots(i, len(exs))
+            batch = collate([exs[k] for k in slots], self.setup.pad_id).to(self.env.device)
+            if self.env.sharded:
+                self.objective.set_requires_gradient_sync(i == self.accum - 1)
+            with self._amp():
+                diff, ar = self.objective(batch, [draws[k] for k in slots], self._first_pass(draws, i))
+            loss = (diff / n_sup + weight * ar / n_pairs) * self.env.world
+            loss.backward()
+            sums[0] += float(diff.detach())
+            sums[1] += float(ar.detach())
+        diff_sum, ar_sum = dist.all_sum(sums, self.env)
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.t.clip if self.t.clip > 0 else float("inf"))
+        norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        lr = lr_at(step, self.cfg)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        if not math.isfinite(diff_sum + ar_sum):
+            raise DgemmaError(f"the loss became {diff_sum + ar_sum} at step {step + 1}; lower train.lr or "
+                              "check the data (the last checkpoint is intact)")
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        diff_m, ar_m = diff_sum / n_sup, ar_sum / n_pairs
+        return {"loss": diff_m + weight * ar_m, "diffusion_loss": diff_m, "ar_loss": ar_m, "grad_norm": norm,
+                "lr": lr, "tokens": sum(len(e.ids) for e in exs)}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float] | None:
+        """Mean losses over the eval set with fixed noise (the same draws at every evaluation)."""
+        exs = self.eval_examples
+        if not exs:
+            return None
+        vocab = self.setup.model.cfg.vocab_size
+        per = self.t.micro_batch * self.env.world
+        sums = [0.0, 0.0, 0.0, 0.0]
+        for i in range(math.ceil(len(exs) / per)):
+            slots = self._micro_slots(i, len(exs))
+            real = bool(slots)
+            slots = slots or [0]  # every process must run the same number of (sharded) forward passes
+            chosen = [exs[k] for k in slots]
+            draws = [draw(exs[k], self.t.seed, 0, k, vocab, self.cfg.objective, EVAL_STREAM) for k in slots]
+            first = self.env.sharded and self.cfg.objective.self_conditioning_p > 0 or None
+            with self._amp():
+                diff, ar = self.objective(collate(chosen, self.setup.pad_id).to(self.env.device), draws, first)
+            if real:
+                n_sup, n_pairs = token_counts(chosen)
+                sums = [sums[0] + float(diff), sums[1] + float(ar), sums[2] + n_sup, sums[3] + n_pairs]
+        diff_s, ar_s, n_sup, n_pairs = dist.all_sum(sums, self.env)
+        w = self.cfg.objective.encoder_loss_weight
+        return {"eval_loss": diff_s / n_sup + w * ar_s / n_pairs, "eval_diffusion_loss": diff_s / n_sup,
+                "eval_ar_loss": ar_s / n_pairs}
+
+    def samples(self) -> list[dict[str, str]]:
+        """Generate from ``train.sample_prompts`` with the model as it is now (single process only)."""
+        if not self.t.sample_prompts or self.env.sharded:
+            return []
+        from dgemma.engine import Engine
+
+        s = self.setup
+        engine = Engine(s.model, s.tokenizer, generation_config=s.generation_config)
+        out = []
+        try:
+            for prompt in self.t.sample_prompts:
+                kw = {"max_new_tokens": self.t.sample_max_new_tokens, "seed": self.t.seed}
+                if s.tokenizer.chat_template is not None:
+                    text = engine.chat([{"role": "user", "content": prompt}], **kw).answer
+                else:
+                    text = engine.generate(prompt, **kw).text
+                out.append({"prompt": prompt, "text": text})
+        finally:
+            self.objective.train()
+        return out
+
+    # ------------------------------------------------------------------ run
+    def _meta(self, step: int) -> dict[str, Any]:
+        return {"config": self.cfg.to_dict(), "world_size": self.env.world, "saved_at": time.time()}
+
+    def _save(self, step: int) -> None:
+        s = self.setup
+        checkpoint.save(self.out, step, self.env, self.objective, self.optimizer, peft_model=s.peft_model,
+                        tokenizer=s.tokenizer, generation_config=s.generation_config, meta=self._meta(step),
+                        keep=self.t.keep_checkpoints)
+
+    def _start(self, resume: bool) -> int:
+        found = checkpoint.latest(self.out)
+        if found is None or not resume:
+            if found is not None:
+                raise DgemmaError(f"{self.out} already holds checkpoints ({found.name}); pass --resume to "
+                                  "continue that run, or set train.out to a new directory")
+            if self.env.main:
+                self.out.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(self.out / "train_config.json", self.cfg.to_json())
+                atomic_write_text(self.out / LOG_FILE, "")
+            return 0
+        meta = checkpoint.load(found, self.env, self.objective, self.optimizer, self.setup.peft_model is not None)
+        step = int(meta["step"])
+        if self.env.main:
+            self.say(f"resuming from {found} (step {step})")
+            lines = (self.out / LOG_FILE).read_text().splitlines() if (self.out / LOG_FILE).exists() else []
+            kept = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= step]
+            atomic_write_text(self.out / LOG_FILE, "".join(ln + "\n" for ln in kept))
+        return step
+
+    def _log(self, entry: dict[str, Any]) -> None:
+        if self.env.main:
+            with (self.out / LOG_FILE).open("a", encoding="utf-8") as f:
+                f.write(json.dumps(entry) + "\n")
+
+    def run(self, resume: bool = False) -> TrainResult:
+        start = self._start(resume)
+        result = TrainResult(self.out, None, None, trainable_parameters=self.trainable, data=self.stats)
+        t = self.t
+        bar = Progress(t.steps, start, enabled=self.env.main, live=self.show_progress, say=self.say)
+        window_tokens, window_start = 0, time.perf_counter()
+        with PeakMemory(self.env.device) as peak, bar:
+            for step in range(start, t.steps):
+                m = self.train_step(step)
+                done = step + 1
+                window_tokens += m["tokens"]
+                elapsed = time.perf_counter() - window_start
+                m["tokens_per_s"] = window_tokens / elapsed if elapsed > 0 else 0.0
+                bar.update(done, m)
+                if done % t.log_every == 0 or done == t.steps:
+                    entry = {"step": done, **{k: round(v, 6) if isinstance(v, float) else v for k, v in m.items()}}
+                    result.history.append(entry)
+                    self._log(entry)
+                    bar.line(entry)
+                    window_tokens, window_start = 0, time.perf_counter()
+                if (t.eval_every and done % t.eval_every == 0) or done == t.steps:
+                    ev = self.evaluate()
+                    if ev is not None:
+                        result.evals.append({"step": done, **ev})
+                        self._log({"step": done, **ev})
+                        bar.line({"step": done, **ev})
+                if t.sample_every and (done % t.sample_every == 0 or done == t.steps):
+                    for sample in self.samples():
+                        self._log({"step": done, "sample": sample})
+                        bar.line({"step": done, "sample": sample["text"][:200]})
+                if (t.save_every and done % t.save_every == 0) or done == t.steps:
+                    self._save(done)
+        result.peak_memory_bytes, result.peak_memory_kind = peak.bytes, peak.kind
+        result.final, result.adapter = self._write_final()
+        return result
+
+    def _write_final(self) -> tuple[Path | None, Path | None]:
+        s = self.setup
+        state = dist.full_model_state(self.objective, self.env)
+        final = adapter = None
+        if self.env.main:
+            if s.peft_model is None:
+                final = self.out / "final"
+                checkpoint.write_weights(final, self.objective, state, None, s.tokenizer, s.generation_config)
+            else:
+                adapter = self.out / "adapter"
+                lora.save_adapter(s.peft_model, adapter, state={k.removeprefix("net."): v for k, v in state.items()})
+                s.tokenizer.save(adapter)
+                if self.cfg.lora.merge_at_end and s.base_source is not None:
+                    from dgemma.train.model_setup import merge_adapter
+
+                    final = merge_adapter(s.base_source, adapter, self.out / "final")
+            self.say(f"saved {final or adapter}")
+        dist.barrier(self.env)
+        return final, adapter
