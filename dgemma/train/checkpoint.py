@@ -4,7 +4,7 @@ A checkpoint directory holds
 * the weights: for full training a release-format checkpoint (config.json, model.safetensors, tokenizer),
   loadable by ``dgemma`` and transformers as is; for LoRA the peft adapter (``adapter/``) plus the
   trainable tensors under their training names (``trainable.safetensors``);
-* ``optimizer.safetensors``: the optimiser's tensors, keyed ``"<parameter>|<state name>"``;
+* ``optimizer/state.safetensors``: the optimiser's tensors, keyed ``"<parameter>|<state name>"``;
 * ``trainer_state.json``, written last: step, parameter groups, the config, the log position.
 
 No pickle anywhere. A kill at any point leaves either the new ``step-N`` complete or only a ``.tmp``
@@ -31,6 +31,7 @@ from dgemma.train import dist, lora
 
 _STEP = re.compile(r"^step-(\d+)$")
 STATE_FILE = "trainer_state.json"
+OPTIMIZER_FILE = "optimizer/state.safetensors"
 
 
 def checkpoints_dir(out: Path) -> Path:
@@ -80,7 +81,8 @@ def save(out: Path, step: int, env: dist.Dist, objective, optimizer, *, peft_mod
         tmp.mkdir(parents=True)
         write_weights(tmp, objective, state, peft_model, tokenizer, generation_config)
         tensors, groups = _flatten_optimizer(osd)
-        atomic_write(tmp / "optimizer.safetensors", lambda p: save_file(tensors, str(p)))
+        (tmp / "optimizer").mkdir()  # not beside model.safetensors: the checkpoint stays a loadable model
+        atomic_write(tmp / OPTIMIZER_FILE, lambda p: save_file(tensors, str(p)))
         atomic_write_text(tmp / STATE_FILE, json.dumps({**meta, "step": step, "param_groups": groups}, indent=1))
         if final.exists():
             shutil.rmtree(final)
@@ -125,7 +127,7 @@ def load(path: Path, env: dist.Dist, objective, optimizer, lora_enabled: bool) -
         else:
             model = objective.model
             state = {"net." + k: v for k, v in read_state_dict(path, _meta_model(model.cfg), torch.float32, "cpu").items()}
-        tensors = load_file(str(path / "optimizer.safetensors"))
+        tensors = load_file(str(path / OPTIMIZER_FILE))
     except (OSError, ValueError, DgemmaError) as e:
         raise DgemmaError(f"cannot resume from {path}: {e}") from None
     if lora_enabled and not state:

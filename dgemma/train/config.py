@@ -110,6 +110,10 @@ def _coerce(section: str, f: dataclasses.Field, value: Any) -> Any:
             value = [value]
         if not isinstance(value, (list, tuple)):
             raise TrainConfigError(f"{name} must be a list, got {value!r}")
+        want = (int, float) if "float" in kind else str
+        if not all(isinstance(v, want) and not isinstance(v, bool) for v in value):
+            raise TrainConfigError(f"{name} must be a list of {'numbers' if want is not str else 'strings'}, "
+                                   f"got {value!r}")
         return tuple(float(v) if "float" in kind else v for v in value)
     if kind.startswith("bool"):
         if not isinstance(value, bool):
@@ -173,7 +177,10 @@ def load(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
             raise TrainConfigError(f"{path}: not valid TOML ({e})") from None
     for text in overrides:
         (section, key), value = parse_override(text)
-        raw.setdefault(section, {})[key] = value
+        table = raw.setdefault(section, {})
+        if not isinstance(table, dict):
+            raise TrainConfigError(f"[{section}] must be a table")
+        table[key] = value
     return from_dict(raw)
 
 

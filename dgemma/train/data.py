@@ -78,7 +78,7 @@ def read_jsonl(path: str | Path) -> Iterable[tuple[int, dict[str, Any]]]:
 
 
 def _messages(value: Any, where: str, what: str) -> list[dict[str, str]]:
-    if isinstance(value, str):
+    if isinstance(value, str) and what != "messages":
         return [{"role": "user" if what == "prompt" else "assistant", "content": value}]
     if not isinstance(value, list) or not value:
         raise DataError(f"{where}: '{what}' must be a string or a non-empty list of messages")

@@ -39,6 +39,8 @@ def apply(model: torch.nn.Module, section: LoraSection, base: str | None):
         target_parameters=list(EXPERT_PARAMETERS) if section.experts else None,
         base_model_name_or_path=base,
     )
+    if base is not None:
+        model.name_or_path = str(base)  # peft records the base checkpoint from this attribute
     try:
         return peft.get_peft_model(model, config)
     except ValueError as e:  # e.g. a target pattern that matches nothing
