@@ -96,6 +96,7 @@ def build(cfg: TrainConfig, device: torch.device) -> ModelSetup:
     model.train()
     setup = ModelSetup(model, model, tokenizer, dict(generation_config), base)
     if cfg.lora.enabled:
+        torch.manual_seed(cfg.train.seed)  # peft draws the LoRA A matrices from the global generator
         setup.peft_model = setup.net = lora.apply(model, cfg.lora, base)
     return setup
 
