@@ -1,0 +1,89 @@
+"""Train a tiny DiffusionGemma from scratch on a synthetic task (reverse a letter string) and measure it.
+
+Prints the loss curve, exact-match accuracy of diffusion decoding on held-out strings after training, and the peak memory per trained parameter (full training and LoRA) of a ``small``-preset step.
+
+    python benchmarks/train_reverse.py [--steps 300] [--out /tmp/dgemma-reverse]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from pathlib import Path
+
+import torch
+
+import dgemma
+from dgemma.bench.measure import PeakMemory, _vm_hwm_bytes
+from dgemma.tokenizer import write_test_tokenizer
+from dgemma.train import config
+from dgemma.train.trainer import Trainer
+
+
+def task(path: Path, n: int, seed: int) -> list[dict]:
+    r = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        s = "".join(r.choice("abcdefgh") for _ in range(r.randint(3, 7)))
+        rows.append({"prompt": s, "completion": s[::-1]})
+    path.write_text("".join(json.dumps(x) + "\n" for x in rows))
+    return rows
+
+
+def accuracy(model_dir: Path, rows: list[dict]) -> float:
+    engine = dgemma.load(model_dir)
+    ok = 0
+    for x in rows:
+        reply = engine.chat([{"role": "user", "content": x["prompt"]}], max_new_tokens=16, seed=0,
+                            t_max=1e-3, t_min=1e-3)
+        ok += reply.answer.strip() == x["completion"]
+    return ok / len(rows)
+
+
+def memory_per_parameter(out: Path, tok: Path, train: Path, lora: bool) -> dict:
+    raw = {"model": {"preset": "small", "tokenizer": str(tok)},
+           "data": {"train": str(train), "max_length": 512},
+           "lora": {"enabled": lora},
+           "train": {"out": str(out), "steps": 2, "batch_size": 1, "micro_batch": 1, "save_every": 0,
+                     "precision": "fp32", "warmup": 0}}
+    trainer = Trainer(config.from_dict(raw), show_progress=False, log=lambda m: None)
+    with PeakMemory(torch.device("cpu")) as peak:
+        before = _vm_hwm_bytes()  # the high-water mark was just reset: this is the RSS with the model built
+        for step in range(2):
+            trainer.train_step(step)
+    return {"lora": lora, "trainable": trainer.trainable, "peak_rss": peak.bytes, "rss_before": before,
+            "bytes_per_trainable": (peak.bytes - before) / trainer.trainable}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--out", default="/tmp/dgemma-reverse")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_test_tokenizer(out / "tok", 272)
+    task(out / "train.jsonl", 4000, 0)
+    held = task(out / "eval.jsonl", 100, 1)
+    cfg = config.from_dict({
+        "model": {"preset": "tiny", "tokenizer": str(out / "tok")},
+        "data": {"train": str(out / "train.jsonl"), "eval": str(out / "eval.jsonl"), "max_length": 64},
+        "train": {"out": str(out / "run"), "steps": args.steps, "batch_size": 16, "micro_batch": 16,
+                  "lr": 3e-3, "min_lr": 3e-4, "warmup": 20, "log_every": 25, "eval_every": 100,
+                  "save_every": 100, "precision": "fp32"},
+    })
+    t0 = time.perf_counter()
+    result = Trainer(cfg, show_progress=False).run()
+    took = time.perf_counter() - t0
+    print(json.dumps({"train_seconds": round(took, 1), "first_loss": result.history[0]["loss"],
+                      "last_loss": result.history[-1]["loss"], "evals": result.evals,
+                      "peak_rss": result.peak_memory_bytes, "trainable": result.trainable_parameters}))
+    print(json.dumps({"exact_match_held_out": accuracy(result.final, held), "n": len(held)}))
+    for lora in (False, True):
+        print(json.dumps(memory_per_parameter(out / f"mem-{int(lora)}", out / "tok", out / "train.jsonl", lora)))
+
+
+if __name__ == "__main__":
+    main()
