@@ -253,3 +253,20 @@ def test_collate_right_pads():
     assert torch.equal(moved.ids, batch.ids)
     assert collate(exs[1:], pad_id=-1).ids.tolist() == [[1, 2, 3]]
     assert collate(exs[::-1], pad_id=7).ids[0].tolist() == [1, 2, 3, 7, 7]
+
+
+def test_template_whose_answer_turn_does_not_extend_the_prompt(tmp_path):
+    """A template that renders the generation prompt differently from a finished model turn (here: an
+    empty thought channel only in the generation prompt): the answer content + EOS is supervised."""
+    from dgemma.tokenizer import GEMMA_LIKE_TEMPLATE, Tokenizer, write_test_tokenizer
+
+    write_test_tokenizer(tmp_path, 300)
+    tok = Tokenizer.from_dir(tmp_path)
+    tok.chat_template = GEMMA_LIKE_TEMPLATE.replace("'<|turn>model\\n'", "'<|turn>model\\n<|channel><channel|>'")
+    builder = ExampleBuilder(tok, block=8, max_length=256)
+    ex = builder.build({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
+                       "x:1", DataStats())
+    text = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True)
+    assert text.endswith("<|channel><channel|>")  # the template really differs
+    assert list(ex.ids[: ex.prefix_len]) == tok.encode(text)
+    assert list(ex.ids[ex.prefix_len:]) == tok.encode("yo") + [106] * 6

@@ -133,11 +133,11 @@ class ExampleBuilder:
                 answer = {"role": "assistant", "content": answer}
             prompt_text = self.tok.apply_chat_template(context, add_generation_prompt=True)
             full_text = self.tok.apply_chat_template(context + [answer], add_generation_prompt=False)
-            if not full_text.startswith(prompt_text):
-                raise DataError(f"{where}: the chat template renders the answer turn in a way that does not "
-                                "extend the prompt; use template = 'raw' or fix the template")
             prompt = self.tok.encode(prompt_text)
-            response = self.tok.encode(full_text[len(prompt_text):])
+            if full_text.startswith(prompt_text):  # the answer turn as the template writes it
+                response = self.tok.encode(full_text[len(prompt_text):])
+            else:  # a template that renders a finished turn differently from a generation prompt
+                response = self.tok.encode(answer["content"])
             if self.eos in response:  # supervise up to the answer's closing EOS, not the newline after it
                 response = response[: len(response) - response[::-1].index(self.eos)]
             else:
