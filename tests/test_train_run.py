@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -251,10 +252,15 @@ def test_two_processes_match_one(task, tmp_path, full_run):
     args = [f"--set={k}.{f}={json.dumps(v)}" for k, sec in cfg.to_dict().items() for f, v in sec.items()
             if v is not None and not isinstance(v, (list, tuple))]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", "29517", "-m", "dgemma", "train", str(tmp_path / "cfg.toml"),
-                           "--no-progress", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    def torchrun(*extra):
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                               "--master_port", "29517", "-m", "dgemma", "train", str(tmp_path / "cfg.toml"),
+                               "--no-progress", *args, *extra], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    torchrun()
     torch.testing.assert_close(torch.tensor(_losses(tmp_path / "dist")), torch.tensor(_losses(full_run[1])),
                                atol=1e-5, rtol=0)
     # Weights: summation order differs between the runs, and Adam's g / sqrt(v) magnifies it on rows with
@@ -263,6 +269,15 @@ def test_two_processes_match_one(task, tmp_path, full_run):
     for (n, p), q in zip(a.state_dict().items(), b.state_dict().values()):
         torch.testing.assert_close(p, q, atol=1e-3, rtol=0, msg=lambda m, n=n: f"{n}: {m}")
         assert (p - q).abs().mean() < 2e-5, n
+
+    # Resuming a sharded run (optimizer state scattered back to the shards) continues like a single process.
+    single = tmp_path / "single"
+    shutil.copytree(full_run[1], single)
+    torchrun("--resume", "--set", "train.steps=8")
+    _run(_cfg(task, single, train={"steps": 8}), resume=True)
+    got, want = _losses(tmp_path / "dist"), _losses(single)
+    assert [s for s, _ in got] == list(range(1, 9))
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), atol=1e-5, rtol=0)
 
 
 def test_cli_reports_user_mistakes_in_one_line(task, tmp_path):
@@ -310,3 +325,14 @@ def test_lora_run_resumes_the_same_loss_curve(task, tmp_path, full_run, monkeypa
     got, want = _losses(tmp_path / "resumed"), _losses(tmp_path / "straight")
     assert [s for s, _ in got] == [1, 2, 3, 4] and want[-1][1] != want[0][1]
     torch.testing.assert_close(torch.tensor(got), torch.tensor(want), atol=1e-6, rtol=0)
+
+
+def test_bf16_autocast_trains_close_to_fp32(task, tmp_path):
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        cfg = _cfg(task, tmp_path / precision, train={"steps": 2, "save_every": 0, "precision": precision})
+        trainer = Trainer(cfg, show_progress=False, log=lambda msg: None)
+        assert trainer.autocast == (torch.bfloat16 if precision == "bf16" else None)
+        losses[precision] = torch.tensor([e["loss"] for e in trainer.run().history])
+    assert not torch.equal(losses["bf16"], losses["fp32"])  # autocast really changed the arithmetic
+    torch.testing.assert_close(losses["bf16"], losses["fp32"], atol=0.05, rtol=0)
