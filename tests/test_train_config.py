@@ -201,3 +201,8 @@ def test_lr_no_warmup():
     values = [lr_at(s, cfg) for s in range(6)]
     assert values[0] == pytest.approx(2e-4) and values[-1] == pytest.approx(0.0, abs=1e-12)
     assert values == sorted(values, reverse=True)
+
+
+def test_lora_needs_a_checkpoint_to_adapt():
+    with pytest.raises(TrainConfigError, match="model.init"):
+        load(None, ['model.preset="tiny"', 'model.tokenizer="tok"', 'data.train="t.jsonl"', "lora.enabled=true"])

@@ -270,3 +270,19 @@ def test_template_whose_answer_turn_does_not_extend_the_prompt(tmp_path):
     assert text.endswith("<|channel><channel|>")  # the template really differs
     assert list(ex.ids[: ex.prefix_len]) == tok.encode(text)
     assert list(ex.ids[ex.prefix_len:]) == tok.encode("yo") + [106] * 6
+
+
+def test_non_utf8_line_and_template_errors_name_file_and_line(tmp_path):
+    from dgemma.tokenizer import Tokenizer, write_test_tokenizer
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"prompt": "a", "completion": "b"}\n{"prompt": "\xff", "completion": "b"}\n')
+    write_test_tokenizer(tmp_path / "tok", 300)
+    tok = Tokenizer.from_dir(tmp_path / "tok")
+    with pytest.raises(DataError, match=r"bad.jsonl:2: not UTF-8"):
+        ExampleBuilder(tok, block=8, max_length=256).load(bad)
+    tok.chat_template = "{{ raise_exception('roles must alternate') }}"
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"prompt": "a", "completion": "b"}\n')
+    with pytest.raises(DataError, match=r"good.jsonl:1: .*roles must alternate"):
+        ExampleBuilder(tok, block=8, max_length=256).load(good)

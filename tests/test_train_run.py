@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
@@ -241,8 +242,11 @@ def test_fine_tuning_freezes_the_router_by_default(task, tmp_path, full_run):
     result = _run(cfg)
     a, b = load_weights(base)[0], load_weights(result.final)[0]
     assert torch.equal(a.layers[0].router.proj.weight, b.layers[0].router.proj.weight)
+    assert torch.equal(a.layers[0].router.scale, b.layers[0].router.scale)
     assert not torch.equal(a.layers[0].self_attn.q_proj.weight, b.layers[0].self_attn.q_proj.weight)
-    assert result.trainable_parameters == sum(p.numel() for n, p in a.named_parameters() if ".router." not in n)
+    frozen = (".router.proj.", ".router.scale")
+    assert result.trainable_parameters == sum(p.numel() for n, p in a.named_parameters()
+                                              if not any(f in n for f in frozen))
 
 
 def test_two_processes_match_one(task, tmp_path, full_run):
@@ -336,3 +340,41 @@ def test_bf16_autocast_trains_close_to_fp32(task, tmp_path):
         losses[precision] = torch.tensor([e["loss"] for e in trainer.run().history])
     assert not torch.equal(losses["bf16"], losses["fp32"])  # autocast really changed the arithmetic
     torch.testing.assert_close(losses["bf16"], losses["fp32"], atol=0.05, rtol=0)
+
+
+def test_fine_tuning_keeps_the_checkpoint_dtype_and_lora_base_in_bf16(task, tmp_path, full_run):
+    """A bf16 checkpoint: full fine-tuning keeps fp32 master weights but writes final/ in bf16; LoRA under
+    bf16 autocast keeps the frozen base in bf16 and the adapters in fp32."""
+    from dgemma.loading import save_checkpoint
+    from dgemma.tokenizer import Tokenizer
+
+    base = tmp_path / "bf16-base"
+    model, _, gen, _ = load_weights(full_run[0].final, dtype=torch.bfloat16)
+    save_checkpoint(model, base, gen)
+    Tokenizer.from_dir(full_run[0].final).save(base)
+    init = {"preset": None, "tokenizer": None, "init": str(base)}
+    result = _run(_cfg(task, tmp_path / "ft", model=init, train={"steps": 1, "save_every": 0}))
+    assert json.loads((result.final / "config.json").read_text())["dtype"] == "bfloat16"
+    from safetensors.torch import load_file
+
+    assert {t.dtype for t in load_file(result.final / "model.safetensors").values()} == {torch.bfloat16}
+
+    cfg = _cfg(task, tmp_path / "lora", model=init, lora={"enabled": True, "rank": 4},
+               train={"steps": 1, "save_every": 0, "precision": "bf16"})
+    trainer = Trainer(cfg, show_progress=False, log=lambda msg: None)
+    dtypes = {n: p.dtype for n, p in trainer.objective.named_parameters()}
+    assert all(d == torch.float32 for n, d in dtypes.items() if "lora_" in n)
+    assert all(d == torch.bfloat16 for n, d in dtypes.items() if "lora_" not in n)
+    out = trainer.run()
+    assert math.isfinite(out.history[-1]["loss"])
+    assert json.loads((out.final / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_resume_with_a_different_lora_setup_is_a_clear_error(task, tmp_path, full_run):
+    init = {"preset": None, "tokenizer": None, "init": str(full_run[0].final)}
+    _run(_cfg(task, tmp_path / "run", model=init, lora={"enabled": True, "rank": 4},
+              train={"steps": 1, "save_every": 1}))
+    cfg = _cfg(task, tmp_path / "run", model=init, lora={"enabled": True, "rank": 4, "experts": True},
+               train={"steps": 2, "save_every": 1})
+    with pytest.raises(dgemma.DgemmaError, match="does not match the config"):
+        _run(cfg, resume=True)

@@ -132,6 +132,14 @@ def load(path: Path, env: dist.Dist, objective, optimizer, lora_enabled: bool) -
         raise DgemmaError(f"cannot resume from {path}: {e}") from None
     if lora_enabled and not state:
         raise DgemmaError(f"cannot resume from {path}: it holds no LoRA weights (was it a full training run?)")
-    dist.load_model_state(objective, state, env)
-    dist.load_optimizer_state(objective, optimizer, _unflatten_optimizer(tensors, meta["param_groups"]), env)
+    trainable = {n for n, p in objective.named_parameters() if p.requires_grad}
+    missing = sorted(trainable - set(state))
+    if missing:
+        raise DgemmaError(f"cannot resume from {path}: it does not match the config (no tensor for {missing[0]}; "
+                          "were lora or model.freeze_router changed?)")
+    try:
+        dist.load_model_state(objective, state, env)
+        dist.load_optimizer_state(objective, optimizer, _unflatten_optimizer(tensors, meta["param_groups"]), env)
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise DgemmaError(f"cannot resume from {path}: it does not match the config ({e})") from None
     return meta

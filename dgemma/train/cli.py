@@ -25,6 +25,7 @@ def add_parsers(sub) -> None:
     m.add_argument("adapter", help="adapter directory written by dgemma train")
     m.add_argument("--base", help="base checkpoint (default: the one recorded in the adapter)")
     m.add_argument("--out", required=True, help="directory for the merged checkpoint")
+    m.add_argument("--dtype", help="dtype of the written weights (default: the base checkpoint's)")
 
 
 def run(parser, args) -> int:
@@ -32,7 +33,7 @@ def run(parser, args) -> int:
         if args.command == "merge":
             return _merge(args)
         return _train(args)
-    except (DgemmaError, ValueError, FileNotFoundError) as e:
+    except (DgemmaError, ValueError, OSError) as e:
         parser.exit(2, f"dgemma: {e}\n")
 
 
@@ -65,6 +66,13 @@ def _merge(args) -> int:
     base = args.base or lora.base_of(args.adapter)
     if not base:
         raise DgemmaError(f"{args.adapter} does not record its base model; pass --base")
-    out = merge_adapter(base, args.adapter, args.out)
+    dtype = None
+    if args.dtype:
+        import torch
+
+        dtype = getattr(torch, args.dtype, None)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise DgemmaError(f"--dtype {args.dtype!r} is not a floating-point torch dtype (e.g. bfloat16)")
+    out = merge_adapter(base, args.adapter, args.out, dtype=dtype)
     print(out)
     return 0

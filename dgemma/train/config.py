@@ -192,6 +192,9 @@ def validate(cfg: TrainConfig) -> None:
                                f"model.preset (train from scratch); got {sources or 'none'}")
     if not m.init and not m.tokenizer:
         raise TrainConfigError("training from scratch needs model.tokenizer (a directory with tokenizer.json)")
+    if cfg.lora.enabled and not m.init:
+        raise TrainConfigError("LoRA adapts a trained model: set model.init (LoRA on a random model would "
+                               "leave an adapter without a usable base)")
     if not d.train:
         raise TrainConfigError("data.train is not set (a JSONL file)")
     checks = [

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import torch
+from jinja2 import TemplateError
 
 from dgemma.errors import DgemmaError
 from dgemma.tokenizer import Tokenizer
@@ -64,8 +65,12 @@ def read_jsonl(path: str | Path) -> Iterable[tuple[int, dict[str, Any]]]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"training data file not found: {path}")
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not UTF-8 text (byte {e.start + 1})") from None
             if not line.strip():
                 continue
             try:
@@ -124,6 +129,7 @@ class ExampleBuilder:
             raise DataError("the tokenizer names no eos_token, and no eos id was given: the response "
                             "fill needs one")
         self.bos = bos_id if bos_id is not None else tokenizer.bos_id
+        self.turn_end = {self.eos} | {i for i in (tokenizer.token_to_id("<turn|>"),) if i is not None}
 
     def prompt_and_response(self, record: dict[str, Any], where: str) -> tuple[list[int], list[int]]:
         context, answer = record_to_conversation(record, where)
@@ -131,17 +137,19 @@ class ExampleBuilder:
             if isinstance(context, str):
                 context = [{"role": "user", "content": context}]
                 answer = {"role": "assistant", "content": answer}
-            prompt_text = self.tok.apply_chat_template(context, add_generation_prompt=True)
-            full_text = self.tok.apply_chat_template(context + [answer], add_generation_prompt=False)
+            try:
+                prompt_text = self.tok.apply_chat_template(context, add_generation_prompt=True)
+                full_text = self.tok.apply_chat_template(context + [answer], add_generation_prompt=False)
+            except (ValueError, TemplateError) as e:  # e.g. the template's own raise_exception
+                raise DataError(f"{where}: the chat template rejects this conversation: {e}") from None
             prompt = self.tok.encode(prompt_text)
             if full_text.startswith(prompt_text):  # the answer turn as the template writes it
                 response = self.tok.encode(full_text[len(prompt_text):])
             else:  # a template that renders a finished turn differently from a generation prompt
                 response = self.tok.encode(answer["content"])
-            if self.eos in response:  # supervise up to the answer's closing EOS, not the newline after it
-                response = response[: len(response) - response[::-1].index(self.eos)]
-            else:
-                response.append(self.eos)
+            # Supervise up to the turn's closing token (<turn|>, or the EOS), not the newline after it.
+            ends = [i for i, t in enumerate(response) if t in self.turn_end]
+            response = response[: ends[-1] + 1] if ends else response + [self.eos]
         else:
             if not isinstance(context, str):
                 raise DataError(f"{where}: chat records need a tokenizer with a chat template")

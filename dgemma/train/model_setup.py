@@ -16,7 +16,7 @@ import torch
 from dgemma.bench.presets import PRESETS
 from dgemma.config import ModelConfig
 from dgemma.errors import DgemmaError
-from dgemma.loading import build_model, load_weights, read_json, resolve_source, save_checkpoint
+from dgemma.loading import build_model, load_weights, read_config, read_json, resolve_source, save_checkpoint
 from dgemma.tokenizer import Tokenizer
 from dgemma.train import lora
 from dgemma.train.config import TrainConfig
@@ -30,6 +30,7 @@ class ModelSetup:
     generation_config: dict[str, Any]
     base_source: str | None  # the checkpoint fine-tuned, if any
     peft_model: Any = None
+    save_dtype: torch.dtype = torch.float32  # of the final model: the base checkpoint's, fp32 from scratch
 
     @property
     def pad_id(self) -> int:
@@ -73,15 +74,38 @@ def scratch_config(cfg: TrainConfig, tokenizer: Tokenizer) -> ModelConfig:
     return model_cfg
 
 
-def build(cfg: TrainConfig, device: torch.device) -> ModelSetup:
+def plan(cfg: TrainConfig) -> tuple[Tokenizer, ModelConfig, Path | None]:
+    """The tokenizer and model config of a run, read without loading any weights (so that the data can be
+    checked before a large model is loaded); the resolved checkpoint when fine-tuning."""
     m = cfg.model
     if m.init:
-        model, model_cfg, generation_config, ckpt = load_weights(m.init, device=device, dtype=torch.float32)
-        tokenizer = _tokenizer(m.tokenizer or ckpt)
+        ckpt = resolve_source(m.init)
+        return _tokenizer(m.tokenizer or ckpt), read_config(ckpt), ckpt
+    tokenizer = _tokenizer(m.tokenizer)
+    return tokenizer, scratch_config(cfg, tokenizer), None
+
+
+def stored_dtype(ckpt: Path | None) -> torch.dtype:
+    """The dtype a checkpoint's config.json says its weights are in (float32 when it says nothing)."""
+    if ckpt is None:
+        return torch.float32
+    raw = read_json(Path(ckpt) / "config.json")
+    name = raw.get("dtype") or raw.get("torch_dtype") or "float32"
+    value = getattr(torch, str(name), None)
+    return value if isinstance(value, torch.dtype) else torch.float32
+
+
+def build(cfg: TrainConfig, device: torch.device, compute_dtype: torch.dtype | None = None,
+          planned: tuple | None = None) -> ModelSetup:
+    """Load or create the model. With LoRA under bf16 autocast the frozen base is kept in bf16 (half the
+    memory; the adapters stay fp32); otherwise every weight is fp32 (master weights)."""
+    m = cfg.model
+    tokenizer, model_cfg, ckpt = planned or plan(cfg)
+    if ckpt is not None:
+        base_dtype = torch.bfloat16 if cfg.lora.enabled and compute_dtype == torch.bfloat16 else torch.float32
+        model, _, generation_config, _ = load_weights(ckpt, device=device, dtype=base_dtype)
         base = str(m.init)
     else:
-        tokenizer = _tokenizer(m.tokenizer)
-        model_cfg = scratch_config(cfg, tokenizer)
         model = build_model(model_cfg, device=device, dtype=torch.float32, seed=cfg.train.seed)
         eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else list(model_cfg.eos_token_id)
         generation_config = {"eos_token_id": eos, "pad_token_id": model_cfg.pad_token_id,
@@ -90,11 +114,12 @@ def build(cfg: TrainConfig, device: torch.device) -> ModelSetup:
     for p in model.parameters():
         p.requires_grad_(True)
     freeze = m.freeze_router if m.freeze_router is not None else bool(m.init)
-    if freeze:
+    if freeze:  # the routing decision (projection and input scale); the per-expert gains stay trainable
         for layer in model.layers:
-            layer.router.requires_grad_(False)
+            layer.router.proj.requires_grad_(False)
+            layer.router.scale.requires_grad_(False)
     model.train()
-    setup = ModelSetup(model, model, tokenizer, dict(generation_config), base)
+    setup = ModelSetup(model, model, tokenizer, dict(generation_config), base, save_dtype=stored_dtype(ckpt))
     if cfg.lora.enabled:
         torch.manual_seed(cfg.train.seed)  # peft draws the LoRA A matrices from the global generator
         setup.peft_model = setup.net = lora.apply(model, cfg.lora, base)
@@ -102,12 +127,15 @@ def build(cfg: TrainConfig, device: torch.device) -> ModelSetup:
 
 
 def merge_adapter(base: str | Path, adapter: str | Path, out: str | Path, dtype: torch.dtype | None = None) -> Path:
-    """Load ``base``, apply and merge the LoRA ``adapter``, write the release format (with the tokenizer)."""
+    """Load ``base``, apply and merge the LoRA ``adapter`` (in fp32), write the release format in ``dtype``
+    (default: the base checkpoint's), with the tokenizer."""
     ckpt = resolve_source(base)
-    model, _, generation_config, _ = load_weights(ckpt, device="cpu", dtype=dtype or torch.float32)
+    model, _, generation_config, _ = load_weights(ckpt, device="cpu", dtype=torch.float32)
     merged = lora.merge(lora.load_adapter(model, adapter))
     out = Path(out)
-    save_checkpoint(merged, out, copy.deepcopy(generation_config))
+    save_dtype = dtype or stored_dtype(ckpt)
+    state = {k: v.to(save_dtype) if v.is_floating_point() else v for k, v in merged.state_dict().items()}
+    save_checkpoint(merged, out, copy.deepcopy(generation_config), state=state)
     tok_dir = Path(adapter) if (Path(adapter) / "tokenizer.json").is_file() else ckpt
     if (tok_dir / "tokenizer.json").is_file():
         Tokenizer.from_dir(tok_dir).save(out)

@@ -26,7 +26,7 @@ from dgemma.fileio import atomic_write_text
 from dgemma.train import checkpoint, dist, lora
 from dgemma.train.config import TrainConfig
 from dgemma.train.data import DataStats, DataStream, ExampleBuilder, collate
-from dgemma.train.model_setup import ModelSetup, build
+from dgemma.train.model_setup import ModelSetup, build, merge_adapter, plan
 from dgemma.train.objective import EVAL_STREAM, Objective, draw, token_counts
 from dgemma.train.progress import Progress
 
@@ -75,7 +75,16 @@ class Trainer:
         self.out = Path(self.t.out)
         self.say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self.show_progress = show_progress
-        self.setup = setup or build(cfg, self.env.device)
+        self.autocast = resolve_precision(self.t.precision, self.env.device)
+        per_step = self.t.micro_batch * self.env.world
+        if self.t.batch_size % per_step:
+            raise DgemmaError(f"train.batch_size ({self.t.batch_size}) must be a multiple of micro_batch x "
+                              f"processes ({self.t.micro_batch} x {self.env.world})")
+        self.accum = self.t.batch_size // per_step
+        # Tokenizer, model config and data first: a bad data line is reported before a big model loads.
+        planned = (setup.tokenizer, setup.model.cfg, None) if setup is not None else plan(cfg)
+        self._load_data(*planned[:2])
+        self.setup = setup or build(cfg, self.env.device, self.autocast, planned)
         s = self.setup
         self.objective = Objective(s.net, cfg.objective, checkpoint=self.t.activation_checkpointing)
         self.objective.train()
@@ -90,30 +99,26 @@ class Trainer:
                   {"params": [p for _, p in named if p.ndim < 2], "weight_decay": 0.0}]
         self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=self.t.lr, betas=self.t.betas,
                                            eps=self.t.adam_eps)
-        self.autocast = resolve_precision(self.t.precision, self.env.device)
-        per_step = self.t.micro_batch * self.env.world
-        if self.t.batch_size % per_step:
-            raise DgemmaError(f"train.batch_size ({self.t.batch_size}) must be a multiple of micro_batch x "
-                              f"processes ({self.t.micro_batch} x {self.env.world})")
-        self.accum = self.t.batch_size // per_step
-        self._load_data()
 
     # ------------------------------------------------------------------ data
-    def _load_data(self) -> None:
-        s, d = self.setup, self.cfg.data
-        cfg = s.model.cfg
-        if d.max_length > cfg.max_position_embeddings:
+    def _load_data(self, tokenizer, model_cfg) -> None:
+        d = self.cfg.data
+        if d.max_length > model_cfg.max_position_embeddings:
             raise DgemmaError(f"data.max_length ({d.max_length}) exceeds the model's context "
-                              f"({cfg.max_position_embeddings})")
-        builder = ExampleBuilder(s.tokenizer, cfg.canvas_length, d.max_length, d.overlong, d.template,
-                                 eos_id=s.eos_id)
-        self.stats = DataStats()
+                              f"({model_cfg.max_position_embeddings})")
+        eos = tokenizer.eos_id if tokenizer.eos_id is not None else (model_cfg.eos_token_id or (None,))[0]
+        builder = ExampleBuilder(tokenizer, model_cfg.canvas_length, d.max_length, d.overlong, d.template,
+                                 eos_id=eos)
+        self.stats, eval_stats = DataStats(), DataStats()
         self.examples = builder.load(d.train, self.stats)
-        self.eval_examples = builder.load(d.eval, DataStats()) if d.eval else []
+        self.eval_examples = builder.load(d.eval, eval_stats) if d.eval else []
         self.stream = DataStream(len(self.examples), self.t.seed)
         if self.env.main:
-            self.say(f"data: {self.stats.summary()}" + (f"; {len(self.eval_examples)} eval examples"
-                                                        if self.eval_examples else ""))
+            self.say(f"data: {self.stats.summary()}; end-of-answer fill id {eos}")
+            if d.eval:
+                self.say(f"eval data: {eval_stats.summary()}")
+            if self.t.sample_prompts and self.t.sample_every and self.env.sharded:
+                self.say("note: sample generation runs only in single-process training; skipped under torchrun")
 
     # ------------------------------------------------------------------ steps
     def _amp(self):
@@ -159,9 +164,9 @@ class Trainer:
         lr = lr_at(step, self.cfg)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
-        if not math.isfinite(diff_sum + ar_sum):
-            raise DgemmaError(f"the loss became {diff_sum + ar_sum} at step {step + 1}; lower train.lr or "
-                              "check the data (the last checkpoint is intact)")
+        if not math.isfinite(diff_sum + ar_sum + norm):
+            raise DgemmaError(f"the loss ({diff_sum + ar_sum}) or gradient norm ({norm}) became non-finite at "
+                              f"step {step + 1}; lower train.lr or check the data (the last checkpoint is intact)")
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         diff_m, ar_m = diff_sum / n_sup, ar_sum / n_pairs
@@ -174,6 +179,13 @@ class Trainer:
         exs = self.eval_examples
         if not exs:
             return None
+        self.objective.eval()  # no LoRA dropout: evaluations are comparable
+        try:
+            return self._evaluate(exs)
+        finally:
+            self.objective.train()
+
+    def _evaluate(self, exs) -> dict[str, float]:
         vocab = self.setup.model.cfg.vocab_size
         per = self.t.micro_batch * self.env.world
         sums = [0.0, 0.0, 0.0, 0.0]
@@ -231,6 +243,8 @@ class Trainer:
             if found is not None:
                 raise DgemmaError(f"{self.out} already holds checkpoints ({found.name}); pass --resume to "
                                   "continue that run, or set train.out to a new directory")
+            if resume and self.env.main:
+                self.say(f"note: --resume, but {self.out} holds no complete checkpoint; starting a new run")
             if self.env.main:
                 self.out.mkdir(parents=True, exist_ok=True)
                 atomic_write_text(self.out / "train_config.json", self.cfg.to_json())
@@ -240,9 +254,12 @@ class Trainer:
         step = int(meta["step"])
         if self.env.main:
             self.say(f"resuming from {found} (step {step})")
+            changed = _changed_keys(meta.get("config", {}), self.cfg.to_dict())
+            if changed:
+                self.say(f"note: the config differs from the checkpoint's in {', '.join(changed)}; the run "
+                         "continues with the new values (optimizer hyper-parameters come from the checkpoint)")
             lines = (self.out / LOG_FILE).read_text().splitlines() if (self.out / LOG_FILE).exists() else []
-            kept = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= step]
-            atomic_write_text(self.out / LOG_FILE, "".join(ln + "\n" for ln in kept))
+            atomic_write_text(self.out / LOG_FILE, "".join(ln + "\n" for ln in _log_until(lines, step)))
         return step
 
     def _log(self, entry: dict[str, Any]) -> None:
@@ -293,15 +310,43 @@ class Trainer:
         if self.env.main:
             if s.peft_model is None:
                 final = self.out / "final"
-                checkpoint.write_weights(final, self.objective, state, None, s.tokenizer, s.generation_config)
+                cast = {k: v.to(s.save_dtype) if v.is_floating_point() else v for k, v in state.items()}
+                checkpoint.write_weights(final, self.objective, cast, None, s.tokenizer, s.generation_config)
             else:
                 adapter = self.out / "adapter"
                 lora.save_adapter(s.peft_model, adapter, state={k.removeprefix("net."): v for k, v in state.items()})
                 s.tokenizer.save(adapter)
-                if self.cfg.lora.merge_at_end and s.base_source is not None:
-                    from dgemma.train.model_setup import merge_adapter
-
-                    final = merge_adapter(s.base_source, adapter, self.out / "final")
+        del state
+        dist.barrier(self.env)  # the other processes may leave now; rank 0 merges on its own time
+        if self.env.main and adapter is not None and self.cfg.lora.merge_at_end and s.base_source is not None:
+            final = merge_adapter(s.base_source, adapter, self.out / "final")
+        if self.env.main:
             self.say(f"saved {final or adapter}")
-        dist.barrier(self.env)
         return final, adapter
+
+
+def _changed_keys(old: dict, new: dict) -> list[str]:
+    """Config keys (``section.key``) whose values differ, ignoring ones that may change on resume."""
+    free = {"train.steps", "train.log_every", "train.save_every", "train.keep_checkpoints", "train.eval_every",
+            "train.sample_every", "train.sample_prompts", "train.sample_max_new_tokens", "train.out",
+            "train.micro_batch", "train.device"}
+    keys = []
+    for section, values in new.items():
+        for key, value in values.items():
+            was = old.get(section, {}).get(key)
+            if f"{section}.{key}" not in free and json.dumps(was) != json.dumps(value):
+                keys.append(f"{section}.{key}")
+    return keys
+
+
+def _log_until(lines: list[str], step: int) -> list[str]:
+    """Log lines up to ``step``; a line cut short by a crash is dropped."""
+    kept = []
+    for ln in lines:
+        try:
+            entry = json.loads(ln)
+        except json.JSONDecodeError:
+            continue
+        if entry.get("step", 0) <= step:
+            kept.append(ln)
+    return kept
