@@ -120,20 +120,26 @@ def _prune(out: Path, keep: int) -> None:
 
 def load(path: Path, env: dist.Dist, objective, optimizer, lora_enabled: bool) -> dict[str, Any]:
     """Restore weights and optimiser state from checkpoint ``path``; returns its trainer state."""
+    reader = env.main or not env.sharded  # sharded: rank 0 reads the files and broadcasts the tensors
+    state: dict[str, torch.Tensor] = {}
+    tensors: dict[str, torch.Tensor] = {}
     try:
         meta = json.loads((path / STATE_FILE).read_text())
-        if lora_enabled:
+        if not reader:
+            pass
+        elif lora_enabled:
             state = load_file(str(path / "trainable.safetensors"))
         else:
             model = objective.model
             state = {"net." + k: v for k, v in read_state_dict(path, _meta_model(model.cfg), torch.float32, "cpu").items()}
-        tensors = load_file(str(path / OPTIMIZER_FILE))
+        if reader:
+            tensors = load_file(str(path / OPTIMIZER_FILE))
     except (OSError, ValueError, DgemmaError) as e:
         raise DgemmaError(f"cannot resume from {path}: {e}") from None
-    if lora_enabled and not state:
+    if reader and lora_enabled and not state:
         raise DgemmaError(f"cannot resume from {path}: it holds no LoRA weights (was it a full training run?)")
     trainable = {n for n, p in objective.named_parameters() if p.requires_grad}
-    missing = sorted(trainable - set(state))
+    missing = sorted(trainable - set(state)) if reader else []
     if missing:
         raise DgemmaError(f"cannot resume from {path}: it does not match the config (no tensor for {missing[0]}; "
                           "were lora or model.freeze_router changed?)")

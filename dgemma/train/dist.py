@@ -75,6 +75,17 @@ def shard(objective: torch.nn.Module, blocks) -> None:
     fully_shard(objective)
 
 
+def materialize(objective: torch.nn.Module, model, state: dict[str, torch.Tensor], env: Dist) -> None:
+    """Give a sharded, storage-less (meta) model its shards on this device, filled from ``state`` (the full
+    tensors, given on rank 0 only and broadcast from there)."""
+    objective.to_empty(device=env.device)
+    with torch.device(env.device):
+        fresh = type(model).rope_buffers(model.cfg)  # non-persistent: not in any state dict
+    for name, buf in fresh.items():
+        setattr(model, name, buf)
+    set_model_state_dict(objective, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+
+
 def all_sum(values: list[float], env: Dist) -> list[float]:
     if not env.sharded:
         return values
@@ -100,9 +111,12 @@ def full_optimizer_state(objective, optimizer, env: Dist) -> dict:
 
 
 def load_model_state(objective, state: dict[str, torch.Tensor], env: Dist) -> None:
-    """Set the given (full, CPU) tensors; parameters not named keep their values."""
-    set_model_state_dict(objective, state, options=StateDictOptions(full_state_dict=True, strict=False))
+    """Set the given (full, CPU) tensors, read on rank 0 and broadcast when sharded; parameters not named
+    keep their values."""
+    opts = StateDictOptions(full_state_dict=True, strict=False, broadcast_from_rank0=env.sharded)
+    set_model_state_dict(objective, state, options=opts)
 
 
 def load_optimizer_state(objective, optimizer, state: dict, env: Dist) -> None:
-    set_optimizer_state_dict(objective, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=env.sharded)
+    set_optimizer_state_dict(objective, optimizer, state, options=opts)

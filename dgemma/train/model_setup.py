@@ -16,7 +16,8 @@ import torch
 from dgemma.bench.presets import PRESETS
 from dgemma.config import ModelConfig
 from dgemma.errors import DgemmaError
-from dgemma.loading import build_model, load_weights, read_config, read_json, resolve_source, save_checkpoint
+from dgemma.loading import (_meta_model, build_model, load_weights, read_config, read_generation_config, read_json,
+                            read_state_dict, resolve_source, save_checkpoint)
 from dgemma.tokenizer import Tokenizer
 from dgemma.train import lora
 from dgemma.train.config import TrainConfig
@@ -95,21 +96,36 @@ def stored_dtype(ckpt: Path | None) -> torch.dtype:
     return value if isinstance(value, torch.dtype) else torch.float32
 
 
+def initial_state(cfg: TrainConfig, model_cfg: ModelConfig, ckpt: Path | None) -> dict[str, torch.Tensor]:
+    """The starting weights (dgemma names, fp32, CPU) of a full training run: the checkpoint's, or a
+    seeded random init. Read by one process of a sharded run and broadcast to the others."""
+    if ckpt is not None:
+        return read_state_dict(ckpt, _meta_model(model_cfg), torch.float32, "cpu")
+    return build_model(model_cfg, device="cpu", dtype=torch.float32, seed=cfg.train.seed).state_dict()
+
+
 def build(cfg: TrainConfig, device: torch.device, compute_dtype: torch.dtype | None = None,
-          planned: tuple | None = None) -> ModelSetup:
+          planned: tuple | None = None, meta: bool = False) -> ModelSetup:
     """Load or create the model. With LoRA under bf16 autocast the frozen base is kept in bf16 (half the
-    memory; the adapters stay fp32); otherwise every weight is fp32 (master weights)."""
+    memory; the adapters stay fp32); otherwise every weight is fp32 (master weights).
+
+    ``meta=True`` (sharded full training) builds only the structure, with no storage: the trainer shards it,
+    allocates the shards, and fills them from :func:`initial_state` read by rank 0 alone.
+    """
     m = cfg.model
     tokenizer, model_cfg, ckpt = planned or plan(cfg)
-    if ckpt is not None:
+    if meta:
+        model = _meta_model(model_cfg)
+        generation_config = read_generation_config(ckpt) if ckpt is not None else _scratch_generation(
+            tokenizer, model_cfg)
+        base = str(m.init) if m.init else None
+    elif ckpt is not None:
         base_dtype = torch.bfloat16 if cfg.lora.enabled and compute_dtype == torch.bfloat16 else torch.float32
         model, _, generation_config, _ = load_weights(ckpt, device=device, dtype=base_dtype)
         base = str(m.init)
     else:
         model = build_model(model_cfg, device=device, dtype=torch.float32, seed=cfg.train.seed)
-        eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else list(model_cfg.eos_token_id)
-        generation_config = {"eos_token_id": eos, "pad_token_id": model_cfg.pad_token_id,
-                             "bos_token_id": model_cfg.bos_token_id}
+        generation_config = _scratch_generation(tokenizer, model_cfg)
         base = None
     for p in model.parameters():
         p.requires_grad_(True)
@@ -124,6 +140,11 @@ def build(cfg: TrainConfig, device: torch.device, compute_dtype: torch.dtype | N
         torch.manual_seed(cfg.train.seed)  # peft draws the LoRA A matrices from the global generator
         setup.peft_model = setup.net = lora.apply(model, cfg.lora, base)
     return setup
+
+
+def _scratch_generation(tokenizer: Tokenizer, model_cfg: ModelConfig) -> dict[str, Any]:
+    eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else list(model_cfg.eos_token_id)
+    return {"eos_token_id": eos, "pad_token_id": model_cfg.pad_token_id, "bos_token_id": model_cfg.bos_token_id}
 
 
 def merge_adapter(base: str | Path, adapter: str | Path, out: str | Path, dtype: torch.dtype | None = None) -> Path:

@@ -26,7 +26,7 @@ from dgemma.fileio import atomic_write_text
 from dgemma.train import checkpoint, dist, lora
 from dgemma.train.config import TrainConfig
 from dgemma.train.data import DataStats, DataStream, ExampleBuilder, collate
-from dgemma.train.model_setup import ModelSetup, build, merge_adapter, plan
+from dgemma.train.model_setup import ModelSetup, build, initial_state, merge_adapter, plan
 from dgemma.train.objective import EVAL_STREAM, Objective, draw, token_counts
 from dgemma.train.progress import Progress
 
@@ -84,12 +84,19 @@ class Trainer:
         # Tokenizer, model config and data first: a bad data line is reported before a big model loads.
         planned = (setup.tokenizer, setup.model.cfg, None) if setup is not None else plan(cfg)
         self._load_data(*planned[:2])
-        self.setup = setup or build(cfg, self.env.device, self.autocast, planned)
+        # Sharded full training starts from a storage-less model: no process ever holds all the weights
+        # on its device (LoRA keeps the frozen base whole on each device, as it is not trained).
+        deferred = self.env.sharded and setup is None and not cfg.lora.enabled
+        self.setup = setup or build(cfg, self.env.device, self.autocast, planned, meta=deferred)
         s = self.setup
         self.objective = Objective(s.net, cfg.objective, checkpoint=self.t.activation_checkpointing)
         self.objective.train()
         if self.env.sharded:
             dist.shard(self.objective, s.model.layers)
+        if deferred:
+            state = initial_state(cfg, planned[1], planned[2]) if self.env.main else {}
+            dist.materialize(self.objective, s.model, {"net." + k: v for k, v in state.items()}, self.env)
+            del state
         named = [(n, p) for n, p in self.objective.named_parameters() if p.requires_grad]
         if not named:
             raise DgemmaError("nothing to train: every parameter is frozen")
