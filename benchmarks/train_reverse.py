@@ -1,8 +1,10 @@
 """Train a tiny DiffusionGemma from scratch on a synthetic task (reverse a letter string) and measure it.
 
-Prints the loss curve, exact-match accuracy of diffusion decoding on held-out strings after training, and the peak memory per trained parameter (full training and LoRA) of a ``small``-preset step.
+Prints the loss curve, exact-match and character accuracy of diffusion decoding on held-out strings after
+training, and the peak memory of ``small``-preset training steps (full training, and LoRA on a random
+``small`` checkpoint).
 
-    python benchmarks/train_reverse.py [--steps 300] [--out /tmp/dgemma-reverse]
+    python benchmarks/train_reverse.py [--steps 2000] [--out /tmp/dgemma-reverse]
 """
 
 from __future__ import annotations
@@ -46,8 +48,24 @@ def accuracy(model_dir: Path, rows: list[dict]) -> dict:
     return {"exact_match": exact / len(rows), "char_accuracy": chars / total, "n": len(rows)}
 
 
+def _small_checkpoint(path: Path, tok: Path) -> Path:
+    """A random ``small``-preset checkpoint with the byte tokenizer, for LoRA to adapt."""
+    if not (path / "config.json").is_file():
+        from dgemma.loading import build_model, save_checkpoint
+        from dgemma.tokenizer import Tokenizer
+        from dgemma.train.model_setup import scratch_config
+
+        cfg = config.from_dict({"model": {"preset": "small", "tokenizer": str(tok)}, "data": {"train": "x"}})
+        tokenizer = Tokenizer.from_dir(tok)
+        save_checkpoint(build_model(scratch_config(cfg, tokenizer), seed=0), path)
+        tokenizer.save(path)
+    return path
+
+
 def memory_per_parameter(out: Path, tok: Path, train: Path, lora: bool) -> dict:
-    raw = {"model": {"preset": "small", "tokenizer": str(tok)},
+    model = {"init": str(_small_checkpoint(out.parent / "small-base", tok))} if lora else \
+        {"preset": "small", "tokenizer": str(tok)}
+    raw = {"model": model,
            "data": {"train": str(train), "max_length": 512},
            "lora": {"enabled": lora},
            "train": {"out": str(out), "steps": 2, "batch_size": 1, "micro_batch": 1, "save_every": 0,
@@ -63,7 +81,7 @@ def memory_per_parameter(out: Path, tok: Path, train: Path, lora: bool) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--out", default="/tmp/dgemma-reverse")
     ap.add_argument("--no-memory", dest="memory", action="store_false")
     args = ap.parse_args()
