@@ -378,3 +378,20 @@ def test_resume_with_a_different_lora_setup_is_a_clear_error(task, tmp_path, ful
                train={"steps": 2, "save_every": 1})
     with pytest.raises(dgemma.DgemmaError, match="does not match the config"):
         _run(cfg, resume=True)
+
+
+def test_progress_bar_shows_loss_rate_and_eta_on_stderr(capsys):
+    from dgemma.train.progress import Progress
+
+    with Progress(10, 0, enabled=True, live=True, say=print) as bar:
+        for step in range(1, 11):
+            bar.update(step, {"loss": 1.0 / step, "tokens_per_s": 1234.0})
+        bar.line({"step": 10, "loss": 0.1})
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert "10/10" in err and "loss 0.1000" in err and "1234 tok/s" in err and "ETA" in err
+    assert "step=10 loss=0.1" in err
+    with Progress(10, 0, enabled=True, live=False, say=print) as bar:  # not a terminal: log lines only
+        bar.update(1, {"loss": 1.0, "tokens_per_s": 1.0})
+        bar.line({"step": 1, "loss": 1.0})
+    assert capsys.readouterr().out == "step=1 loss=1\n"

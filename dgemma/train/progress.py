@@ -26,9 +26,13 @@ class Progress:
             from rich.progress import (BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn,
                                        TimeElapsedColumn, TimeRemainingColumn)
 
+            from rich.console import Console
+
+            # stderr: stdout carries the run's result (``dgemma train`` prints a JSON summary there).
             self._bar = RichProgress(TextColumn("train"), BarColumn(), MofNCompleteColumn(),
                                      TextColumn("{task.fields[stats]}"), TimeElapsedColumn(),
-                                     TextColumn("ETA"), TimeRemainingColumn(), transient=False)
+                                     TextColumn("ETA"), TimeRemainingColumn(), transient=False,
+                                     console=Console(stderr=True))
             self._bar.__enter__()
             self._task = self._bar.add_task("train", total=self.total, completed=self.start, stats="")
         return self
