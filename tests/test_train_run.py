@@ -259,7 +259,7 @@ def test_two_processes_match_one(task, tmp_path, full_run):
 
     def torchrun(*extra):
         proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                               "--master_port", "29517", "-m", "dgemma", "train", str(tmp_path / "cfg.toml"),
+                               "--standalone", "-m", "dgemma", "train", str(tmp_path / "cfg.toml"),
                                "--no-progress", *args, *extra], cwd=ROOT, env=env, capture_output=True, text=True,
                               timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
