@@ -33,11 +33,16 @@ def main(argv: list[str] | None = None) -> int:
     from dgemma.train import cli as train_cli
 
     train_cli.add_parsers(sub)
+    from dgemma.sudoku import cli as sudoku_cli
+
+    sudoku_cli.add_parsers(sub)
     args = parser.parse_args(argv)
     if args.command == "bench":
         return _bench(parser, args)
     if args.command in ("train", "merge"):
         return train_cli.run(parser, args)
+    if args.command == "sudoku":
+        return sudoku_cli.run(parser, args)
 
     if args.model is None:
         parser.exit(2, "dgemma: no embedded default model ships yet; pass --model DIR_OR_HUB_ID\n")

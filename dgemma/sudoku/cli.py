@@ -1,0 +1,205 @@
+"""``dgemma sudoku generate | train | eval | solve``.
+
+* ``generate``: unique puzzles by clue count or bucket, seedable; one 81-character puzzle per line, or
+  JSONL with solutions.
+* ``train``: writes the tokenizer, a tiny DiffusionGemma config and training data, then runs the project's
+  trainer (``dgemma.train``) from scratch; the model is ``OUT/final`` (release format).
+* ``eval``: exact boards, cell accuracy, clue preservation and steps per canvas per bucket, for diffusion
+  decoding and for greedy autoregressive decoding of the same weights, on fresh puzzles.
+* ``solve``: one puzzle per input line -> one 81-digit answer per line, in order.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from dgemma.errors import DgemmaError
+from dgemma.sudoku import board as sb
+from dgemma.sudoku import task
+
+EVAL_SEED = 1_000_003  # differs from every training seed the commands use by default
+SOLVE_DEFAULTS = {"max_new_tokens": task.CANVAS, "max_denoising_steps": 32, "t_max": 0.01, "t_min": 0.01,
+                  "stability_threshold": 1, "confidence_threshold": 0.005, "entropy_bound": 0.1, "seed": 0}
+
+
+def _clue_range(args) -> tuple[int, int]:
+    if args.bucket:
+        if args.bucket not in sb.BUCKETS:
+            raise DgemmaError(f"unknown bucket {args.bucket!r}; choose one of {', '.join(sb.BUCKETS)}")
+        return sb.BUCKETS[args.bucket]
+    text = str(args.clues)
+    lo, _, hi = text.partition("-")
+    try:
+        lo_i, hi_i = int(lo), int(hi or lo)
+    except ValueError:
+        raise DgemmaError(f"--clues takes N or LO-HI, got {text!r}") from None
+    if not 17 <= lo_i <= hi_i <= 81:
+        raise DgemmaError(f"--clues must lie in 17..81 with LO <= HI, got {text!r}")
+    return lo_i, hi_i
+
+
+def add_parsers(sub) -> None:
+    s = sub.add_parser("sudoku", help="Sudoku: generate puzzles, train, evaluate and solve").add_subparsers(
+        dest="sudoku_command", required=True)
+    g = s.add_parser("generate", help="puzzles with a unique solution")
+    g.add_argument("-n", type=int, default=10, help="how many (default 10)")
+    g.add_argument("--clues", default="36-46", help="clue count N or range LO-HI (default 36-46)")
+    g.add_argument("--bucket", help="easy (>=40), medium (30-39), hard (<30) or unsloth (36-46)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--jsonl", action="store_true", help="JSON lines with puzzle, solution and clue count")
+    t = s.add_parser("train", help="train the tiny Sudoku model from scratch")
+    t.add_argument("--out", default="runs/sudoku")
+    t.add_argument("--puzzles", type=int, default=20000, help="training puzzles to generate")
+    t.add_argument("--clues", default="24-50")
+    t.add_argument("--bucket")
+    t.add_argument("--steps", type=int, default=4000)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--resume", action="store_true")
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    e = s.add_parser("eval", help="accuracy per bucket, diffusion against autoregressive decoding")
+    e.add_argument("--model", required=True)
+    e.add_argument("-n", type=int, default=1000, help="puzzles per bucket")
+    e.add_argument("--buckets", default="unsloth,medium,hard")
+    e.add_argument("--seed", type=int, default=EVAL_SEED)
+    e.add_argument("--batch", type=int, default=32)
+    e.add_argument("--no-ar", dest="ar", action="store_false")
+    e.add_argument("--json", action="store_true")
+    v = s.add_parser("solve", help="solve puzzles: one per line from FILE or stdin")
+    v.add_argument("file", nargs="?", default="-")
+    v.add_argument("--model", required=True)
+    v.add_argument("--batch", type=int, default=32)
+
+
+def run(parser, args) -> int:
+    try:
+        return {"generate": _generate, "train": _train, "eval": _eval, "solve": _solve}[args.sudoku_command](args)
+    except (DgemmaError, ValueError, OSError) as e:
+        parser.exit(2, f"dgemma: {e}\n")
+
+
+def _generate(args) -> int:
+    if args.n < 1:
+        raise DgemmaError("-n must be positive")
+    for puzzle, solution in task.puzzles(args.n, _clue_range(args), args.seed):
+        if args.jsonl:
+            print(json.dumps({"puzzle": sb.format_board(puzzle), "solution": sb.format_board(solution),
+                              "clues": sb.clues(puzzle)}))
+        else:
+            print(sb.format_board(puzzle))
+    return 0
+
+
+def _train(args) -> int:
+    from dgemma.train import config, dist
+    from dgemma.train.trainer import Trainer
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tok_dir, data = out / "tokenizer", out / "train.jsonl"
+    task.build_tokenizer().save(tok_dir)
+    (out / "model_config.json").write_text(json.dumps(task.model_config(), indent=2) + "\n")
+    if not data.is_file():
+        print(f"generating {args.puzzles} puzzles ...", file=sys.stderr)
+        task.write_jsonl(data, task.puzzles(args.puzzles, _clue_range(args), args.seed))
+    raw = {
+        "model": {"config": str(out / "model_config.json"), "tokenizer": str(tok_dir)},
+        "data": {"train": str(data), "max_length": 2 * task.CANVAS, "template": "raw"},
+        "train": {"out": str(out / "run"), "steps": args.steps, "batch_size": 32, "micro_batch": 32, "lr": 2e-3,
+                  "min_lr": 1e-4, "warmup": 100, "log_every": 50, "save_every": 500, "seed": args.seed,
+                  "weight_decay": 0.01, "precision": "auto"},
+    }
+    for text in args.overrides:
+        (section, key), value = config.parse_override(text)
+        raw.setdefault(section, {})[key] = value
+    cfg = config.from_dict(raw)
+    env = dist.setup(cfg.train.device)
+    t0 = time.perf_counter()
+    try:
+        result = Trainer(cfg, env).run(resume=args.resume)
+    finally:
+        dist.teardown()
+    if env.main and result.final is not None:
+        gen = result.final / "generation_config.json"
+        gen.write_text(json.dumps({**json.loads(gen.read_text()), **SOLVE_DEFAULTS}, indent=2) + "\n")
+        print(json.dumps({"model": str(result.final), "seconds": round(time.perf_counter() - t0, 1),
+                          "last": result.history[-1] if result.history else None}))
+    return 0
+
+
+def solve_boards(engine, boards: list[sb.Board], batch: int = 32):
+    """Diffusion answers for ``boards``: ``[(answer board, steps)]``."""
+    out = []
+    for i in range(0, len(boards), batch):
+        chunk = [sb.format_board(b) for b in boards[i: i + batch]]
+        for c in engine.generate(chunk, **SOLVE_DEFAULTS):
+            out.append((task.answer_board(c.text), sum(c.steps)))
+    return out
+
+
+def ar_boards(engine, boards: list[sb.Board], batch: int = 32) -> list[sb.Board]:
+    """Greedy left-to-right answers of the same weights (encoder mode, one token per pass)."""
+    import torch
+
+    from dgemma.bench.baselines import autoregressive
+
+    out = []
+    for i in range(0, len(boards), batch):
+        ids = torch.tensor([engine.encode_prompt(sb.format_board(b)) for b in boards[i: i + batch]])
+        with torch.no_grad():
+            run = autoregressive(engine.model, ids, 81)
+        out += [task.answer_board(engine.decode(t)) for t in run.tokens]
+    return out
+
+
+def _eval(args) -> int:
+    import dgemma
+
+    engine = dgemma.load(args.model)
+    rows = {}
+    for name in [b.strip() for b in args.buckets.split(",") if b.strip()]:
+        if name not in sb.BUCKETS:
+            raise DgemmaError(f"unknown bucket {name!r}; choose from {', '.join(sb.BUCKETS)}")
+        pairs = list(task.puzzles(args.n, sb.BUCKETS[name], args.seed))
+        boards = [p for p, _ in pairs]
+        t0 = time.perf_counter()
+        diff = task.Score()
+        for (p, s), (a, steps) in zip(pairs, solve_boards(engine, boards, args.batch)):
+            diff.add(p, s, a, steps)
+        row = {"diffusion": {**diff.summary(), "seconds_per_puzzle": (time.perf_counter() - t0) / len(pairs)}}
+        if args.ar:
+            t0 = time.perf_counter()
+            ar = task.Score()
+            for (p, s), a in zip(pairs, ar_boards(engine, boards, args.batch)):
+                ar.add(p, s, a)
+            row["autoregressive"] = {**ar.summary(), "seconds_per_puzzle": (time.perf_counter() - t0) / len(pairs)}
+        rows[name] = row
+        if not args.json:
+            for mode, r in row.items():
+                print(f"{name:8s} {mode:15s} exact {r['exact']:6.1%}  cells {r['cell_accuracy']:6.1%}  "
+                      f"clues kept {r['clue_preservation']:6.1%}  "
+                      + (f"steps {r['mean_steps']:5.1f}  " if "mean_steps" in r else "")
+                      + f"{r['seconds_per_puzzle'] * 1000:7.1f} ms/puzzle")
+    if args.json:
+        print(json.dumps(rows))
+    return 0
+
+
+def _solve(args) -> int:
+    import dgemma
+
+    lines = (sys.stdin if args.file == "-" else open(args.file, encoding="utf-8")).read().splitlines()
+    boards = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            boards.append(sb.parse(line))
+        except sb.BoardError as e:
+            raise DgemmaError(f"{args.file if args.file != '-' else '<stdin>'}:{i}: {e}") from None
+    engine = dgemma.load(args.model)
+    for answer, _ in solve_boards(engine, boards, args.batch):
+        print(sb.format_board(answer))
+    return 0

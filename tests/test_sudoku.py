@@ -1,0 +1,139 @@
+"""Sudoku: boards, solver, generator, task format, scoring and the ``dgemma sudoku`` commands."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dgemma.sudoku import board as sb
+from dgemma.sudoku import task
+
+ROOT = Path(__file__).resolve().parents[1]
+# A well-known puzzle (Project Euler 96, grid 01) and its unique solution.
+PUZZLE = "003020600900305001001806400008102900700000008006708200002609500800203009005010300"
+SOLUTION = "483921657967345821251876493548132976729564138136798245372689514814253769695417382"
+
+
+def test_parse_format_and_solve_a_known_puzzle():
+    p = sb.parse(PUZZLE.replace("0", "."))
+    assert sb.format_board(p) == PUZZLE and sb.clues(p) == 32
+    assert sb.format_board(sb.solve(p)) == SOLUTION
+    assert sb.count_solutions(p) == 1
+    assert sb.is_solution(sb.parse(SOLUTION), p)
+    assert not sb.is_solution(sb.parse(SOLUTION), sb.parse("1" + PUZZLE[1:]))  # a clue changed
+    wrong = list(sb.parse(SOLUTION))
+    wrong[0], wrong[1] = wrong[1], wrong[0]
+    assert not sb.is_solution(tuple(wrong))
+
+
+def test_parse_rejects_bad_lines():
+    for bad in ("123", PUZZLE + "1", PUZZLE[:-1] + "x"):
+        with pytest.raises(sb.BoardError):
+            sb.parse(bad)
+
+
+def test_counting_finds_several_solutions_and_none():
+    empty_ish = sb.parse(PUZZLE[:40] + "0" * 41)
+    assert sb.count_solutions(empty_ish, limit=2) == 2
+    clash = sb.parse("11" + "0" * 79)
+    assert sb.count_solutions(clash) == 0 and sb.solve(clash) is None
+
+
+@pytest.mark.parametrize("n_clues", [46, 36, 30, 25])
+def test_generated_puzzles_are_unique_and_reproducible(n_clues):
+    rng = random.Random(n_clues)
+    for _ in range(5):
+        puzzle, solution = sb.generate(n_clues, rng)
+        assert sb.clues(puzzle) == n_clues
+        assert sb.count_solutions(puzzle, limit=3) == 1  # unique, checked independently of the generator
+        assert sb.is_solution(solution, puzzle)
+    a = list(task.puzzles(3, (30, 39), seed=7))
+    assert a == list(task.puzzles(3, (30, 39), seed=7)) and a != list(task.puzzles(3, (30, 39), seed=8))
+    assert all(30 <= sb.clues(p) <= 39 for p, _ in a)
+
+
+def test_tokenizer_and_record_format():
+    tok = task.build_tokenizer()
+    ids = tok.encode(PUZZLE)
+    assert len(ids) == 81 and tok.decode(ids) == PUZZLE and max(ids) < task.VOCAB
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (2, 1, 0)
+    rec = task.record(sb.parse(PUZZLE), sb.parse(SOLUTION))
+    assert rec == {"prompt": PUZZLE, "completion": SOLUTION}
+
+
+def test_answer_parsing_and_scores_on_known_boards():
+    p, s = sb.parse(PUZZLE), sb.parse(SOLUTION)
+    assert task.answer_board("12") == (1, 2) + (0,) * 79
+    score = task.Score()
+    score.add(p, s, s, steps=4)  # right
+    wrong = list(s)
+    blanks = [i for i, v in enumerate(p) if v == 0]
+    for i in blanks[:10]:  # 10 blank cells wrong
+        wrong[i] = wrong[i] % 9 + 1
+    first_clue = next(i for i, v in enumerate(p) if v)
+    wrong[first_clue] = wrong[first_clue] % 9 + 1  # and one clue overwritten
+    score.add(p, s, tuple(wrong), steps=6)
+    out = score.summary()
+    assert out["puzzles"] == 2 and out["exact"] == 0.5 and out["mean_steps"] == 5
+    assert out["cell_accuracy"] == pytest.approx((2 * 49 - 10) / (2 * 49))
+    assert out["clue_preservation"] == pytest.approx((2 * 32 - 1) / (2 * 32))
+
+
+def _cli(*args, stdin=None):
+    return subprocess.run([sys.executable, "-m", "dgemma", "sudoku", *args], cwd=ROOT, capture_output=True,
+                          text=True, input=stdin, timeout=600)
+
+
+def test_generate_command():
+    proc = _cli("generate", "-n", "4", "--bucket", "medium", "--seed", "3")
+    lines = proc.stdout.split()
+    assert proc.returncode == 0 and len(lines) == 4
+    for line in lines:
+        p = sb.parse(line)
+        assert 30 <= sb.clues(p) <= 39 and sb.count_solutions(p) == 1
+    assert _cli("generate", "-n", "4", "--bucket", "medium", "--seed", "3").stdout.split() == lines
+    js = [json.loads(x) for x in _cli("generate", "-n", "2", "--clues", "40", "--jsonl").stdout.splitlines()]
+    assert all(x["clues"] == 40 and sb.is_solution(sb.parse(x["solution"]), sb.parse(x["puzzle"])) for x in js)
+    bad = _cli("generate", "--clues", "10")
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A Sudoku model after a few steps of ``dgemma sudoku train`` (enough to exercise the commands)."""
+    out = tmp_path_factory.mktemp("sudoku")
+    proc = _cli("train", "--out", str(out), "--puzzles", "64", "--steps", "2", "--set", "train.batch_size=8",
+                "--set", "train.micro_batch=8", "--set", "train.save_every=0")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads(proc.stdout.splitlines()[-1])
+    return Path(summary["model"])
+
+
+def test_solve_prints_one_answer_per_puzzle_in_order(trained, tmp_path):
+    puzzles = [PUZZLE, PUZZLE.replace("0", "."), sb.format_board(sb.generate(40, random.Random(1))[0])]
+    (tmp_path / "in.txt").write_text("\n".join(puzzles) + "\n")
+    proc = _cli("solve", str(tmp_path / "in.txt"), "--model", str(trained))
+    answers = proc.stdout.splitlines()
+    assert proc.returncode == 0 and len(answers) == 3
+    assert all(len(a) == 81 and a.isdigit() for a in answers)
+    assert answers[0] == answers[1]  # '.' and '0' are the same blank
+    stdin = _cli("solve", "-", "--model", str(trained), stdin="\n".join(puzzles[:2]))
+    assert stdin.stdout.splitlines() == answers[:2]
+    bad = _cli("solve", "-", "--model", str(trained), stdin=PUZZLE + "\n123\n")
+    assert bad.returncode == 2 and "<stdin>:2:" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_eval_reports_both_decoders(trained):
+    proc = _cli("eval", "--model", str(trained), "-n", "3", "--buckets", "medium", "--json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    row = json.loads(proc.stdout)["medium"]
+    for mode in ("diffusion", "autoregressive"):
+        r = row[mode]
+        assert r["puzzles"] == 3 and 0 <= r["exact"] <= 1 and 0 <= r["cell_accuracy"] <= 1
+        assert 0 <= r["clue_preservation"] <= 1 and r["seconds_per_puzzle"] > 0
+    assert row["diffusion"]["mean_steps"] >= 1
