@@ -137,3 +137,25 @@ def test_eval_reports_both_decoders(trained):
         assert r["puzzles"] == 3 and 0 <= r["exact"] <= 1 and 0 <= r["cell_accuracy"] <= 1
         assert 0 <= r["clue_preservation"] <= 1 and r["seconds_per_puzzle"] > 0
     assert row["diffusion"]["mean_steps"] >= 1
+
+
+def test_solve_show_draws_boards_and_gives_the_same_answers(trained, tmp_path):
+    (tmp_path / "in.txt").write_text(PUZZLE + "\n")
+    plain = _cli("solve", str(tmp_path / "in.txt"), "--model", str(trained))
+    shown = _cli("solve", str(tmp_path / "in.txt"), "--model", str(trained), "--show")
+    assert shown.returncode == 0 and shown.stdout == plain.stdout  # stdout stays one answer per line
+    assert "done:" in shown.stderr and "------+-------+------" in shown.stderr
+
+
+def test_render_marks_clues_and_changes():
+    from dgemma.sudoku.view import render
+
+    p = sb.parse(PUZZLE)
+    text = render(p, sb.parse(SOLUTION), p, "step 3")
+    assert text.plain.splitlines()[0] == "4 8 3 | 9 2 1 | 6 5 7 "
+    style_at = {s.start: str(s.style) for s in text.spans if s.end - s.start == 1}
+    assert style_at[4] == "bold"  # cell 2 holds the clue 3
+    assert "yellow" in style_at[0]  # cell 0 was blank at the previous step and is 4 now
+    assert "yellow" in style_at[2]  # so was cell 1
+    again = render(p, sb.parse(SOLUTION), sb.parse(SOLUTION))
+    assert {s.start: str(s.style) for s in again.spans}[0] == "cyan"  # unchanged since the previous step

@@ -71,6 +71,7 @@ def add_parsers(sub) -> None:
     v.add_argument("file", nargs="?", default="-")
     v.add_argument("--model", required=True)
     v.add_argument("--batch", type=int, default=32)
+    v.add_argument("--show", action="store_true", help="draw each board live as it is denoised (on stderr)")
 
 
 def run(parser, args) -> int:
@@ -200,6 +201,12 @@ def _solve(args) -> int:
         except sb.BoardError as e:
             raise DgemmaError(f"{args.file if args.file != '-' else '<stdin>'}:{i}: {e}") from None
     engine = dgemma.load(args.model)
+    if args.show:
+        from dgemma.sudoku.view import solve_live
+
+        for b in boards:
+            print(sb.format_board(solve_live(engine, b, SOLVE_DEFAULTS)), flush=True)
+        return 0
     for answer, _ in solve_boards(engine, boards, args.batch):
         print(sb.format_board(answer))
     return 0
