@@ -44,14 +44,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "sudoku":
         return sudoku_cli.run(parser, args)
 
-    if args.model is None:
-        parser.exit(2, "dgemma: no embedded default model ships yet; pass --model DIR_OR_HUB_ID\n")
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     overrides = {k: getattr(args, k) for k, _ in SAMPLING_OPTIONS if getattr(args, k) is not None}
     try:
         import dgemma
 
-        engine = dgemma.load(args.model, device=args.device, dtype=args.dtype)
+        from dgemma.embedded import default_model
+
+        engine = dgemma.load(args.model or default_model(), device=args.device, dtype=args.dtype)
         if args.chat:
             reply = engine.chat([{"role": "user", "content": prompt}], **overrides)
             completion, text = reply.completion, reply.answer

@@ -60,7 +60,7 @@ def add_parsers(sub) -> None:
     t.add_argument("--resume", action="store_true")
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     e = s.add_parser("eval", help="accuracy per bucket, diffusion against autoregressive decoding")
-    e.add_argument("--model", required=True)
+    e.add_argument("--model", help="checkpoint (default: the embedded Sudoku model)")
     e.add_argument("-n", type=int, default=1000, help="puzzles per bucket")
     e.add_argument("--buckets", default="unsloth,medium,hard")
     e.add_argument("--seed", type=int, default=EVAL_SEED)
@@ -69,7 +69,7 @@ def add_parsers(sub) -> None:
     e.add_argument("--json", action="store_true")
     v = s.add_parser("solve", help="solve puzzles: one per line from FILE or stdin")
     v.add_argument("file", nargs="?", default="-")
-    v.add_argument("--model", required=True)
+    v.add_argument("--model", help="checkpoint (default: the embedded Sudoku model)")
     v.add_argument("--batch", type=int, default=32)
     v.add_argument("--show", action="store_true", help="draw each board live as it is denoised (on stderr)")
 
@@ -155,10 +155,15 @@ def ar_boards(engine, boards: list[sb.Board], batch: int = 32) -> list[sb.Board]
     return out
 
 
-def _eval(args) -> int:
+def _load(model):
     import dgemma
+    from dgemma.embedded import default_model
 
-    engine = dgemma.load(args.model)
+    return dgemma.load(model or default_model())
+
+
+def _eval(args) -> int:
+    engine = _load(args.model)
     rows = {}
     for name in [b.strip() for b in args.buckets.split(",") if b.strip()]:
         if name not in sb.BUCKETS:
@@ -189,8 +194,6 @@ def _eval(args) -> int:
 
 
 def _solve(args) -> int:
-    import dgemma
-
     lines = (sys.stdin if args.file == "-" else open(args.file, encoding="utf-8")).read().splitlines()
     boards = []
     for i, line in enumerate(lines, 1):
@@ -200,7 +203,7 @@ def _solve(args) -> int:
             boards.append(sb.parse(line))
         except sb.BoardError as e:
             raise DgemmaError(f"{args.file if args.file != '-' else '<stdin>'}:{i}: {e}") from None
-    engine = dgemma.load(args.model)
+    engine = _load(args.model)
     if args.show:
         from dgemma.sudoku.view import solve_live
 
