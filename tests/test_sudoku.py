@@ -159,3 +159,16 @@ def test_render_marks_clues_and_changes():
     assert "yellow" in style_at[2]  # so was cell 1
     again = render(p, sb.parse(SOLUTION), sb.parse(SOLUTION))
     assert {s.start: str(s.style) for s in again.spans}[0] == "cyan"  # unchanged since the previous step
+
+
+def test_default_model_is_the_embedded_checkpoint_or_a_clear_error(tmp_path, monkeypatch):
+    import dgemma.embedded as emb
+    from dgemma.errors import LoadError
+
+    monkeypatch.setattr(emb, "SUDOKU", tmp_path / "none")
+    with pytest.raises(LoadError, match="--model"):
+        emb.default_model()
+    (tmp_path / "ship").mkdir()
+    (tmp_path / "ship" / "config.json").write_text("{}")
+    monkeypatch.setattr(emb, "SUDOKU", tmp_path / "ship")
+    assert emb.default_model() == tmp_path / "ship"
