@@ -38,10 +38,12 @@ class ModelSetup:
         pad = self.tokenizer.pad_id
         return pad if pad is not None else (self.model.cfg.pad_token_id or 0)
 
-    @property
-    def eos_id(self) -> int | None:
-        eos = self.tokenizer.eos_id
-        return eos if eos is not None else (self.model.cfg.eos_token_id or (None,))[0]
+
+
+def fill_eos(tokenizer: Tokenizer, model_cfg: ModelConfig) -> int | None:
+    """The id that ends answers and fills their last canvas: the tokenizer's EOS, else the model's first."""
+    eos = tokenizer.eos_id
+    return eos if eos is not None else (model_cfg.eos_token_id or (None,))[0]
 
 
 def _tokenizer(path: str | Path) -> Tokenizer:

@@ -26,7 +26,7 @@ from dgemma.fileio import atomic_write_text
 from dgemma.train import checkpoint, dist, lora
 from dgemma.train.config import TrainConfig
 from dgemma.train.data import DataStats, DataStream, ExampleBuilder, collate
-from dgemma.train.model_setup import ModelSetup, build, initial_state, merge_adapter, plan
+from dgemma.train.model_setup import ModelSetup, build, fill_eos, initial_state, merge_adapter, plan
 from dgemma.train.objective import EVAL_STREAM, Objective, draw, token_counts
 from dgemma.train.progress import Progress
 
@@ -113,7 +113,7 @@ class Trainer:
         if d.max_length > model_cfg.max_position_embeddings:
             raise DgemmaError(f"data.max_length ({d.max_length}) exceeds the model's context "
                               f"({model_cfg.max_position_embeddings})")
-        eos = tokenizer.eos_id if tokenizer.eos_id is not None else (model_cfg.eos_token_id or (None,))[0]
+        eos = fill_eos(tokenizer, model_cfg)
         builder = ExampleBuilder(tokenizer, model_cfg.canvas_length, d.max_length, d.overlong, d.template,
                                  eos_id=eos)
         self.stats, eval_stats = DataStats(), DataStats()
@@ -235,13 +235,13 @@ class Trainer:
         return out
 
     # ------------------------------------------------------------------ run
-    def _meta(self, step: int) -> dict[str, Any]:
+    def _meta(self) -> dict[str, Any]:
         return {"config": self.cfg.to_dict(), "world_size": self.env.world, "saved_at": time.time()}
 
     def _save(self, step: int) -> None:
         s = self.setup
         checkpoint.save(self.out, step, self.env, self.objective, self.optimizer, peft_model=s.peft_model,
-                        tokenizer=s.tokenizer, generation_config=s.generation_config, meta=self._meta(step),
+                        tokenizer=s.tokenizer, generation_config=s.generation_config, meta=self._meta(),
                         keep=self.t.keep_checkpoints)
 
     def _start(self, resume: bool) -> int:
