@@ -1,14 +1,54 @@
 #!/usr/bin/env bash
 # Issue 3, section 3: the full 26B-A4B config with random bf16 weights on one GPU (H100 / H200).
-# Needs torch with CUDA and transformers 5.23 installed (pip install -e ".[bench]"); writes JSON + PNG here.
+# Needs torch with CUDA and transformers 5.23 (pip install -e ".[bench]"); writes JSON, PNG and logs to $1.
 #
+# 0. preflight: the grouped-GEMM expert path against the per-expert loop on this GPU, in bf16;
 # 1. batch 1, 4096-token prompt, 512 new tokens, 16 fixed steps: dgemma vs transformers vs AR,
 #    ms per step and per canvas, and the bandwidth floor of a step (floor_ms) from the measured copy rate;
-# 2. the largest power-of-two batch whose prefill plus one canvas fits (transformers and AR skipped).
-# The 26B weights (52 GB in bf16) are allocated once, directly on the GPU; transformers shares them.
-set -euo pipefail
+# 2. the same dgemma run with the per-expert loop instead of the grouped GEMM (what the GEMM is worth);
+# 3. the largest power-of-two batch whose prefill plus one canvas fits (transformers and AR skipped).
+# The 26B weights (52 GB in bf16) are allocated directly on the GPU; transformers shares them.
+# Each stage has its own time limit, so a slow or failing stage leaves the others' figures.
+set -uo pipefail
 out="${1:-.}"
-python -m dgemma bench --preset 26b-a4b --device cuda --dtype bfloat16 --prompt-len 4096 --new-tokens 512 \
-    --steps 16 --batch 1 --json "$out/26b-a4b-gpu.json" --plot "$out/26b-a4b-gpu.png"
-python -m dgemma bench --preset 26b-a4b --device cuda --dtype bfloat16 --prompt-len 4096 --new-tokens 256 \
-    --steps 16 --batch 1 --no-transformers --no-ar --batch-search 512 --json "$out/26b-a4b-gpu-batch.json"
+py="${PYTHON:-python3}"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+$py - <<'EOF'
+import torch
+from dgemma.model.moe import Experts
+from dgemma.config import ModelConfig
+from dgemma.bench.presets import preset_config
+cfg = preset_config("26b-a4b")
+print("torch", torch.__version__, torch.cuda.get_device_name())
+torch.manual_seed(0)
+ex = Experts(cfg).to("cuda", torch.bfloat16)
+for p in ex.parameters():
+    torch.nn.init.normal_(p, std=0.02)
+x = torch.randn(2048, cfg.hidden_size, device="cuda", dtype=torch.bfloat16)
+idx = torch.stack([torch.randperm(cfg.num_experts, device="cuda")[: cfg.top_k_experts] for _ in range(2048)])
+w = torch.rand(2048, cfg.top_k_experts, device="cuda").softmax(-1)
+ex.grouped = False
+loop = ex(x, w, idx).float()
+ex.grouped = True
+grouped = ex(x, w, idx).float()
+print("grouped vs loop, relative error:", ((grouped - loop).norm() / loop.norm()).item())
+for mode in (False, True):
+    ex.grouped = mode
+    for _ in range(3):
+        ex(x, w, idx)
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(10):
+        ex(x, w, idx)
+    b.record()
+    torch.cuda.synchronize()
+    print(f"experts of one layer, 256x8 token-slots: {'grouped' if mode else 'loop'} {a.elapsed_time(b) / 10:.2f} ms")
+EOF
+common=(--preset 26b-a4b --device cuda --dtype bfloat16 --prompt-len 4096 --steps 16 --batch 1)
+timeout 300 $py -m dgemma bench "${common[@]}" --new-tokens 512 \
+    --json "$out/26b-a4b-gpu.json" --plot "$out/26b-a4b-gpu.png" 2>&1 | tee "$out/bench.log"
+timeout 120 $py -m dgemma bench "${common[@]}" --new-tokens 256 --no-transformers --no-ar --moe loop \
+    --json "$out/26b-a4b-gpu-loop.json" 2>&1 | tee "$out/bench-loop.log"
+timeout 240 $py -m dgemma bench "${common[@]}" --new-tokens 256 --no-transformers --no-ar --batch-search 256 \
+    --json "$out/26b-a4b-gpu-batch.json" 2>&1 | tee "$out/bench-batch.log"

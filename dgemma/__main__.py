@@ -87,6 +87,8 @@ def _bench_parser(sub) -> None:
     b.add_argument("--no-ar", dest="autoregressive", action="store_false")
     b.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--moe", choices=["auto", "loop", "grouped"], default="auto",
+                   help="expert path: auto (grouped GEMM on CUDA, per-expert loop elsewhere), or force one")
     b.add_argument("--batch-search", type=int, default=0, metavar="LIMIT",
                    help="also find the largest power-of-two batch up to LIMIT that fits in memory")
     b.add_argument("--json", dest="json_out", help="write the report here")
@@ -110,7 +112,7 @@ def _bench(parser, args) -> int:
         checkpoint=args.checkpoint, device=args.device, dtype=args.dtype, batch_sizes=tuple(args.batch),
         steps=tuple(args.steps), prompt_len=args.prompt_len, new_tokens=args.new_tokens, adaptive=args.adaptive,
         transformers=args.transformers, autoregressive=args.autoregressive, seed=args.seed,
-        batch_search=args.batch_search)
+        batch_search=args.batch_search, moe=args.moe)
     try:
         report = run_benchmark(spec, echo=lambda line: print(line, file=sys.stderr))
     except (DgemmaError, ValueError) as e:

@@ -57,6 +57,26 @@ def test_generated_puzzles_are_unique_and_reproducible(n_clues):
     assert all(30 <= sb.clues(p) <= 39 for p, _ in a)
 
 
+def test_parallel_generation_gives_the_same_puzzles():
+    one = list(task.puzzles(70, (36, 46), seed=3))
+    assert list(task.puzzles(70, (36, 46), seed=3, workers=2)) == one  # 70 >= 64: really uses the pool
+    assert len(set(one)) == 70
+
+
+def test_symmetric_views_are_valid_unique_and_varied():
+    pairs = list(task.puzzles(4, (30, 40), seed=1))
+    views = list(task.augmented(pairs, 6, seed=0))
+    assert len(views) == 24 and views[0] == pairs[0] and views[6] == pairs[1]  # each original comes first
+    for k, (puzzle, solution) in enumerate(views):
+        base_p, base_s = pairs[k // 6]
+        assert sb.clues(puzzle) == sb.clues(base_p)
+        assert sb.is_solution(solution, puzzle) and sb.count_solutions(puzzle, limit=2) == 1
+        # digits are only renamed: the clue counts per digit are the original's, in some order
+        assert sorted(puzzle.count(d) for d in range(1, 10)) == sorted(base_p.count(d) for d in range(1, 10))
+    assert len({p for p, _ in views}) == 24  # no two views coincide
+    assert views == list(task.augmented(pairs, 6, seed=0)) != list(task.augmented(pairs, 6, seed=1))
+
+
 def test_tokenizer_and_record_format():
     tok = task.build_tokenizer()
     ids = tok.encode(PUZZLE)

@@ -26,6 +26,7 @@ from dgemma.bench.baselines import autoregressive, transformers_generate, transf
 from dgemma.bench.measure import CallLog, PeakMemory, matmul_rate, memory_rate
 from dgemma.bench.presets import preset_config
 from dgemma.config import ModelConfig
+from dgemma.model.moe import Experts
 from dgemma.fileio import atomic_write_text
 from dgemma.params import SamplingParams
 
@@ -48,6 +49,7 @@ class BenchSpec:
     seed: int = 0
     embed_std: float | None = 1.0  # random weights: peaked, trained-like logits
     batch_search: int = 0  # > 0: also find the largest batch (powers of two up to this) that fits
+    moe: str = "auto"  # expert path: "auto" | "loop" | "grouped" (see dgemma.model.moe)
 
 
 @dataclass
@@ -84,6 +86,16 @@ def _dtype(name: str) -> torch.dtype:
 
 def build(spec: BenchSpec) -> tuple[torch.nn.Module, str]:
     """The model to measure and a one-line description of where it came from."""
+    model, source = _build(spec)
+    if spec.moe not in ("auto", "loop", "grouped"):
+        raise ValueError(f"moe must be auto, loop or grouped, got {spec.moe!r}")
+    for m in model.modules():
+        if isinstance(m, Experts):
+            m.grouped = {"auto": None, "loop": False, "grouped": True}[spec.moe]
+    return model, source if spec.moe == "auto" else f"{source}, MoE path {spec.moe}"
+
+
+def _build(spec: BenchSpec) -> tuple[torch.nn.Module, str]:
     device, dtype = torch.device(spec.device), _dtype(spec.dtype)
     if spec.checkpoint:
         model, *_ = loading.load_weights(spec.checkpoint, device=device, dtype=dtype)
@@ -209,7 +221,7 @@ def run_benchmark(spec: BenchSpec, echo: Callable[[str], None] = print) -> dict[
             echo("transformers is not installed: the reference comparison is skipped")
     runs: list[RunResult] = []
     if spec.warmup:  # first calls pay for allocator growth and kernel selection
-        warm = sampling_params(spec, 2).replace(max_new_tokens=cfg.canvas_length)
+        warm = sampling_params(spec, 2).replace(max_new_tokens=2 * cfg.canvas_length)  # includes a commit
         prompt = torch.randint(3, cfg.vocab_size, (1, spec.prompt_len), generator=gen)
         measure_dgemma(model, prompt, warm)
         if hf is not None:

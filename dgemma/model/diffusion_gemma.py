@@ -55,8 +55,14 @@ class DecoderKV:
         lens = cache.lengths.to(device)  # [B]
         self.hi = int(cache.lengths.max())
         self.masks = {}
+        # Rows of equal length see every slot of their view: no mask, so SDPA may pick a fused kernel
+        # (flash on CUDA; a boolean mask forces the math kernel there). Decided on the host, no sync.
+        uniform = bool((cache.lengths == self.hi).all())
         for sliding in (False, True):
             lo = max(0, int(cache.lengths.min()) - window + 1) if sliding else 0
+            if uniform:
+                self.masks[sliding] = (lo, None)
+                continue
             slots = torch.arange(lo, self.hi, device=device)
             visible = slots[None, :] < lens[:, None]  # [B, Tk_cache]
             if sliding:

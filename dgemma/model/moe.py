@@ -3,7 +3,11 @@
 Expert weights keep the checkpoint layout: ``gate_up_proj [E, 2I, d]`` (gate rows first, then up) and
 ``down_proj [E, d, I]``. Two expert paths compute the same thing:
 ``experts_reference`` (a loop over every (token, slot) pair, slow, obviously right) and
-``Experts.forward`` (tokens grouped by expert, one matmul pair per expert hit).
+``Experts.forward`` (tokens grouped by expert). ``forward`` runs the grouped tokens either through one matmul
+pair per expert hit (the loop: fast on CPU) or through two grouped GEMMs over all experts at once
+(``torch.nn.functional.grouped_mm``: one kernel each and no host sync, the path for CUDA, where a loop over
+128 experts would be thousands of small launches per step). ``Experts.grouped`` picks: ``None`` (default)
+chooses the grouped GEMM on CUDA, ``True``/``False`` force it (tests compare both with the reference).
 """
 
 from __future__ import annotations
@@ -14,6 +18,9 @@ from torch import nn
 
 from dgemma.config import ModelConfig
 from dgemma.model.layers import rms_norm
+
+# The grouped GEMM: public in recent torch, private (same signature) since 2.8.
+_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 
 class Router(nn.Module):
@@ -42,6 +49,7 @@ class Experts(nn.Module):
         self.num_experts = e
         self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, d))
         self.down_proj = nn.Parameter(torch.empty(e, d, i))
+        self.grouped: bool | None = None  # None: grouped GEMM on CUDA, the per-expert loop elsewhere
 
     def _expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
@@ -56,17 +64,33 @@ class Experts(nn.Module):
         n, k = idx.shape
         flat = idx.reshape(-1)  # [N*k]
         order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
         token_of = order // k  # token index of each sorted (token, slot) pair
         xs = x.index_select(0, token_of)  # [N*k, d], grouped by expert
+        use_grouped = self.grouped if self.grouped is not None else (x.is_cuda and _GROUPED_MM is not None)
+        if use_grouped:
+            counts = torch.bincount(flat, minlength=self.num_experts)  # [E], stays on the device
+            ys = self._grouped(xs, torch.cumsum(counts, 0, dtype=torch.int32))
+        else:
+            ys = self._looped(xs, torch.bincount(flat, minlength=self.num_experts).tolist())
+        ys = (ys * weights.reshape(-1)[order, None]).to(x.dtype)  # routing weights are fp32
+        return torch.zeros_like(x).index_add_(0, token_of, ys)
+
+    def _looped(self, xs: torch.Tensor, counts: list[int]) -> torch.Tensor:
         ys = torch.empty_like(xs)
         start = 0
         for e, c in enumerate(counts):
             if c:
                 ys[start : start + c] = self._expert(e, xs[start : start + c])
                 start += c
-        ys = (ys * weights.reshape(-1)[order, None]).to(x.dtype)  # routing weights are fp32
-        return torch.zeros_like(x).index_add_(0, token_of, ys)
+        return ys
+
+    def _grouped(self, xs: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        """``xs [M, d]`` sorted by expert, ``offs [E]`` int32 end of each expert's rows -> ``[M, d]``."""
+        if _GROUPED_MM is None:
+            raise RuntimeError("this torch has no grouped_mm; set Experts.grouped = False")
+        h = _GROUPED_MM(xs, self.gate_up_proj.transpose(-2, -1), offs=offs)  # [M, 2I]
+        gate, up = h.chunk(2, dim=-1)
+        return _GROUPED_MM(F.gelu(gate, approximate="tanh") * up, self.down_proj.transpose(-2, -1), offs=offs)
 
 
 def experts_reference(experts: Experts, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

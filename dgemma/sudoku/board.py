@@ -160,5 +160,32 @@ def generate(n_clues: int, rng: random.Random, max_grids: int = 50) -> tuple[Boa
                      "ask for more clues")
 
 
+def _line_order(rng: random.Random) -> list[int]:
+    """A validity-preserving order of 9 rows (or columns): bands shuffled, rows within each band shuffled."""
+    bands = [0, 1, 2]
+    rng.shuffle(bands)
+    out = []
+    for b in bands:
+        rows = [3 * b, 3 * b + 1, 3 * b + 2]
+        rng.shuffle(rows)
+        out += rows
+    return out
+
+
+def relabel(puzzle: Board, solution: Board, rng: random.Random) -> tuple[Board, Board]:
+    """The same puzzle seen through a random Sudoku symmetry: digits relabelled, bands, stacks, rows within
+    bands and columns within stacks permuted, and a transpose half the time. Validity, the clue count and
+    the uniqueness of the solution are preserved, so one generated puzzle yields many training examples.
+    """
+    digits = list(range(1, 10))
+    rng.shuffle(digits)
+    label = [0] + digits  # 0 (blank) stays blank
+    rows, cols = _line_order(rng), _line_order(rng)
+    cells = [9 * rows[r] + cols[c] for r in range(9) for c in range(9)]  # new cell -> old cell
+    if rng.random() < 0.5:
+        cells = [cells[9 * (i % 9) + i // 9] for i in range(81)]
+    return (tuple(label[puzzle[i]] for i in cells), tuple(label[solution[i]] for i in cells))
+
+
 def bucket_of(n: int) -> list[str]:
     return [name for name, (lo, hi) in BUCKETS.items() if lo <= n <= hi]

@@ -12,11 +12,14 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from dgemma.errors import DgemmaError
+from dgemma.fileio import atomic_write_text
 from dgemma.sudoku import board as sb
 from dgemma.sudoku import task
 
@@ -52,10 +55,13 @@ def add_parsers(sub) -> None:
     g.add_argument("--jsonl", action="store_true", help="JSON lines with puzzle, solution and clue count")
     t = s.add_parser("train", help="train the tiny Sudoku model from scratch")
     t.add_argument("--out", default="runs/sudoku")
-    t.add_argument("--puzzles", type=int, default=20000, help="training puzzles to generate")
+    t.add_argument("--puzzles", type=int, default=10000, help="training puzzles to generate (default 10000)")
+    t.add_argument("--augment", type=int, default=8,
+                   help="examples per puzzle: the puzzle and N-1 symmetric views of it (default 8)")
+    t.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes generating puzzles")
     t.add_argument("--clues", default="24-50")
     t.add_argument("--bucket")
-    t.add_argument("--steps", type=int, default=4000)
+    t.add_argument("--steps", type=int, default=2200)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--resume", action="store_true")
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
@@ -102,15 +108,21 @@ def _train(args) -> int:
     tok_dir, data = out / "tokenizer", out / "train.jsonl"
     task.build_tokenizer().save(tok_dir)
     (out / "model_config.json").write_text(json.dumps(task.model_config(), indent=2) + "\n")
-    if not data.is_file():
-        print(f"generating {args.puzzles} puzzles ...", file=sys.stderr)
-        task.write_jsonl(data, task.puzzles(args.puzzles, _clue_range(args), args.seed))
+    recipe = {"puzzles": args.puzzles, "clues": list(_clue_range(args)), "seed": args.seed, "augment": args.augment}
+    meta = out / "train.recipe.json"
+    if not data.is_file() or not meta.is_file() or json.loads(meta.read_text()) != recipe:
+        if args.puzzles < 1 or args.augment < 1:
+            raise DgemmaError("--puzzles and --augment must be positive")
+        pairs = task.puzzles(args.puzzles, _clue_range(args), args.seed, workers=args.workers)
+        with _bar(f"generating {args.puzzles} puzzles", args.puzzles * args.augment) as tick:
+            task.write_jsonl(data, task.augmented(pairs, args.augment, args.seed), progress=tick)
+        atomic_write_text(meta, json.dumps(recipe) + "\n")
     raw = {
         "model": {"config": str(out / "model_config.json"), "tokenizer": str(tok_dir)},
         "data": {"train": str(data), "max_length": 2 * task.CANVAS, "template": "raw"},
         "train": {"out": str(out / "run"), "steps": args.steps, "batch_size": 32, "micro_batch": 32, "lr": 2e-3,
                   "min_lr": 1e-4, "warmup": 100, "log_every": 50, "save_every": 500, "seed": args.seed,
-                  "weight_decay": 0.01, "precision": "auto"},
+                  "weight_decay": 0.01, "precision": "auto", "activation_checkpointing": False},
     }
     for text in args.overrides:
         (section, key), value = config.parse_override(text)
@@ -128,6 +140,21 @@ def _train(args) -> int:
         print(json.dumps({"model": str(result.final), "seconds": round(time.perf_counter() - t0, 1),
                           "last": result.history[-1] if result.history else None}))
     return 0
+
+
+@contextmanager
+def _bar(what: str, total: int):
+    """A rich progress bar on stderr when it is a terminal; yields ``tick(n)``."""
+    print(f"{what} ...", file=sys.stderr)
+    if not sys.stderr.isatty():
+        yield lambda n: None
+        return
+    from rich.console import Console
+    from rich.progress import Progress
+
+    with Progress(console=Console(stderr=True), transient=True) as bar:
+        task_id = bar.add_task(what, total=total)
+        yield lambda n: bar.advance(task_id, n)
 
 
 def solve_boards(engine, boards: list[sb.Board], batch: int = 32):

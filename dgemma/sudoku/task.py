@@ -8,15 +8,17 @@ of the canvas is cell ``i``. The tokenizer is a ``tokenizers`` word-level model 
 from __future__ import annotations
 
 import json
+import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from concurrent.futures import ProcessPoolExecutor
+from typing import Iterable, Iterator
 
 from tokenizers import Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as _HFTokenizer
 
-from dgemma.sudoku.board import Board, generate
+from dgemma.sudoku.board import Board, generate, relabel
 from dgemma.tokenizer import Tokenizer
 
 SPECIALS = ("<pad>", "<eos>", "<bos>", "<unk>")
@@ -35,9 +37,23 @@ def build_tokenizer() -> Tokenizer:
     return Tokenizer(tok, config, chat_template=None)
 
 
+def grid_rope_theta(head_dim: int, period: int = 9) -> float:
+    """RoPE base whose second frequency turns once every ``period`` positions.
+
+    RoPE rotates pair ``k`` by ``theta ** (-2k / head_dim)`` radians per position; with this base pair 1
+    turns by 2*pi/9, so "same column" (a distance that is a multiple of 9) is one frequency, and pairs 4
+    and 7 land within 2-4% of 2*pi/27 and 2*pi/81 (band and board periods). Attention can then find a
+    cell's column from relative positions alone; with the usual base 10000 no frequency is near 2*pi/9.
+    """
+    return (period / (2 * math.pi)) ** (head_dim / 2)
+
+
 def model_config(hidden: int = 128, layers: int = 6, heads: int = 4, experts: int = 4, top_k: int = 2,
                  dense: int = 256, moe: int = 128) -> dict:
-    """A DiffusionGemma ``config.json`` sized for Sudoku (sliding window covers the whole puzzle)."""
+    """A DiffusionGemma ``config.json`` sized for Sudoku (sliding window covers the whole puzzle).
+
+    Sliding layers use :func:`grid_rope_theta` (the board's periods), full layers the usual 10000.
+    """
     types = ["sliding_attention", "full_attention"] * (layers // 2) + ["full_attention"] * (layers % 2)
     head_dim = hidden // heads
     return {
@@ -52,7 +68,8 @@ def model_config(hidden: int = 128, layers: int = 6, heads: int = 4, experts: in
                                  for i, t in enumerate(types) if t == "full_attention"},
             "layer_types": types, "sliding_window": 256, "max_position_embeddings": 512,
             "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 10000.0},
-                                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}},
+                                "sliding_attention": {"rope_type": "default",
+                                                      "rope_theta": round(grid_rope_theta(head_dim), 3)}},
             "final_logit_softcapping": 30.0, "rms_norm_eps": 1e-6, "hidden_activation": "gelu_pytorch_tanh",
             "use_bidirectional_attention": "vision", "tie_word_embeddings": True,
             "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2,
@@ -60,12 +77,32 @@ def model_config(hidden: int = 128, layers: int = 6, heads: int = 4, experts: in
     }
 
 
-def puzzles(n: int, clue_range: tuple[int, int], seed: int) -> Iterable[tuple[Board, Board]]:
-    """``n`` unique puzzles, clue counts uniform in ``clue_range`` (inclusive), reproducible from ``seed``."""
-    rng = random.Random(seed)
-    lo, hi = clue_range
-    for _ in range(n):
-        yield generate(rng.randint(lo, hi), rng)
+def _puzzle(job: tuple[int, int, int, int]) -> tuple[Board, Board]:
+    seed, k, lo, hi = job
+    rng = random.Random(f"sudoku:{seed}:{k}")  # one RNG per puzzle: the same set whatever the worker count
+    return generate(rng.randint(lo, hi), rng)
+
+
+def puzzles(n: int, clue_range: tuple[int, int], seed: int, workers: int = 1) -> Iterator[tuple[Board, Board]]:
+    """``n`` unique puzzles, clue counts uniform in ``clue_range`` (inclusive), reproducible from ``seed``.
+
+    ``workers > 1`` generates in that many processes; the puzzles and their order do not change.
+    """
+    jobs = ((seed, k, *clue_range) for k in range(n))
+    if workers <= 1 or n < 64:
+        yield from map(_puzzle, jobs)
+        return
+    with ProcessPoolExecutor(workers) as pool:
+        yield from pool.map(_puzzle, jobs, chunksize=32)
+
+
+def augmented(pairs: Iterable[tuple[Board, Board]], copies: int, seed: int) -> Iterator[tuple[Board, Board]]:
+    """Each pair, then ``copies - 1`` random symmetric views of it (:func:`~dgemma.sudoku.board.relabel`)."""
+    for k, (puzzle, solution) in enumerate(pairs):
+        yield puzzle, solution
+        rng = random.Random(f"relabel:{seed}:{k}")
+        for _ in range(copies - 1):
+            yield relabel(puzzle, solution, rng)
 
 
 def record(puzzle: Board, solution: Board) -> dict[str, str]:
