@@ -52,6 +52,7 @@ class StepUpdate:
     draft_tokens: list[int]
     accepted: int
     mean_entropy: float
+    accepted_mask: list[bool] = field(default_factory=list)  # positions that kept their sampled token
 
 
 @dataclass
@@ -141,14 +142,15 @@ class Engine:
         out = [self._completion(r) for r in rows]
         return out[0] if single else out
 
-    def stream(self, prompt: Prompt, params: SamplingParams | None = None,
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None, step_events: bool = True,
                **overrides) -> Iterator[StepUpdate | CanvasUpdate]:
-        """Yield a StepUpdate per denoising step and a CanvasUpdate per committed canvas of one prompt."""
+        """Yield a StepUpdate per denoising step (unless ``step_events`` is False) and a CanvasUpdate per
+        committed canvas of one prompt."""
         ids, _ = self._batch([prompt])
         p = self.params(params, **overrides)
         self._check_length(ids, p)
         with torch.inference_mode():
-            loop = sampler.run(self.model, ids, p, pad_id=self._pad(p))
+            loop = sampler.run(self.model, ids, p, pad_id=self._pad(p), step_events=step_events)
             tokens: list[int] = []
             text = ""
             while True:
@@ -157,7 +159,8 @@ class Engine:
                 except StopIteration as stop:
                     return stop.value
                 if isinstance(event, sampler.StepEvent):
-                    yield StepUpdate(event.canvas, event.step, event.draft, event.accepted, event.mean_entropy)
+                    yield StepUpdate(event.canvas, event.step, event.draft, event.accepted, event.mean_entropy,
+                                     event.accepted_mask)
                     continue
                 tokens += event.tokens
                 new_text = self.decode(tokens)

@@ -36,8 +36,11 @@ _HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt"]
 
 
 # ---------------------------------------------------------------------------------------------- sources
-def resolve_source(source: str | os.PathLike) -> Path:
-    """A local checkpoint directory, or a Hub repo id fetched with huggingface_hub (cache and offline aware)."""
+def resolve_source(source: str | os.PathLike, configs_only: bool = False) -> Path:
+    """A local checkpoint directory, or a Hub repo id fetched with huggingface_hub (cache and offline aware).
+
+    ``configs_only`` fetches only config.json and generation_config.json from the Hub (``dgemma info``).
+    """
     path = Path(source).expanduser()
     if path.is_dir():
         return path
@@ -46,15 +49,15 @@ def resolve_source(source: str | os.PathLike) -> Path:
         raise LoadError(f"{text} is a file; pass the checkpoint directory that contains it")
     if text.startswith((".", "/", "~")) or text.count("/") != 1 or not re.fullmatch(r"[\w.\-]+/[\w.\-]+", text):
         raise LoadError(f"no checkpoint directory at {text} (and it is not a Hub repo id like owner/name)")
-    return _download(text)
+    return _download(text, ["config.json", "generation_config.json"] if configs_only else _HUB_PATTERNS)
 
 
-def _download(repo_id: str) -> Path:
+def _download(repo_id: str, patterns: list[str]) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError)
 
     try:
-        return Path(snapshot_download(repo_id=repo_id, allow_patterns=_HUB_PATTERNS))
+        return Path(snapshot_download(repo_id=repo_id, allow_patterns=patterns))
     except LocalEntryNotFoundError:
         raise LoadError(
             f"{repo_id} is not in the local Hugging Face cache and the Hub cannot be reached "
@@ -191,14 +194,14 @@ def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor] | None = None, 
     ``embed_std`` rescales the tied embedding (1.0 gives the peaked logits of a trained model).
     """
     if state is None:
-        model = _meta_model(cfg).to(dtype or torch.float32).to_empty(device=device or "cpu")
+        model = meta_model(cfg).to(dtype or torch.float32).to_empty(device=device or "cpu")
         gen = torch.Generator(device=model.device)
         gen.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, (1,))))
         init_weights(model, generator=gen)
         if embed_std is not None:
             model.embed_tokens.weight.data.normal_(0.0, embed_std, generator=gen)
     else:
-        model = _meta_model(cfg)
+        model = meta_model(cfg)
         model.load_state_dict(state, strict=True, assign=True)
     # Non-persistent buffers (RoPE frequencies, fp32 whatever the weights) are not in the checkpoint.
     with torch.device(model.device):
@@ -253,11 +256,11 @@ def load_weights(source, device=None, dtype=None):
         if dtype is not None:
             log.info("dgemma: this CPU has no bf16 matmul hardware; loading in %s", dtype)
     cfg = read_config(ckpt)
-    state = read_state_dict(ckpt, _meta_model(cfg), dtype, device)
+    state = read_state_dict(ckpt, meta_model(cfg), dtype, device)
     return build_model(cfg, state), cfg, read_generation_config(ckpt), ckpt
 
 
-def _meta_model(cfg: ModelConfig) -> DiffusionGemma:
+def meta_model(cfg: ModelConfig) -> DiffusionGemma:
     """The model's structure with no storage: names and shapes for checking, a target for ``assign``."""
     with torch.device("meta"):
         return DiffusionGemma(cfg)

@@ -34,6 +34,7 @@ class StepEvent:
     draft: list[int]  # current argmax canvas
     accepted: int  # positions that kept their sampled token this step
     mean_entropy: float
+    accepted_mask: list[bool] = field(default_factory=list)  # which positions those are ([C])
 
 
 @dataclass
@@ -173,7 +174,7 @@ def _denoise_canvas(model, cache, rows, gens, params, c, initial, results, step_
             final[b] = a
             if step_events:
                 yield StepEvent(row=b, canvas=c, step=results[b].steps[-1], draft=a.tolist(),
-                                accepted=n_accepted[i], mean_entropy=mean_h[i])
+                                accepted=n_accepted[i], mean_entropy=mean_h[i], accepted_mask=accept[i].tolist())
             if not (stable and mean_h[i] < params.confidence_threshold):
                 keep.append(i)
         if not keep:

@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from dgemma.errors import DgemmaError
 from dgemma.fileio import atomic_write, atomic_write_text
-from dgemma.loading import _meta_model, read_state_dict, save_checkpoint
+from dgemma.loading import meta_model, read_state_dict, save_checkpoint
 from dgemma.train import dist, lora
 
 _STEP = re.compile(r"^step-(\d+)$")
@@ -131,7 +131,7 @@ def load(path: Path, env: dist.Dist, objective, optimizer, lora_enabled: bool) -
             state = load_file(str(path / "trainable.safetensors"))
         else:
             model = objective.model
-            state = {"net." + k: v for k, v in read_state_dict(path, _meta_model(model.cfg), torch.float32, "cpu").items()}
+            state = {"net." + k: v for k, v in read_state_dict(path, meta_model(model.cfg), torch.float32, "cpu").items()}
         if reader:
             tensors = load_file(str(path / OPTIMIZER_FILE))
     except (OSError, ValueError, DgemmaError) as e:

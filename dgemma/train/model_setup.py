@@ -16,7 +16,7 @@ import torch
 from dgemma.bench.presets import PRESETS
 from dgemma.config import ModelConfig
 from dgemma.errors import DgemmaError
-from dgemma.loading import (_meta_model, build_model, load_weights, read_config, read_generation_config, read_json,
+from dgemma.loading import (meta_model, build_model, load_weights, read_config, read_generation_config, read_json,
                             read_state_dict, resolve_source, save_checkpoint)
 from dgemma.tokenizer import Tokenizer
 from dgemma.train import lora
@@ -102,7 +102,7 @@ def initial_state(cfg: TrainConfig, model_cfg: ModelConfig, ckpt: Path | None) -
     """The starting weights (dgemma names, fp32, CPU) of a full training run: the checkpoint's, or a
     seeded random init. Read by one process of a sharded run and broadcast to the others."""
     if ckpt is not None:
-        return read_state_dict(ckpt, _meta_model(model_cfg), torch.float32, "cpu")
+        return read_state_dict(ckpt, meta_model(model_cfg), torch.float32, "cpu")
     return build_model(model_cfg, device="cpu", dtype=torch.float32, seed=cfg.train.seed).state_dict()
 
 
@@ -117,7 +117,7 @@ def build(cfg: TrainConfig, device: torch.device, compute_dtype: torch.dtype | N
     m = cfg.model
     tokenizer, model_cfg, ckpt = planned or plan(cfg)
     if meta:
-        model = _meta_model(model_cfg)
+        model = meta_model(model_cfg)
         generation_config = read_generation_config(ckpt) if ckpt is not None else _scratch_generation(
             tokenizer, model_cfg)
         base = str(m.init) if m.init else None

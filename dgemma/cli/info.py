@@ -1,0 +1,74 @@
+"""``dgemma info MODEL``: what a checkpoint is, read from its configs alone (no weights are loaded, and a
+Hub id fetches only config.json and generation_config.json)."""
+
+from __future__ import annotations
+
+import json
+
+# Bytes per parameter of each storage format (quantised formats: weights only, scales not counted).
+FORMATS = (("float32", 4.0), ("bfloat16", 2.0), ("int8", 1.0), ("int4", 0.5))
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("info", help="architecture, parameter counts, memory per dtype and generation defaults")
+    p.add_argument("model", nargs="?", help="checkpoint directory or Hugging Face repo id (default: the embedded model)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+
+def summary(source: str) -> dict:
+    from dgemma import loading
+    from dgemma.model.moe import Experts
+    from dgemma.params import SamplingParams
+
+    ckpt = loading.resolve_source(source, configs_only=True)
+    cfg = loading.read_config(ckpt)
+    model = loading.meta_model(cfg)  # shapes only, no storage
+    total = sum(p.numel() for p in model.parameters())
+    experts = sum(p.numel() for m in model.modules() if isinstance(m, Experts) for p in m.parameters())
+    active = total - experts + experts * cfg.top_k_experts // max(1, cfg.num_experts)
+    gen = loading.read_generation_config(ckpt)
+    defaults = SamplingParams.from_generation_config(gen)
+    sliding = sum(1 for spec in cfg.layers if spec.is_sliding)
+    return {
+        "checkpoint": str(ckpt),
+        "architecture": {
+            "layers": len(cfg.layers), "sliding_layers": sliding, "full_layers": len(cfg.layers) - sliding,
+            "hidden_size": cfg.hidden_size, "attention_heads": cfg.num_attention_heads,
+            "sliding_window": cfg.sliding_window, "experts": cfg.num_experts, "experts_per_token": cfg.top_k_experts,
+            "expert_width": cfg.moe_intermediate_size, "dense_mlp_width": cfg.intermediate_size,
+            "vocab_size": cfg.vocab_size, "canvas_length": cfg.canvas_length,
+            "context": cfg.max_position_embeddings,
+        },
+        "parameters": {"total": total, "active_per_token": active, "experts": experts},
+        "bytes": {name: int(total * b) for name, b in FORMATS},
+        "generation_defaults": {k: v for k, v in defaults.__dict__.items() if v is not None},
+    }
+
+
+def _human(n: float, unit: str = "") -> str:
+    for scale, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if n >= scale:
+            return f"{n / scale:.2f} {suffix}{unit}"
+    return f"{n:.0f} {unit}".strip()
+
+
+def run(parser, args) -> int:
+    from dgemma.embedded import default_model
+
+    info = summary(args.model or str(default_model()))
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    a, p = info["architecture"], info["parameters"]
+    print(f"checkpoint   {info['checkpoint']}")
+    print(f"layers       {a['layers']} ({a['sliding_layers']} sliding, window {a['sliding_window']}; "
+          f"{a['full_layers']} full), hidden {a['hidden_size']}, {a['attention_heads']} heads")
+    print(f"experts      {a['experts']} of width {a['expert_width']}, {a['experts_per_token']} per token; "
+          f"dense MLP {a['dense_mlp_width']}")
+    print(f"vocabulary   {a['vocab_size']}; canvas {a['canvas_length']} tokens; context {a['context']}")
+    print(f"parameters   {_human(p['total'])} total, {_human(p['active_per_token'])} active per token "
+          f"({_human(p['experts'])} in experts)")
+    print("memory       " + ", ".join(f"{k} {_human(v, 'B')}" for k, v in info["bytes"].items())
+          + " (weights; quantised sizes without scales)")
+    print("defaults     " + ", ".join(f"{k}={v}" for k, v in info["generation_defaults"].items()))
+    return 0

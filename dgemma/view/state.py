@@ -1,0 +1,89 @@
+"""What a live view shows, folded from ``Engine.stream`` events; pure Python, no rendering.
+
+The draft is the current argmax canvas. A position is *settled* when the sampler accepted its token this
+step (low entropy) and *noise* otherwise (it was re-drawn at random); *fresh* marks positions settled
+now that were noise at the previous step (or hold a different token), which views highlight.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+
+@dataclass
+class CanvasState:
+    max_steps: int
+    eos_ids: frozenset[int] = frozenset()
+    clock: Callable[[], float] = time.perf_counter
+    committed: list[int] = field(default_factory=list)  # token ids of committed canvases
+    committed_text: str = ""
+    canvas: int = 0  # index of the canvas being denoised
+    step: int = 0  # step within it, from 1
+    draft: list[int] = field(default_factory=list)
+    settled: list[bool] = field(default_factory=list)
+    fresh: list[bool] = field(default_factory=list)
+    mean_entropy: float = math.nan
+    steps_per_canvas: list[int] = field(default_factory=list)
+    canvas_seconds: list[float] = field(default_factory=list)  # from the start to each commit
+    completion: object = None  # the Engine's Completion, set by the last event
+    started: float = 0.0
+
+    def __post_init__(self):
+        self.started = self.clock()
+
+    @property
+    def done(self) -> bool:
+        return self.completion is not None
+
+    @property
+    def elapsed(self) -> float:
+        return self.clock() - self.started
+
+    def tokens_per_s(self) -> float:
+        """Committed tokens over the time since the start (0 before the first commit)."""
+        return len(self.committed) / self.elapsed if self.committed else 0.0
+
+    def visible_draft(self) -> list[tuple[int, bool, bool]]:
+        """``(token, settled, fresh)`` of the draft up to (excluding) its first settled EOS."""
+        out = []
+        for tok, ok, new in zip(self.draft, self.settled, self.fresh):
+            if ok and tok in self.eos_ids:
+                break
+            out.append((tok, ok, new))
+        return out
+
+    def update(self, event) -> None:
+        """Fold one ``StepUpdate`` or ``CanvasUpdate`` in (duck-typed: views need no engine import)."""
+        if hasattr(event, "draft_tokens"):  # a denoising step
+            mask = list(event.accepted_mask) or [True] * len(event.draft_tokens)
+            if event.canvas != self.canvas or event.step == 1:
+                before, before_ok = [None] * len(mask), [False] * len(mask)
+            else:
+                before, before_ok = self.draft, self.settled
+            self.fresh = [ok and (not was or old != tok)
+                          for tok, ok, old, was in zip(event.draft_tokens, mask, before, before_ok)]
+            self.canvas, self.step = event.canvas, event.step
+            self.draft, self.settled = list(event.draft_tokens), mask
+            self.mean_entropy = event.mean_entropy
+            return
+        self.committed += list(event.tokens)
+        self.committed_text += event.text_delta
+        self.steps_per_canvas.append(self.step)
+        self.canvas_seconds.append(self.elapsed)
+        self.draft, self.settled, self.fresh = [], [], []
+        self.canvas = event.canvas + 1
+        if event.completion is not None:
+            self.completion = event.completion
+
+    def status(self) -> str:
+        if self.done:
+            steps = sum(self.steps_per_canvas)
+            return (f"done: {len(self.committed)} tokens, {len(self.steps_per_canvas)} canvas(es), {steps} steps, "
+                    f"{self.elapsed:.2f} s, {self.tokens_per_s():.1f} tok/s")
+        entropy = "-" if math.isnan(self.mean_entropy) else f"{self.mean_entropy:.3f}"
+        settled = sum(self.settled)
+        return (f"canvas {self.canvas + 1}  step {self.step}/{self.max_steps}  settled {settled}/{len(self.draft)}"
+                f"  mean entropy {entropy}  {self.tokens_per_s():.1f} tok/s  {self.elapsed:.1f} s")

@@ -1,0 +1,169 @@
+"""The command line as a user drives it: subprocesses on a tiny checkpoint, the live view on a pseudo-terminal."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import re
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+import dgemma
+from dgemma.engine import CanvasUpdate, StepUpdate
+from dgemma.view.state import CanvasState
+
+ROOT = Path(__file__).resolve().parents[1]
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+ARGS = ["--max-new-tokens", "24", "--max-denoising-steps", "5", "--seed", "3", "--confidence-threshold", "0"]
+
+
+def _env(**extra) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **extra}
+
+
+def _cli(*args, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dgemma", *args], input=stdin, capture_output=True, text=True,
+                          env=_env(), cwd=ROOT, timeout=300)
+
+
+def _on_pty(*args) -> str:
+    """Run the CLI with stdout and stderr on a pseudo-terminal; everything it drew, decoded."""
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "dgemma", *args], stdin=subprocess.DEVNULL, stdout=slave,
+                            stderr=slave, env=_env(TERM="xterm-256color", COLUMNS="100", LINES="40"), cwd=ROOT)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(master)
+    assert proc.wait(timeout=300) == 0
+    return b"".join(chunks).decode("utf-8", "replace")
+
+
+@pytest.fixture(scope="module")
+def model(ckpt_factory):
+    return str(ckpt_factory("tiny"))
+
+
+@pytest.fixture(scope="module")
+def expected(model):
+    engine = dgemma.load(model)
+    return engine.generate("hello", max_new_tokens=24, max_denoising_steps=5, seed=3, confidence_threshold=0.0)
+
+
+def test_piped_output_is_the_plain_final_text(model, expected):
+    proc = _cli("generate", "hello", "--model", model, *ARGS)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == expected.text + "\n" and "\x1b" not in proc.stdout
+    # stdin works as the prompt too, and --plain gives the same text
+    again = _cli("generate", "--model", model, "--plain", *ARGS, stdin="hello")
+    assert again.stdout == proc.stdout
+
+
+def test_live_view_redraws_the_canvas_at_every_step(model, expected):
+    out = _on_pty("generate", "hello", "--model", model, *ARGS)
+    plain = ANSI.sub("", out)
+    # one frame per step: the status line of every step of both canvases (24 tokens > canvas 16)
+    for canvas in (1, 2):
+        for step in range(1, 6):
+            assert f"canvas {canvas}  step {step}/5" in plain
+    assert out.count("\x1b[1A") >= 10  # the live area moves the cursor up to redraw in place
+    assert "\x1b[2m" in out  # noise positions are dimmed
+    assert plain.rstrip().endswith(expected.text.rstrip()[-10:])  # the final text is printed last
+
+
+def test_json_reports_text_ids_steps_and_timings(model, expected):
+    proc = _cli("generate", "hello", "--model", model, "--json", *ARGS)
+    out = json.loads(proc.stdout)
+    assert out["text"] == expected.text and out["token_ids"] == expected.token_ids
+    assert out["steps"] == [5, 5] and out["finish_reason"] == expected.finish_reason
+    t = out["timings"]
+    assert len(t["canvas_s"]) == 2 and 0 < t["first_canvas_s"] <= t["canvas_s"][1] <= t["seconds"]
+
+
+def test_info_matches_the_loaded_model(model):
+    proc = _cli("info", model, "--json")
+    info = json.loads(proc.stdout)
+    net = dgemma.load(model).model
+    total = sum(p.numel() for p in net.parameters())
+    assert info["parameters"]["total"] == total
+    experts = sum(p.numel() for n, p in net.named_parameters() if ".experts." in n)
+    cfg = net.cfg
+    assert info["parameters"]["active_per_token"] == total - experts + experts * cfg.top_k_experts // cfg.num_experts
+    assert info["bytes"]["bfloat16"] == 2 * total and info["architecture"]["canvas_length"] == cfg.canvas_length
+    text = _cli("info", model).stdout
+    assert "parameters" in text and "defaults" in text
+
+
+@pytest.mark.parametrize("args, message", [
+    (["generate", "hi", "--model", "/no/such/dir"], "no checkpoint directory"),
+    (["generate", "hi", "--max-new-tokens", "100000"], "context"),
+    (["generate", "hi", "--max-new-tokens", "many"], "invalid int value"),
+    (["generate", "hi", "--think"], "--think needs --chat"),
+    (["info", "/no/such/dir"], "no checkpoint directory"),
+])
+def test_user_mistakes_give_one_line_and_a_nonzero_exit(model, args, message):
+    if "--model" not in args and args[0] == "generate":
+        args = [*args, "--model", model]
+    proc = _cli(*args)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _event_stream():
+    yield StepUpdate(0, 1, [5, 6, 7, 1], 2, 0.9, [True, False, True, False])
+    yield StepUpdate(0, 2, [5, 8, 7, 1], 4, 0.1, [True, True, True, True])
+    yield CanvasUpdate(0, [5, 8, 7], "a<b", True)
+
+
+def test_canvas_state_marks_settled_fresh_and_stops_at_eos():
+    state = CanvasState(max_steps=2, eos_ids=frozenset({1}))
+    events = _event_stream()
+    state.update(next(events))
+    assert state.fresh == [True, False, True, False] and state.settled == [True, False, True, False]
+    state.update(next(events))
+    assert state.fresh == [False, True, False, True]  # only what settled this step
+    assert [t for t, _, _ in state.visible_draft()] == [5, 8, 7]  # a settled EOS ends the visible draft
+    state.update(next(events))
+    assert state.committed == [5, 8, 7] and state.steps_per_canvas == [2] and state.draft == []
+
+
+def test_notebook_view_updates_one_display_per_event(monkeypatch):
+    from dgemma.view import notebook
+
+    shown = []
+
+    class Handle:
+        def update(self, obj):
+            shown.append(obj.data)
+
+    fake = types.ModuleType("IPython.display")
+    fake.HTML = lambda text: types.SimpleNamespace(data=text)
+    fake.display = lambda obj, display_id=False: (shown.append(obj.data), Handle())[1]
+    monkeypatch.setitem(sys.modules, "IPython", types.ModuleType("IPython"))
+    monkeypatch.setitem(sys.modules, "IPython.display", fake)
+
+    class FakeEngine:
+        def params(self, **kw):
+            return types.SimpleNamespace(max_denoising_steps=2, eos_token_id=(1,))
+
+        def decode(self, ids, skip_special_tokens=True):
+            return {5: "x", 6: "<", 7: "y", 8: "&", 1: ""}[ids[0]]
+
+        def stream(self, prompt, params):
+            return _event_stream()
+
+    assert notebook.show(FakeEngine(), "p") is None  # the fake stream carries no Completion
+    assert len(shown) == 4  # the first display, then one update per event
+    assert "opacity" in shown[1] and "&lt;" in shown[1]  # noise dimmed, text escaped
+    assert "a&lt;b" in shown[3] and "done" not in shown[2]
