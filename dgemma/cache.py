@@ -29,6 +29,22 @@ class KVCache:
             self.v.append(torch.zeros(shape, device=device, dtype=dtype))
         self.lengths = torch.zeros(batch_size, dtype=torch.long)  # host copy: drives slicing, never synced
 
+    def ensure(self, capacity: int) -> None:
+        """Grow to at least ``capacity`` slots (by doubling, copying what is stored); never shrinks."""
+        if capacity <= self.capacity:
+            return
+        new = max(capacity, 2 * self.capacity)
+        for store in (self.k, self.v):
+            for i, t in enumerate(store):
+                grown = t.new_zeros(t.shape[0], t.shape[1], new, t.shape[3])
+                grown[:, :, : self.capacity] = t
+                store[i] = grown
+        self.capacity = new
+
+    def truncate(self, length: int) -> None:
+        """Forget every row's tokens from position ``length`` on (their slots are overwritten next)."""
+        self.lengths = torch.minimum(self.lengths, torch.tensor(length))
+
     @property
     def batch_size(self) -> int:
         return self.lengths.shape[0]

@@ -182,6 +182,12 @@ class Engine:
         completion.text = answer
         return ChatResponse(answer=answer, thinking=thinking, completion=completion)
 
+    def chat_session(self, enable_thinking: bool = False, system: str | None = None):
+        """A multi-turn conversation that keeps its KV cache between turns (``dgemma.chat.ChatSession``)."""
+        from dgemma.chat import ChatSession
+
+        return ChatSession(self, enable_thinking=enable_thinking, system=system)
+
     # ------------------------------------------------------------------ persistence
     def save_pretrained(self, path) -> Path:
         """Write a transformers-loadable checkpoint directory (weights, configs, tokenizer)."""

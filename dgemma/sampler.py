@@ -51,6 +51,7 @@ class RowResult:
     finish_reason: str = "length"  # "stop" (EOS) or "length"
     steps: list[int] = field(default_factory=list)  # denoising steps used by each canvas
     prompt_tokens: int = 0
+    committed_ids: list[int] = field(default_factory=list)  # whole canvases committed to the cache, in order
 
 
 def entropy_bound_accept(entropy: torch.Tensor, bound: float) -> torch.Tensor:
@@ -94,7 +95,15 @@ def run(
     pad_id: int = 0,
     step_events: bool = True,
     fused: bool = True,
+    cache: KVCache | None = None,
 ) -> Generator[StepEvent | CanvasEvent, None, list[RowResult]]:
+    """Generate for every row of ``prompts``; yields events, returns a RowResult per row.
+
+    ``cache``: continue a cache that already holds each row's earlier tokens (a chat's history); then
+    ``prompts`` are only the new tokens, encoded after them. It grows as needed and keeps, after the
+    run, those tokens plus every committed canvas (``RowResult.committed_ids``); the last canvas is not
+    committed.
+    """
     cfg = model.cfg
     n_rows, length, vocab = len(prompts), cfg.canvas_length, cfg.vocab_size
     device = model.device
@@ -108,7 +117,13 @@ def run(
 
     # Prefill: right-padded prompts; each row keeps positions 0..P_b-1 and its own cache length.
     p_max = max(len(p) for p in prompts)
-    cache = KVCache(cfg, n_rows, p_max + (n_canvases - 1) * length, device=device, dtype=model.dtype)
+    need = p_max + (n_canvases - 1) * length
+    if cache is None:
+        cache = KVCache(cfg, n_rows, need, device=device, dtype=model.dtype)
+    else:
+        if cache.batch_size != n_rows:
+            raise ValueError(f"the cache holds {cache.batch_size} rows, the call has {n_rows} prompts")
+        cache.ensure(int(cache.lengths.max()) + need)
     ids = torch.full((n_rows, p_max), pad_id, dtype=torch.long)
     for b, p in enumerate(prompts):
         ids[b, : len(p)] = torch.as_tensor(list(p), dtype=torch.long)
@@ -131,6 +146,8 @@ def run(
         if all(finished) or c == n_canvases - 1:
             break
         model.encode(committed.to(device), cache)  # commit; finished rows write junk nobody reads
+        for b in rows:
+            results[b].committed_ids += final[b].tolist()
     return results
 
 

@@ -92,6 +92,18 @@ def test_json_reports_text_ids_steps_and_timings(model, expected):
     assert len(t["canvas_s"]) == 2 and 0 < t["first_canvas_s"] <= t["canvas_s"][1] <= t["seconds"]
 
 
+def test_chat_answers_each_piped_line_with_the_cached_history(model):
+    proc = _cli("chat", "--model", model, *ARGS, stdin="Hello there\n\n/reset\nHello there\nAnd then?\n")
+    assert proc.returncode == 0, proc.stderr
+    engine = dgemma.load(model)
+    session = engine.chat_session()
+    kw = {"max_new_tokens": 24, "max_denoising_steps": 5, "seed": 3, "confidence_threshold": 0.0}
+    first = session.send("Hello there", **kw).answer
+    second = session.send("And then?", **kw).answer
+    # three answers: turn 1, turn 1 again after /reset (same answer), then turn 2 on the kept history
+    assert proc.stdout == f"{first}\n{first}\n{second}\n"
+
+
 def test_info_matches_the_loaded_model(model):
     proc = _cli("info", model, "--json")
     info = json.loads(proc.stdout)

@@ -1,6 +1,6 @@
 """The ``dgemma`` command line: argparse subcommands that parse, build objects and call; no logic here.
 
-``generate`` and ``info`` (this package), ``bench`` (``cli/bench.py``), ``train`` / ``merge``
+``generate``, ``chat`` and ``info`` (this package), ``bench`` (``cli/bench.py``), ``train`` / ``merge``
 (``dgemma.train.cli``) and ``sudoku`` (``dgemma.sudoku.cli``). A user mistake (``DgemmaError`` or
 ``ValueError``: unknown model, offline Hub id, prompt too long, bad option value) prints one line,
 ``dgemma: ...``, and exits with status 2; Ctrl-C exits with 130 and no traceback.
@@ -15,13 +15,14 @@ from dgemma.errors import DgemmaError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from dgemma.cli import bench, generate, info
+    from dgemma.cli import bench, chat, generate, info
     from dgemma.sudoku import cli as sudoku_cli
     from dgemma.train import cli as train_cli
 
     parser = argparse.ArgumentParser(prog="dgemma", description="Block-diffusion text generation (DiffusionGemma).")
     sub = parser.add_subparsers(dest="command", required=True)
     generate.add_parser(sub)
+    chat.add_parser(sub)
     info.add_parser(sub)
     bench.add_parser(sub)
     train_cli.add_parsers(sub)
@@ -30,13 +31,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dgemma.cli import bench, generate, info
+    from dgemma.cli import bench, chat, generate, info
     from dgemma.sudoku import cli as sudoku_cli
     from dgemma.train import cli as train_cli
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    commands = {"generate": generate.run, "info": info.run, "bench": bench.run, "train": train_cli.run,
+    commands = {"generate": generate.run, "chat": chat.run, "info": info.run, "bench": bench.run, "train": train_cli.run,
                 "merge": train_cli.run, "sudoku": sudoku_cli.run}
     try:
         return commands[args.command](parser, args)

@@ -1,0 +1,98 @@
+"""Multi-turn chat that keeps the conversation's KV cache, so each turn encodes only its new tokens.
+
+Every turn renders the whole conversation with the chat template. The cache holds the K/V of
+``self.cached`` (the token ids encoded so far: earlier prompts and committed canvases). The longest common
+prefix of the two is kept, the rest of the cache is forgotten, and only the new tail is encoded. The
+encoder is causal, so a position's K/V depend only on the tokens up to it: the answer equals a fresh
+run on the full history with the same seed (up to float rounding of the split prefill).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import torch
+
+from dgemma import sampler
+from dgemma.cache import KVCache
+from dgemma.tokenizer import split_thinking
+
+
+def _drain(loop) -> sampler.RowResult:
+    while True:
+        try:
+            next(loop)
+        except StopIteration as stop:
+            return stop.value[0]
+
+
+class ChatSession:
+    def __init__(self, engine, enable_thinking: bool = False, system: str | None = None):
+        if engine.tokenizer is None:
+            raise ValueError("this model has no tokenizer, so it cannot chat")
+        self.engine, self.enable_thinking = engine, enable_thinking
+        self.messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
+        self.cached: list[int] = []  # token ids whose K/V are in the cache, in order
+        self.cache: KVCache | None = None
+        self.last_encoded = 0  # prompt tokens the last turn encoded (the rest came from the cache)
+
+    def reset(self) -> None:
+        system = [m for m in self.messages if m["role"] == "system"]
+        self.messages, self.cached, self.cache = system, [], None
+
+    def _prepare(self, user: str, overrides: dict[str, Any]):
+        engine = self.engine
+        messages = self.messages + [{"role": "user", "content": user}]
+        ids = engine.tokenizer.encode_chat(messages, enable_thinking=self.enable_thinking)
+        params = engine.params(**overrides)
+        engine._check_length([ids], params)
+        keep = 0
+        for a, b in zip(self.cached, ids[:-1]):  # at least one new token, so the prefill is never empty
+            if a != b:
+                break
+            keep += 1
+        if self.cache is None:
+            self.cache = KVCache(engine.config, 1, len(ids) + params.max_new_tokens, device=engine.model.device,
+                                 dtype=engine.model.dtype)
+        self.cache.truncate(keep)
+        self.cached = self.cached[:keep]
+        self.last_encoded = len(ids) - keep
+        return messages, ids, keep, params
+
+    def stream(self, user: str, **overrides) -> Iterator:
+        """Like ``Engine.stream`` for the next user turn; the last event's Completion is the answer
+        (thinking split out into ``self.last_thinking``), and the turn joins the history."""
+        from dgemma.engine import CanvasUpdate, StepUpdate
+
+        engine = self.engine
+        messages, ids, keep, params = self._prepare(user, overrides)
+        with torch.inference_mode():
+            loop = sampler.run(engine.model, [ids[keep:]], params, pad_id=engine._pad(params), cache=self.cache)
+            for event in loop:
+                if isinstance(event, sampler.StepEvent):
+                    yield StepUpdate(event.canvas, event.step, event.draft, event.accepted, event.mean_entropy,
+                                     event.accepted_mask)
+                    continue
+                update = CanvasUpdate(event.canvas, event.tokens, engine.decode(event.tokens), event.finished)
+                if event.finished:  # one row: its last canvas; the loop's return value is the row
+                    update.completion = self._finish(messages, ids, _drain(loop))
+                yield update
+
+    def _finish(self, messages, ids: list[int], row: sampler.RowResult):
+        engine = self.engine
+        self.cached = ids + row.committed_ids
+        row.prompt_tokens = len(ids)
+        completion = engine._completion(row)
+        thinking, answer = split_thinking(engine.decode(row.token_ids, skip_special_tokens=False))
+        completion.text, self.last_thinking, self.last_completion = answer, thinking, completion
+        self.messages = messages + [{"role": "assistant", "content": answer}]
+        return completion
+
+    def send(self, user: str, **overrides):
+        """One turn without events: the ChatResponse."""
+        from dgemma.engine import ChatResponse
+
+        for _ in self.stream(user, **overrides):
+            pass
+        return ChatResponse(answer=self.last_completion.text, thinking=self.last_thinking,
+                            completion=self.last_completion)
