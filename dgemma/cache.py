@@ -33,13 +33,15 @@ class KVCache:
         """Grow to at least ``capacity`` slots (by doubling, copying what is stored); never shrinks."""
         if capacity <= self.capacity:
             return
-        new = max(capacity, 2 * self.capacity)
-        for store in (self.k, self.v):
-            for i, t in enumerate(store):
-                grown = t.new_zeros(t.shape[0], t.shape[1], new, t.shape[3])
-                grown[:, :, : self.capacity] = t
-                store[i] = grown
-        self.capacity = new
+        new = max(capacity, min(2 * self.capacity, self.cfg.max_position_embeddings))
+
+        def grow(t: torch.Tensor) -> torch.Tensor:
+            out = t.new_zeros(t.shape[0], t.shape[1], new, t.shape[3])
+            out[:, :, : self.capacity] = t
+            return out
+
+        k, v = [grow(t) for t in self.k], [grow(t) for t in self.v]  # assigned only once all are grown
+        self.k, self.v, self.capacity = k, v, new
 
     def truncate(self, length: int) -> None:
         """Forget every row's tokens from position ``length`` on (their slots are overwritten next)."""

@@ -35,10 +35,13 @@ class ChatSession:
         self.cached: list[int] = []  # token ids whose K/V are in the cache, in order
         self.cache: KVCache | None = None
         self.last_encoded = 0  # prompt tokens the last turn encoded (the rest came from the cache)
+        self.last_completion = None  # the last turn's Completion (its text is the answer) and thinking
+        self.last_thinking: str | None = None
 
     def reset(self) -> None:
         system = [m for m in self.messages if m["role"] == "system"]
         self.messages, self.cached, self.cache = system, [], None
+        self.last_encoded, self.last_completion, self.last_thinking = 0, None, None
 
     def _prepare(self, user: str, overrides: dict[str, Any]):
         engine = self.engine
@@ -68,12 +71,17 @@ class ChatSession:
         messages, ids, keep, params = self._prepare(user, overrides)
         with torch.inference_mode():
             loop = sampler.run(engine.model, [ids[keep:]], params, pad_id=engine._pad(params), cache=self.cache)
+            tokens: list[int] = []
+            text = ""
             for event in loop:
                 if isinstance(event, sampler.StepEvent):
                     yield StepUpdate(event.canvas, event.step, event.draft, event.accepted, event.mean_entropy,
                                      event.accepted_mask)
                     continue
-                update = CanvasUpdate(event.canvas, event.tokens, engine.decode(event.tokens), event.finished)
+                tokens += event.tokens  # decode the whole answer so far: a character may span canvases
+                new_text = engine.decode(tokens)
+                delta, text = new_text[len(text):] if new_text.startswith(text) else new_text, new_text
+                update = CanvasUpdate(event.canvas, event.tokens, delta, event.finished)
                 if event.finished:  # one row: its last canvas; the loop's return value is the row
                     update.completion = self._finish(messages, ids, _drain(loop))
                 yield update

@@ -100,9 +100,9 @@ def run(
     """Generate for every row of ``prompts``; yields events, returns a RowResult per row.
 
     ``cache``: continue a cache that already holds each row's earlier tokens (a chat's history); then
-    ``prompts`` are only the new tokens, encoded after them. It grows as needed and keeps, after the
-    run, those tokens plus every committed canvas (``RowResult.committed_ids``); the last canvas is not
-    committed.
+    ``prompts`` are only the new tokens, encoded after them. It grows as needed and holds, after the
+    run, each row's earlier tokens, its new tokens and its committed canvases (``RowResult.committed_ids``):
+    every canvas but the row's last, which is never committed.
     """
     cfg = model.cfg
     n_rows, length, vocab = len(prompts), cfg.canvas_length, cfg.vocab_size
@@ -145,8 +145,11 @@ def run(
             yield CanvasEvent(row=b, canvas=c, tokens=new, finished=finished[b])
         if all(finished) or c == n_canvases - 1:
             break
-        model.encode(committed.to(device), cache)  # commit; finished rows write junk nobody reads
-        for b in rows:
+        # Commit the rows that go on; a finished row writes junk past its length that nobody reads.
+        going = [b for b in rows if not finished[b]]
+        valid = torch.tensor([length if b in going else 0 for b in range(n_rows)])
+        model.encode(committed.to(device), cache, n_valid=valid)
+        for b in going:
             results[b].committed_ids += final[b].tolist()
     return results
 

@@ -102,6 +102,11 @@ def test_chat_answers_each_piped_line_with_the_cached_history(model):
     second = session.send("And then?", **kw).answer
     # three answers: turn 1, turn 1 again after /reset (same answer), then turn 2 on the kept history
     assert proc.stdout == f"{first}\n{first}\n{second}\n"
+    # a turn that cannot run (longer than the context) is reported on one line and the chat goes on
+    long = "x " * 6000
+    proc = _cli("chat", "--model", model, *ARGS, stdin=f"Hello there\n{long}\nAnd then?\n")
+    assert proc.returncode == 1 and proc.stdout == f"{first}\n{second}\n"
+    assert "dgemma: " in proc.stderr and "context" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_info_matches_the_loaded_model(model):
@@ -124,11 +129,14 @@ def test_info_matches_the_loaded_model(model):
     (["generate", "hi", "--max-new-tokens", "many"], "invalid int value"),
     (["generate", "hi", "--think"], "--think needs --chat"),
     (["info", "/no/such/dir"], "no checkpoint directory"),
+    (["generate", "hi", "--device", "foo"], "not a torch device"),
+    (["generate", "hi", "--dtype", "int8"], "floating-point"),
+    (["generate"], "prompt is empty"),
 ])
 def test_user_mistakes_give_one_line_and_a_nonzero_exit(model, args, message):
     if "--model" not in args and args[0] == "generate":
         args = [*args, "--model", model]
-    proc = _cli(*args)
+    proc = _cli(*args, stdin="\n")
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
 
 

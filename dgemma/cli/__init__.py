@@ -46,3 +46,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("dgemma: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (``dgemma generate ... | head``): not an error of ours
+        sys.stderr.close()
+        return 0

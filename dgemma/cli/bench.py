@@ -27,7 +27,7 @@ def add_parser(sub) -> None:
     b.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--moe", choices=["auto", "loop", "grouped"], default="auto",
-                   help="expert path: auto (grouped GEMM on CUDA, per-expert loop elsewhere), or force one")
+                   help="expert path: auto (grouped GEMM for bf16 on CUDA, per-expert loop elsewhere), or force one")
     b.add_argument("--batch-search", type=int, default=0, metavar="LIMIT",
                    help="also find the largest power-of-two batch up to LIMIT that fits in memory")
     b.add_argument("--json", dest="json_out", help="write the report here")

@@ -3,7 +3,8 @@
 
 On a terminal each answer is drawn live while it forms; ``--think`` turns on thinking mode and shows the
 thinking channel (dimmed, before the answer). ``/reset`` starts over, ``/exit`` or Ctrl-D ends. With stdin
-piped, every line is one user turn and only the answers are printed, one block per turn.
+piped, every line is one user turn and only the answers are printed, one block per turn. A turn that
+fails (e.g. the history outgrew the context) prints ``dgemma: ...`` on stderr and the chat goes on.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import sys
 
 from dgemma.cli.options import add_model_options, add_sampling_options, load_engine, sampling_overrides
+from dgemma.errors import DgemmaError
 
 
 def add_parser(sub) -> None:
@@ -38,13 +40,19 @@ def run(parser, args) -> int:
     show = not args.plain and sys.stdout.isatty()
     console = Console()
     piece = PieceCache(lambda ids: engine.decode(ids, skip_special_tokens=False))
+    errors = Console(stderr=True)  # the intro, the prompt and per-turn errors: stdout holds only answers
     if interactive:
-        console.print("[dim]dgemma chat: /reset starts over, /exit or Ctrl-D ends[/dim]")
+        errors.print("[dim]dgemma chat: /reset starts over, /exit or Ctrl-D ends[/dim]")
+    failed = 0
     while True:
         try:
-            line = input("you> " if interactive else "")
+            if interactive:
+                errors.print("you> ", end="")
+            line = input()
         except EOFError:
-            return 0
+            return 1 if failed else 0
+        except KeyboardInterrupt:
+            return 130
         text = line.strip()
         if not text:
             continue
@@ -55,13 +63,22 @@ def run(parser, args) -> int:
             if interactive:
                 console.print("[dim]conversation cleared[/dim]")
             continue
-        events = session.stream(text, **overrides)
-        if show:
-            state = CanvasState(max_steps=params.max_denoising_steps, eos_ids=frozenset(params.eos_token_id or ()))
-            live(events, state, piece, console, markdown=args.render == "markdown")
-        else:
-            for _ in events:
-                pass
+        try:
+            events = session.stream(text, **overrides)
+            if show:
+                state = CanvasState(max_steps=params.max_denoising_steps,
+                                    eos_ids=frozenset(params.eos_token_id or ()))
+                live(events, state, piece, console, markdown=args.render == "markdown")
+            else:
+                for _ in events:
+                    pass
+        except (DgemmaError, ValueError) as e:  # e.g. the history outgrew the context: say so, go on
+            errors.print(f"dgemma: {e}", markup=False, highlight=False)
+            failed += 1
+            continue
+        except KeyboardInterrupt:  # stop this answer, keep the conversation (the cache self-repairs)
+            errors.print("[dim]interrupted[/dim]")
+            continue
         reply = session.last_completion
         if session.last_thinking and show:
             console.print(session.last_thinking, style="dim", markup=False)

@@ -31,7 +31,9 @@ def add_parser(sub) -> None:
 def run(parser, args) -> int:
     from dgemma.tokenizer import split_thinking
 
-    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read().removesuffix("\n")
+    if not prompt.strip():
+        raise ValueError("the prompt is empty (give it as an argument or on stdin)")
     if args.think and not args.chat:
         raise ValueError("--think needs --chat")
     engine = load_engine(args)

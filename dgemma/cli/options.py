@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from dgemma.errors import DgemmaError
+
 SAMPLING_OPTIONS = (("max_new_tokens", int), ("max_denoising_steps", int), ("entropy_bound", float),
                     ("t_max", float), ("t_min", float), ("stability_threshold", int),
                     ("confidence_threshold", float), ("seed", int))
@@ -16,7 +18,7 @@ def add_model_options(p: argparse.ArgumentParser, model_required: bool = False) 
         p.add_argument("model", help="checkpoint directory or Hugging Face repo id")
     else:
         p.add_argument("--model", help="checkpoint directory or Hugging Face repo id (default: the embedded model)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when present)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when present, else cpu)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, ... (default: the checkpoint's)")
 
 
@@ -36,8 +38,27 @@ def model_source(args: argparse.Namespace) -> str:
     return args.model or str(default_model())
 
 
+def device_and_dtype(args: argparse.Namespace):
+    """``--device`` / ``--dtype`` checked (one-line errors): a usable torch device and a float dtype or None."""
+    import torch
+
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise DgemmaError(f"--device {args.device!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DgemmaError("--device cuda: this torch build or machine has no CUDA GPU")
+    dtype = None
+    if args.dtype:
+        dtype = getattr(torch, args.dtype.removeprefix("torch."), None)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise DgemmaError(f"--dtype {args.dtype!r} is not a floating-point torch dtype (float32, bfloat16, ...)")
+    return device, dtype
+
+
 def load_engine(args: argparse.Namespace):
     """The Engine for ``--model`` (or the embedded model); raises DgemmaError/ValueError on user mistakes."""
     import dgemma
 
-    return dgemma.load(model_source(args), device=args.device, dtype=args.dtype)
+    device, dtype = device_and_dtype(args)
+    return dgemma.load(model_source(args), device=device, dtype=dtype)

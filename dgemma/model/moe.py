@@ -7,7 +7,8 @@ Expert weights keep the checkpoint layout: ``gate_up_proj [E, 2I, d]`` (gate row
 pair per expert hit (the loop: fast on CPU) or through two grouped GEMMs over all experts at once
 (``torch.nn.functional.grouped_mm``: one kernel each and no host sync, the path for CUDA, where a loop over
 128 experts would be thousands of small launches per step). ``Experts.grouped`` picks: ``None`` (default)
-chooses the grouped GEMM on CUDA, ``True``/``False`` force it (tests compare both with the reference).
+chooses the grouped GEMM for bf16 on CUDA, ``True``/``False`` force it (tests compare both with the
+reference).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ class Experts(nn.Module):
         self.num_experts = e
         self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, d))
         self.down_proj = nn.Parameter(torch.empty(e, d, i))
-        self.grouped: bool | None = None  # None: grouped GEMM on CUDA, the per-expert loop elsewhere
+        self.grouped: bool | None = None  # None: grouped GEMM for bf16 on CUDA, the per-expert loop elsewhere
 
     def _expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
@@ -66,9 +67,13 @@ class Experts(nn.Module):
         order = torch.argsort(flat, stable=True)
         token_of = order // k  # token index of each sorted (token, slot) pair
         xs = x.index_select(0, token_of)  # [N*k, d], grouped by expert
-        use_grouped = self.grouped if self.grouped is not None else (x.is_cuda and _GROUPED_MM is not None)
+        use_grouped = self.grouped
+        if use_grouped is None:  # the CUDA grouped GEMM kernels take bf16 operands
+            use_grouped = x.is_cuda and x.dtype == torch.bfloat16 and _GROUPED_MM is not None
         if use_grouped:
-            counts = torch.bincount(flat, minlength=self.num_experts)  # [E], stays on the device
+            # [E] counts without bincount, which reads max(flat) back to the host on CUDA (a sync per layer)
+            counts = torch.zeros(self.num_experts, dtype=torch.int32, device=x.device)
+            counts.index_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
             ys = self._grouped(xs, torch.cumsum(counts, 0, dtype=torch.int32))
         else:
             ys = self._looped(xs, torch.bincount(flat, minlength=self.num_experts).tolist())

@@ -90,7 +90,7 @@ def run(parser, args) -> int:
 def _generate(args) -> int:
     if args.n < 1:
         raise DgemmaError("-n must be positive")
-    for puzzle, solution in task.puzzles(args.n, _clue_range(args), args.seed):
+    for puzzle, solution in task.puzzles(args.n, _clue_range(args), args.seed, workers=os.cpu_count() or 1):
         if args.jsonl:
             print(json.dumps({"puzzle": sb.format_board(puzzle), "solution": sb.format_board(solution),
                               "clues": sb.clues(puzzle)}))
@@ -157,17 +157,19 @@ def _bar(what: str, total: int):
         yield lambda n: bar.advance(task_id, n)
 
 
-def solve_boards(engine, boards: list[sb.Board], batch: int = 32):
-    """Diffusion answers for ``boards``: ``[(answer board, steps)]``."""
+def solve_boards(engine, boards: list[sb.Board], batch: int = 32, tick=None):
+    """Diffusion answers for ``boards``: ``[(answer board, steps)]``; ``tick(n)`` after each batch."""
     out = []
     for i in range(0, len(boards), batch):
         chunk = [sb.format_board(b) for b in boards[i: i + batch]]
         for c in engine.generate(chunk, **SOLVE_DEFAULTS):
             out.append((task.answer_board(c.text), sum(c.steps)))
+        if tick:
+            tick(len(chunk))
     return out
 
 
-def ar_boards(engine, boards: list[sb.Board], batch: int = 32) -> list[sb.Board]:
+def ar_boards(engine, boards: list[sb.Board], batch: int = 32, tick=None) -> list[sb.Board]:
     """Greedy left-to-right answers of the same weights (encoder mode, one token per pass)."""
     import torch
 
@@ -179,6 +181,8 @@ def ar_boards(engine, boards: list[sb.Board], batch: int = 32) -> list[sb.Board]
         with torch.no_grad():
             run = autoregressive(engine.model, ids, 81)
         out += [task.answer_board(engine.decode(t)) for t in run.tokens]
+        if tick:
+            tick(len(ids))
     return out
 
 
@@ -195,17 +199,21 @@ def _eval(args) -> int:
     for name in [b.strip() for b in args.buckets.split(",") if b.strip()]:
         if name not in sb.BUCKETS:
             raise DgemmaError(f"unknown bucket {name!r}; choose from {', '.join(sb.BUCKETS)}")
-        pairs = list(task.puzzles(args.n, sb.BUCKETS[name], args.seed))
+        pairs = list(task.puzzles(args.n, sb.BUCKETS[name], args.seed, workers=os.cpu_count() or 1))
         boards = [p for p, _ in pairs]
         t0 = time.perf_counter()
         diff = task.Score()
-        for (p, s), (a, steps) in zip(pairs, solve_boards(engine, boards, args.batch)):
+        with _bar(f"{name}: diffusion", len(boards)) as tick:
+            answers = solve_boards(engine, boards, args.batch, tick)
+        for (p, s), (a, steps) in zip(pairs, answers):
             diff.add(p, s, a, steps)
         row = {"diffusion": {**diff.summary(), "seconds_per_puzzle": (time.perf_counter() - t0) / len(pairs)}}
         if args.ar:
             t0 = time.perf_counter()
             ar = task.Score()
-            for (p, s), a in zip(pairs, ar_boards(engine, boards, args.batch)):
+            with _bar(f"{name}: autoregressive", len(boards)) as tick:
+                answers = ar_boards(engine, boards, args.batch, tick)
+            for (p, s), a in zip(pairs, answers):
                 ar.add(p, s, a)
             row["autoregressive"] = {**ar.summary(), "seconds_per_puzzle": (time.perf_counter() - t0) / len(pairs)}
         rows[name] = row
