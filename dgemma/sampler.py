@@ -197,7 +197,7 @@ def _denoise_canvas(model, cache, rows, gens, params, c, initial, results, step_
                                 accepted=n_accepted[i], mean_entropy=mean_h[i], accepted_mask=accept[i].tolist())
             if not (stable and mean_h[i] < params.confidence_threshold):
                 keep.append(i)
-        if not keep:
+        if not keep or step == 1:  # all rows stopped, or that was the last step (it made no soft input)
             break
         soft = stats.soft
         if len(keep) < len(active):

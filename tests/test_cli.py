@@ -71,16 +71,18 @@ def test_piped_output_is_the_plain_final_text(model, expected):
     assert again.stdout == proc.stdout
 
 
-def test_live_view_redraws_the_canvas_at_every_step(model, expected):
-    out = _on_pty("generate", "hello", "--model", model, *ARGS)
+@pytest.mark.parametrize("render", ["text", "markdown"])
+def test_live_view_redraws_the_canvas_at_every_step(model, expected, render):
+    out = _on_pty("generate", "hello", "--model", model, "--render", render, *ARGS)
     plain = ANSI.sub("", out)
     # one frame per step: the status line of every step of both canvases (24 tokens > canvas 16)
     for canvas in (1, 2):
         for step in range(1, 6):
             assert f"canvas {canvas}  step {step}/5" in plain
     assert out.count("\x1b[1A") >= 10  # the live area moves the cursor up to redraw in place
-    assert "\x1b[2m" in out  # noise positions are dimmed
-    assert plain.rstrip().endswith(expected.text.rstrip()[-10:])  # the final text is printed last
+    assert "\x1b[2m" in out  # noise positions (and the status line) are dimmed
+    if render == "text":  # the final text is printed last (Markdown re-renders it)
+        assert plain.rstrip().endswith(expected.text.rstrip()[-10:])
 
 
 def test_json_reports_text_ids_steps_and_timings(model, expected):

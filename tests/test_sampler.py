@@ -147,3 +147,26 @@ def test_tokens_per_step_accounting(engine):
     out = engine.generate("hello", max_new_tokens=32, seed=2, eos_token_id=())
     assert out.tokens_per_step == pytest.approx(32 / sum(out.steps))
     assert math.ceil(32 / engine.config.canvas_length) == len(out.steps)
+
+
+def test_rows_stopping_at_the_last_step_beside_rows_that_do_not(ckpt_factory):
+    """A batch where some rows meet the stopping rule exactly at the last step and others do not (the
+    last step computes no self-conditioning input, so nothing may be carried past it)."""
+    import statistics
+
+    import dgemma
+    from dgemma import sampler
+
+    engine = dgemma.load(ckpt_factory("tiny"))
+    prompts = [[2, 10 + i, 20 + 3 * i] for i in range(8)]
+    # one step (the last one) and no stability requirement: the entropy threshold alone stops a row
+    kw = {"max_new_tokens": 16, "max_denoising_steps": 1, "stability_threshold": 0, "seed": 0}
+    # the rows' mean entropies at the last step; a confidence threshold between them splits the batch there
+    params = engine.params(confidence_threshold=0.0, **kw)
+    events = [e for e in sampler.run(engine.model, prompts, params) if isinstance(e, sampler.StepEvent)]
+    last = sorted(e.mean_entropy for e in events if e.step == 1)
+    assert len(last) == 8 and last[0] < last[-1]
+    kw["confidence_threshold"] = statistics.median(last)
+    outs = engine.generate(prompts, **kw)  # rows that stop at the last step beside rows that do not
+    solo = [engine.generate(p, **kw) for p in prompts]
+    assert [o.token_ids for o in outs] == [s.token_ids for s in solo]

@@ -192,3 +192,29 @@ def test_default_model_is_the_embedded_checkpoint_or_a_clear_error(tmp_path, mon
     (tmp_path / "ship" / "config.json").write_text("{}")
     monkeypatch.setattr(emb, "SUDOKU", tmp_path / "ship")
     assert emb.default_model() == tmp_path / "ship"
+
+
+def test_embedded_model_solves_fixed_puzzles():
+    """The model that ships in the package loads offline and solves most of a fixed set of 36-46-clue
+    puzzles (its 1,000-puzzle figures are in its card), never changing a clue."""
+    import dgemma
+    from dgemma.embedded import default_model
+    from dgemma.sudoku.cli import solve_boards
+
+    engine = dgemma.load(default_model())
+    pairs = list(task.puzzles(24, sb.BUCKETS["unsloth"], seed=2024))
+    answers = solve_boards(engine, [p for p, _ in pairs])
+    exact = sum(a == s for (_, s), (a, _) in zip(pairs, answers))
+    assert exact >= EMBEDDED_MIN_EXACT, exact
+    assert all(a[i] == p[i] for (p, _), (a, _) in zip(pairs, answers) for i in range(81) if p[i])
+
+
+def test_commands_use_the_embedded_model_without_model_option():
+    puzzle = sb.format_board(next(iter(task.puzzles(1, (44, 44), seed=5)))[0])
+    solved = _cli("solve", "-", stdin=puzzle + "\n")
+    assert solved.returncode == 0, solved.stderr
+    answer = sb.parse(solved.stdout.strip())
+    assert sb.is_solution(answer, sb.parse(puzzle))  # a 44-clue puzzle: the embedded model solves it
+    gen = subprocess.run([sys.executable, "-m", "dgemma", "generate", puzzle], capture_output=True, text=True,
+                         cwd=ROOT, timeout=300)
+    assert gen.returncode == 0 and len(gen.stdout.strip()) == 81 and gen.stdout.strip().isdigit()

@@ -24,7 +24,7 @@ from dgemma.sudoku import board as sb
 from dgemma.sudoku import task
 
 EVAL_SEED = 1_000_003  # differs from every training seed the commands use by default
-SOLVE_DEFAULTS = {"max_new_tokens": task.CANVAS, "max_denoising_steps": 32, "t_max": 0.01, "t_min": 0.01,
+SOLVE_DEFAULTS = {"max_new_tokens": task.CANVAS, "max_denoising_steps": 32, "t_max": 0.2, "t_min": 0.05,
                   "stability_threshold": 1, "confidence_threshold": 0.005, "entropy_bound": 0.1, "seed": 0}
 
 
@@ -78,6 +78,7 @@ def add_parsers(sub) -> None:
     v.add_argument("--model", help="checkpoint (default: the embedded Sudoku model)")
     v.add_argument("--batch", type=int, default=32)
     v.add_argument("--show", action="store_true", help="draw each board live as it is denoised (on stderr)")
+    v.add_argument("--seed", type=int, default=SOLVE_DEFAULTS["seed"], help="sampling seed (default 0)")
 
 
 def run(parser, args) -> int:
@@ -157,12 +158,15 @@ def _bar(what: str, total: int):
         yield lambda n: bar.advance(task_id, n)
 
 
-def solve_boards(engine, boards: list[sb.Board], batch: int = 32, tick=None):
-    """Diffusion answers for ``boards``: ``[(answer board, steps)]``; ``tick(n)`` after each batch."""
+def solve_boards(engine, boards: list[sb.Board], batch: int = 32, tick=None, seed: int = SOLVE_DEFAULTS["seed"]):
+    """Diffusion answers for ``boards``: ``[(answer board, steps)]``; ``tick(n)`` after each batch.
+
+    Reproducible for a given ``seed`` (each row of a batch equals its solo run).
+    """
     out = []
     for i in range(0, len(boards), batch):
         chunk = [sb.format_board(b) for b in boards[i: i + batch]]
-        for c in engine.generate(chunk, **SOLVE_DEFAULTS):
+        for c in engine.generate(chunk, **{**SOLVE_DEFAULTS, "seed": seed}):
             out.append((task.answer_board(c.text), sum(c.steps)))
         if tick:
             tick(len(chunk))
@@ -229,7 +233,10 @@ def _eval(args) -> int:
 
 
 def _solve(args) -> int:
-    lines = (sys.stdin if args.file == "-" else open(args.file, encoding="utf-8")).read().splitlines()
+    try:
+        lines = (sys.stdin if args.file == "-" else open(args.file, encoding="utf-8")).read().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DgemmaError(f"cannot read {args.file}: {e}") from None
     boards = []
     for i, line in enumerate(lines, 1):
         if not line.strip():
@@ -243,8 +250,8 @@ def _solve(args) -> int:
         from dgemma.sudoku.view import solve_live
 
         for b in boards:
-            print(sb.format_board(solve_live(engine, b, SOLVE_DEFAULTS)), flush=True)
+            print(sb.format_board(solve_live(engine, b, {**SOLVE_DEFAULTS, "seed": args.seed})), flush=True)
         return 0
-    for answer, _ in solve_boards(engine, boards, args.batch):
+    for answer, _ in solve_boards(engine, boards, args.batch, seed=args.seed):
         print(sb.format_board(answer))
     return 0
