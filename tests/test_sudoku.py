@@ -194,6 +194,9 @@ def test_default_model_is_the_embedded_checkpoint_or_a_clear_error(tmp_path, mon
     assert emb.default_model() == tmp_path / "ship"
 
 
+EMBEDDED_MIN_EXACT = 14  # of 24; measured 20 in fp32 on the CPU (bf16 hardware computes in bf16)
+
+
 def test_embedded_model_solves_fixed_puzzles():
     """The model that ships in the package loads offline and solves most of a fixed set of 36-46-clue
     puzzles (its 1,000-puzzle figures are in its card), never changing a clue."""
