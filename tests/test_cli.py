@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import pty
 import re
 import subprocess
 import sys
@@ -32,23 +31,22 @@ def _cli(*args, stdin: str | None = None) -> subprocess.CompletedProcess:
 
 
 def _on_pty(*args) -> str:
-    """Run the CLI with stdout and stderr on a pseudo-terminal; everything it drew, decoded."""
-    master, slave = pty.openpty()
-    proc = subprocess.Popen([sys.executable, "-m", "dgemma", *args], stdin=subprocess.DEVNULL, stdout=slave,
-                            stderr=slave, env=_env(TERM="xterm-256color", COLUMNS="100", LINES="40"), cwd=ROOT)
-    os.close(slave)
-    chunks = []
-    while True:
-        try:
-            data = os.read(master, 65536)
-        except OSError:  # EIO: the child closed the terminal
-            break
-        if not data:
-            break
-        chunks.append(data)
-    os.close(master)
-    assert proc.wait(timeout=300) == 0
-    return b"".join(chunks).decode("utf-8", "replace")
+    """Run the CLI on a pseudo-terminal (through the project's asciicast recorder, which is checked on the
+    way); everything it drew, decoded."""
+    import importlib.util
+    import tempfile
+
+    spec = importlib.util.spec_from_file_location("record", ROOT / "docs" / "demo" / "record.py")
+    record = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(record)
+    with tempfile.TemporaryDirectory() as tmp:
+        cast = Path(tmp) / "run.cast"
+        env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+        assert record.record([sys.executable, "-m", "dgemma", *args], str(cast), 100, 40, env) == 0
+        header, *frames = [json.loads(line) for line in cast.read_text().splitlines()]
+    assert header["version"] == 2 and header["width"] == 100
+    assert all(kind == "o" for _, kind, _ in frames) and [t for t, _, _ in frames] == sorted(t for t, _, _ in frames)
+    return "".join(data for _, _, data in frames)
 
 
 @pytest.fixture(scope="module")

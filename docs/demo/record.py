@@ -16,9 +16,10 @@ import sys
 import time
 
 
-def record(command: list[str], out: str, width: int = 100, height: int = 30) -> int:
+def record(command: list[str], out: str, width: int = 100, height: int = 30, env: dict | None = None) -> int:
+    """Run ``command`` on a pseudo-terminal, write the cast to ``out``; the command's exit status."""
     master, slave = pty.openpty()
-    env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": str(width), "LINES": str(height)}
+    env = {**os.environ, **(env or {}), "TERM": "xterm-256color", "COLUMNS": str(width), "LINES": str(height)}
     t0 = time.time()
     proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, env=env)
     os.close(slave)
