@@ -18,14 +18,6 @@ from dgemma.cache import KVCache
 from dgemma.tokenizer import split_thinking
 
 
-def _drain(loop) -> sampler.RowResult:
-    while True:
-        try:
-            next(loop)
-        except StopIteration as stop:
-            return stop.value[0]
-
-
 class ChatSession:
     def __init__(self, engine, enable_thinking: bool = False, system: str | None = None):
         if engine.tokenizer is None:
@@ -65,26 +57,11 @@ class ChatSession:
     def stream(self, user: str, **overrides) -> Iterator:
         """Like ``Engine.stream`` for the next user turn; the last event's Completion is the answer
         (thinking split out into ``self.last_thinking``), and the turn joins the history."""
-        from dgemma.engine import CanvasUpdate, StepUpdate
-
         engine = self.engine
         messages, ids, keep, params = self._prepare(user, overrides)
         with torch.inference_mode():
             loop = sampler.run(engine.model, [ids[keep:]], params, pad_id=engine._pad(params), cache=self.cache)
-            tokens: list[int] = []
-            text = ""
-            for event in loop:
-                if isinstance(event, sampler.StepEvent):
-                    yield StepUpdate(event.canvas, event.step, event.draft, event.accepted, event.mean_entropy,
-                                     event.accepted_mask)
-                    continue
-                tokens += event.tokens  # decode the whole answer so far: a character may span canvases
-                new_text = engine.decode(tokens)
-                delta, text = new_text[len(text):] if new_text.startswith(text) else new_text, new_text
-                update = CanvasUpdate(event.canvas, event.tokens, delta, event.finished)
-                if event.finished:  # one row: its last canvas; the loop's return value is the row
-                    update.completion = self._finish(messages, ids, _drain(loop))
-                yield update
+            yield from engine.updates(loop, lambda row: self._finish(messages, ids, row))
 
     def _finish(self, messages, ids: list[int], row: sampler.RowResult):
         engine = self.engine

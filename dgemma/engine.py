@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -151,25 +151,26 @@ class Engine:
         self._check_length(ids, p)
         with torch.inference_mode():
             loop = sampler.run(self.model, ids, p, pad_id=self._pad(p), step_events=step_events)
-            tokens: list[int] = []
-            text = ""
-            while True:
-                try:
-                    event = next(loop)
-                except StopIteration as stop:
-                    return stop.value
-                if isinstance(event, sampler.StepEvent):
-                    yield StepUpdate(event.canvas, event.step, event.draft, event.accepted, event.mean_entropy,
-                                     event.accepted_mask)
-                    continue
-                tokens += event.tokens
-                new_text = self.decode(tokens)
-                delta, text = new_text[len(text):] if new_text.startswith(text) else new_text, new_text
-                update = CanvasUpdate(event.canvas, event.tokens, delta, event.finished)
-                if event.finished:
-                    rows = _drain(loop)
-                    update.completion = self._completion(rows[0])
-                yield update
+            yield from self.updates(loop, lambda row: self._completion(row))
+
+    def updates(self, loop, finish: Callable[[sampler.RowResult], Completion]) -> Iterator[StepUpdate | CanvasUpdate]:
+        """Turn a one-row ``sampler.run`` loop into StepUpdates and CanvasUpdates. The text delta comes from
+        decoding the whole answer so far (a character may span canvases); the last CanvasUpdate carries
+        ``finish(row)``, the Completion built from the loop's result."""
+        tokens: list[int] = []
+        text = ""
+        for event in loop:
+            if isinstance(event, sampler.StepEvent):
+                yield StepUpdate(event.canvas, event.step, event.draft, event.accepted, event.mean_entropy,
+                                 event.accepted_mask)
+                continue
+            tokens += event.tokens
+            new_text = self.decode(tokens)
+            delta, text = new_text[len(text):] if new_text.startswith(text) else new_text, new_text
+            update = CanvasUpdate(event.canvas, event.tokens, delta, event.finished)
+            if event.finished:  # one row: its last canvas; the loop's return value holds the row
+                update.completion = finish(_drain(loop)[0])
+            yield update
 
     def chat(self, messages: list[dict[str, Any]], params: SamplingParams | None = None,
              enable_thinking: bool = False, **overrides) -> ChatResponse:
