@@ -15,12 +15,11 @@ import torch
 
 from dgemma import sampler
 from dgemma.cache import KVCache
-from dgemma.tokenizer import split_thinking
 
 
 class ChatSession:
     def __init__(self, engine, enable_thinking: bool = False, system: str | None = None):
-        if engine.tokenizer is None:
+        if engine.tokenizer is None:  # say so at once, not at the first turn
             raise ValueError("this model has no tokenizer, so it cannot chat")
         self.engine, self.enable_thinking = engine, enable_thinking
         self.messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
@@ -38,7 +37,7 @@ class ChatSession:
     def _prepare(self, user: str, overrides: dict[str, Any]):
         engine = self.engine
         messages = self.messages + [{"role": "user", "content": user}]
-        ids = engine.tokenizer.encode_chat(messages, enable_thinking=self.enable_thinking)
+        ids = engine.chat_ids(messages, self.enable_thinking)
         params = engine.params(**overrides)
         engine._check_length([ids], params)
         keep = 0
@@ -68,7 +67,7 @@ class ChatSession:
         self.cached = ids + row.committed_ids
         row.prompt_tokens = len(ids)
         completion = engine._completion(row)
-        thinking, answer = split_thinking(engine.decode(row.token_ids, skip_special_tokens=False))
+        thinking, answer = engine.split_answer(row.token_ids)
         completion.text, self.last_thinking, self.last_completion = answer, thinking, completion
         self.messages = messages + [{"role": "assistant", "content": answer}]
         return completion

@@ -175,13 +175,20 @@ class Engine:
     def chat(self, messages: list[dict[str, Any]], params: SamplingParams | None = None,
              enable_thinking: bool = False, **overrides) -> ChatResponse:
         """Answer a conversation with the checkpoint's chat template; thinking is split out."""
-        if self.tokenizer is None:
-            raise ValueError("this model has no tokenizer, so it cannot chat")
-        ids = self.tokenizer.encode_chat(messages, enable_thinking=enable_thinking)
-        completion = self.generate(ids, params, **overrides)
-        thinking, answer = split_thinking(self.decode(completion.token_ids, skip_special_tokens=False))
+        completion = self.generate(self.chat_ids(messages, enable_thinking), params, **overrides)
+        thinking, answer = self.split_answer(completion.token_ids)
         completion.text = answer
         return ChatResponse(answer=answer, thinking=thinking, completion=completion)
+
+    def chat_ids(self, messages: list[dict[str, Any]], enable_thinking: bool = False) -> list[int]:
+        """The prompt ids of a conversation through the checkpoint's chat template (generation prompt added)."""
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer, so it cannot chat")
+        return self.tokenizer.encode_chat(messages, enable_thinking=enable_thinking)
+
+    def split_answer(self, token_ids: list[int]) -> tuple[str | None, str]:
+        """``(thinking or None, answer)`` of a chat completion's tokens."""
+        return split_thinking(self.decode(token_ids, skip_special_tokens=False))
 
     def chat_session(self, enable_thinking: bool = False, system: str | None = None):
         """A multi-turn conversation that keeps its KV cache between turns (``dgemma.chat.ChatSession``)."""

@@ -39,7 +39,7 @@ def run(parser, args) -> int:
     interactive = sys.stdin.isatty()
     show = not args.plain and sys.stdout.isatty()
     console = Console()
-    piece = PieceCache(lambda ids: engine.decode(ids, skip_special_tokens=False))
+    piece = PieceCache.for_engine(engine)
     errors = Console(stderr=True)  # the intro, the prompt and per-turn errors: stdout holds only answers
     if interactive:
         errors.print("[dim]dgemma chat: /reset starts over, /exit or Ctrl-D ends[/dim]")
@@ -66,9 +66,7 @@ def run(parser, args) -> int:
         try:
             events = session.stream(text, **overrides)
             if show:
-                state = CanvasState(max_steps=params.max_denoising_steps,
-                                    eos_ids=frozenset(params.eos_token_id or ()))
-                live(events, state, piece, console, markdown=args.render == "markdown")
+                live(events, CanvasState.for_params(params), piece, console, markdown=args.render == "markdown")
             else:
                 for _ in events:
                     pass

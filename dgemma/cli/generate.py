@@ -29,8 +29,6 @@ def add_parser(sub) -> None:
 
 
 def run(parser, args) -> int:
-    from dgemma.tokenizer import split_thinking
-
     prompt = args.prompt if args.prompt is not None else sys.stdin.read().removesuffix("\n")
     if not prompt.strip():
         raise ValueError("the prompt is empty (give it as an argument or on stdin)")
@@ -38,9 +36,7 @@ def run(parser, args) -> int:
         raise ValueError("--think needs --chat")
     engine = load_engine(args)
     if args.chat:
-        if engine.tokenizer is None:
-            raise ValueError("this model has no tokenizer, so it cannot chat")
-        prompt = engine.tokenizer.encode_chat([{"role": "user", "content": prompt}], enable_thinking=args.think)
+        prompt = engine.chat_ids([{"role": "user", "content": prompt}], args.think)
     params = engine.params(**sampling_overrides(args))
     live = not (args.plain or args.json) and sys.stdout.isatty()
     t0 = time.perf_counter()
@@ -55,7 +51,7 @@ def run(parser, args) -> int:
     seconds = time.perf_counter() - t0
     thinking, text = None, completion.text
     if args.chat:
-        thinking, text = split_thinking(engine.decode(completion.token_ids, skip_special_tokens=False))
+        thinking, text = engine.split_answer(completion.token_ids)
     if args.json:
         print(json.dumps({"text": text, "thinking": thinking, "token_ids": completion.token_ids,
                           "steps": completion.steps, "finish_reason": completion.finish_reason,
@@ -82,6 +78,5 @@ def _live(engine, prompt, params, markdown: bool):
     from dgemma.view.state import CanvasState
     from dgemma.view.terminal import PieceCache, live
 
-    state = CanvasState(max_steps=params.max_denoising_steps, eos_ids=frozenset(params.eos_token_id or ()))
-    piece = PieceCache(lambda ids: engine.decode(ids, skip_special_tokens=False))
-    return live(engine.stream(prompt, params), state, piece, Console(), markdown=markdown)
+    return live(engine.stream(prompt, params), CanvasState.for_params(params), PieceCache.for_engine(engine),
+                Console(), markdown=markdown)

@@ -36,8 +36,7 @@ def show(engine, prompt, **overrides):
     except ImportError:
         raise RuntimeError("the notebook view needs IPython (run it inside Jupyter)") from None
     params = engine.params(**overrides)
-    state = CanvasState(max_steps=params.max_denoising_steps, eos_ids=frozenset(params.eos_token_id or ()))
-    piece = PieceCache(lambda ids: engine.decode(ids, skip_special_tokens=False))
+    state, piece = CanvasState.for_params(params), PieceCache.for_engine(engine)
     handle = display(HTML(render_html(state, piece)), display_id=True)
     for event in engine.stream(prompt, params):
         state.update(event)

@@ -34,6 +34,11 @@ class CanvasState:
     def __post_init__(self):
         self.started = self.clock()
 
+    @classmethod
+    def for_params(cls, params) -> "CanvasState":
+        """A fresh state for a run with these SamplingParams (step budget, EOS ids)."""
+        return cls(max_steps=params.max_denoising_steps, eos_ids=frozenset(params.eos_token_id or ()))
+
     @property
     def done(self) -> bool:
         return self.completion is not None

@@ -27,6 +27,11 @@ class PieceCache:
     def __init__(self, decode: Callable[[list[int]], str]):
         self.decode, self._memo = decode, {}
 
+    @classmethod
+    def for_engine(cls, engine) -> "PieceCache":
+        """Pieces of ``engine``'s tokenizer, special tokens included (EOS and turn markers stay visible)."""
+        return cls(lambda ids: engine.decode(ids, skip_special_tokens=False))
+
     def __call__(self, token: int) -> str:
         if token not in self._memo:
             self._memo[token] = self.decode([token])
