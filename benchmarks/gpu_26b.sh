@@ -3,7 +3,9 @@
 # Needs torch with CUDA and transformers 5.23 (pip install -e ".[bench]"); writes JSON, PNG and logs to $1.
 #
 # 0. preflight: the grouped-GEMM expert path against the per-expert loop on this GPU, in bf16;
-# 1. batch 1, 4096-token prompt, 512 new tokens, 16 fixed steps: dgemma vs transformers vs AR,
+# 0b. CUDA-graph decoder steps against the eager path on a small random bf16 model (same tokens);
+# 1. batch 1, 4096-token prompt, 512 new tokens, 16 fixed steps: dgemma (eager and with CUDA graphs) vs
+#    transformers vs AR,
 #    ms per step and per canvas, and the bandwidth floor of a step (floor_ms) from the measured copy rate;
 # 2. the same dgemma run with the per-expert loop instead of the grouped GEMM (what the GEMM is worth);
 # 3. the largest power-of-two batch whose prefill plus one canvas fits (transformers and AR skipped).
@@ -45,8 +47,25 @@ for mode in (False, True):
     torch.cuda.synchronize()
     print(f"experts of one layer, 256x8 token-slots: {'grouped' if mode else 'loop'} {a.elapsed_time(b) / 10:.2f} ms")
 EOF
+$py - <<'EOF'
+# CUDA graphs (dgemma.graphs) against the eager decoder on a small random bf16 model: the same tokens?
+import torch
+from dgemma.bench.presets import preset_config
+from dgemma.engine import Engine
+from dgemma.loading import build_model
+model = build_model(preset_config("small"), device="cuda", dtype=torch.bfloat16, seed=0, embed_std=1.0)
+eager, graphed = Engine(model), Engine(model, cuda_graphs=True)
+prompts = [list(range(3, 40)), list(range(5, 25)), [7] * 50]
+for kw in ({"confidence_threshold": 0.0, "max_denoising_steps": 8}, {"max_denoising_steps": 16}):
+    a = eager.generate(prompts, max_new_tokens=512, eos_token_id=(), seed=1, **kw)
+    b = graphed.generate(prompts, max_new_tokens=512, eos_token_id=(), seed=1, **kw)
+    same = [x.token_ids == y.token_ids and x.steps == y.steps for x, y in zip(a, b)]
+    print("cuda graphs vs eager, same tokens and steps per row:", same, kw)
+r = graphed.runner
+print(f"captures {r.captures}, replays {r.replays}, disabled: {r.disabled}")
+EOF
 common=(--preset 26b-a4b --device cuda --dtype bfloat16 --prompt-len 4096 --steps 16 --batch 1)
-timeout 300 $py -m dgemma bench "${common[@]}" --new-tokens 512 \
+timeout 300 $py -m dgemma bench "${common[@]}" --new-tokens 512 --cuda-graphs \
     --json "$out/26b-a4b-gpu.json" --plot "$out/26b-a4b-gpu.png" 2>&1 | tee "$out/bench.log"
 timeout 120 $py -m dgemma bench "${common[@]}" --new-tokens 256 --no-transformers --no-ar --moe loop \
     --json "$out/26b-a4b-gpu-loop.json" 2>&1 | tee "$out/bench-loop.log"

@@ -59,7 +59,7 @@ class ChatSession:
         engine = self.engine
         messages, ids, keep, params = self._prepare(user, overrides)
         with torch.inference_mode():
-            loop = sampler.run(engine.model, [ids[keep:]], params, pad_id=engine._pad(params), cache=self.cache)
+            loop = sampler.run(engine.runner, [ids[keep:]], params, pad_id=engine._pad(params), cache=self.cache)
             yield from engine.updates(loop, lambda row: self._finish(messages, ids, row))
 
     def _finish(self, messages, ids: list[int], row: sampler.RowResult):

@@ -75,7 +75,7 @@ def step_fused(model, h: torch.Tensor, temperature: float, u: torch.Tensor, soft
     argmax = torch.empty(n * c, dtype=torch.long, device=h.device)
     sampled = torch.empty(n * c, dtype=torch.long, device=h.device)
     out_soft = torch.empty(n * c, d, dtype=model.dtype, device=h.device) if soft else None
-    scale = torch.tensor(model.cfg.embed_scale, dtype=model.dtype, device=h.device)
+    scale = model.embed_scale()
     for lo in range(0, n * c, m):
         hi = min(lo + m, n * c)
         z = F.linear(flat[lo:hi], weight).float()  # [m, V]

@@ -16,6 +16,7 @@ import torch
 from dgemma import loading, sampler
 from dgemma.config import ModelConfig
 from dgemma.errors import LoadError
+from dgemma.graphs import GraphedDecoder
 from dgemma.model import DiffusionGemma
 from dgemma.params import SamplingParams
 from dgemma.tokenizer import Tokenizer, split_thinking
@@ -68,8 +69,12 @@ class CanvasUpdate:
 
 class Engine:
     def __init__(self, model: DiffusionGemma, tokenizer: Tokenizer | None = None,
-                 defaults: SamplingParams | None = None, generation_config: dict[str, Any] | None = None):
+                 defaults: SamplingParams | None = None, generation_config: dict[str, Any] | None = None,
+                 cuda_graphs: bool = False):
         self.model = model.eval()
+        # What the sampler runs: the model, or the model with its decoder pass replayed from CUDA graphs
+        # (dgemma.graphs; on CUDA only, eager elsewhere).
+        self.runner = GraphedDecoder(self.model) if cuda_graphs else self.model
         self.tokenizer = tokenizer
         self.generation_config = dict(generation_config or {})
         self.defaults = defaults or SamplingParams.from_generation_config(self.generation_config)
@@ -137,7 +142,7 @@ class Engine:
         ids, single = self._batch(prompts)
         p = self.params(params, **overrides)
         self._check_length(ids, p)
-        loop = sampler.run(self.model, ids, p, pad_id=self._pad(p), step_events=False)
+        loop = sampler.run(self.runner, ids, p, pad_id=self._pad(p), step_events=False)
         rows = _drain(loop)
         out = [self._completion(r) for r in rows]
         return out[0] if single else out
@@ -150,7 +155,7 @@ class Engine:
         p = self.params(params, **overrides)
         self._check_length(ids, p)
         with torch.inference_mode():
-            loop = sampler.run(self.model, ids, p, pad_id=self._pad(p), step_events=step_events)
+            loop = sampler.run(self.runner, ids, p, pad_id=self._pad(p), step_events=step_events)
             yield from self.updates(loop, lambda row: self._completion(row))
 
     def updates(self, loop, finish: Callable[[sampler.RowResult], Completion]) -> Iterator[StepUpdate | CanvasUpdate]:
@@ -220,8 +225,11 @@ def _drain(loop) -> list[sampler.RowResult]:
             return stop.value
 
 
-def load(source, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None) -> Engine:
-    """An Engine for a checkpoint directory or Hugging Face Hub repo id (safetensors only)."""
+def load(source, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None,
+         cuda_graphs: bool = False) -> Engine:
+    """An Engine for a checkpoint directory or Hugging Face Hub repo id (safetensors only).
+
+    ``cuda_graphs``: replay the denoising steps of a canvas from CUDA graphs (see ``dgemma.graphs``)."""
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype.removeprefix("torch."), None)
         if not isinstance(dtype, torch.dtype):
@@ -232,4 +240,4 @@ def load(source, device: str | torch.device | None = None, dtype: torch.dtype | 
         defaults = SamplingParams.from_generation_config(gen)
     except ValueError as e:
         raise LoadError(f"{ckpt / 'generation_config.json'}: {e}") from None
-    return Engine(model, tokenizer, defaults=defaults, generation_config=gen)
+    return Engine(model, tokenizer, defaults=defaults, generation_config=gen, cuda_graphs=cuda_graphs)

@@ -36,6 +36,9 @@ class SamplingParams:
     seed: int | None = None
     # Starting canvas for the first canvas: C token ids, or one row of C ids per prompt.
     initial_canvas: Sequence[int] | Sequence[Sequence[int]] | None = None
+    # Pinned positions of the first canvas: C entries (or one row of C per prompt), a token id where the
+    # canvas must hold that token at every step and in the output, -1 where it is free.
+    pinned_canvas: Sequence[int] | Sequence[Sequence[int]] | None = None
 
     def __post_init__(self):
         eos = self.eos_token_id
@@ -73,7 +76,7 @@ class SamplingParams:
         values: dict[str, Any] = {}
         gen = gen or {}
         for f in dataclasses.fields(cls):
-            if gen.get(f.name) is not None and f.name not in ("seed", "initial_canvas"):
+            if gen.get(f.name) is not None and f.name not in ("seed", "initial_canvas", "pinned_canvas"):
                 values[f.name] = gen[f.name]
         sampler = gen.get("sampler_config")
         if isinstance(sampler, dict) and sampler.get("entropy_bound") is not None:

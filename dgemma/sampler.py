@@ -4,7 +4,8 @@ Spec section 5, per canvas: start from uniform noise (or a given canvas); each s
 divides the logits by a linear temperature counting down, samples every position, accepts the
 lowest-entropy positions under the entropy budget, re-noises the rest, and feeds the scaled logits back as
 self-conditioning. A row stops when its argmax canvas is stable and its mean entropy is below the
-confidence threshold, or after ``max_denoising_steps``. The argmax canvas is emitted, cut at the first EOS,
+confidence threshold, or after ``max_denoising_steps``. Positions of ``pinned_canvas`` hold their tokens in
+the first canvas (entropy 0: always accepted, never re-noised). The argmax canvas is emitted, cut at the first EOS,
 and committed through the encoder before the next canvas starts.
 
 Every row has its own CPU ``torch.Generator`` seeded with ``params.seed``, and only draws while it is still
@@ -64,19 +65,28 @@ def entropy_bound_accept(entropy: torch.Tensor, bound: float) -> torch.Tensor:
     return torch.zeros_like(keep).scatter(-1, order, keep)
 
 
-def _initial_canvases(params: SamplingParams, n_rows: int, length: int, vocab: int) -> list[torch.Tensor] | None:
-    if params.initial_canvas is None:
+def _canvas_rows(params: SamplingParams, name: str, n_rows: int, length: int, vocab: int) -> list[torch.Tensor] | None:
+    """``params.<name>`` (``initial_canvas`` or ``pinned_canvas``) as one ``[C]`` tensor per row, validated;
+    ``pinned_canvas`` also takes -1 (a free position)."""
+    value = getattr(params, name)
+    if value is None:
         return None
-    canvas = torch.as_tensor(params.initial_canvas, dtype=torch.long)
+    try:
+        canvas = torch.as_tensor(value, dtype=torch.long)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"invalid sampling parameter `{name}`: expected {length} integers "
+                         f"(or {n_rows} rows of {length})") from None
     if canvas.ndim == 1:
         canvas = canvas.expand(n_rows, -1)
     if canvas.ndim != 2 or canvas.shape != (n_rows, length):
         raise ValueError(
-            f"invalid sampling parameter `initial_canvas`: expected {length} token ids "
+            f"invalid sampling parameter `{name}`: expected {length} token ids "
             f"(or {n_rows} rows of {length}), got shape {list(canvas.shape)}"
         )
-    if bool(((canvas < 0) | (canvas >= vocab)).any()):
-        raise ValueError(f"invalid sampling parameter `initial_canvas`: token ids must be in [0, {vocab})")
+    low = -1 if name == "pinned_canvas" else 0
+    if bool(((canvas < low) | (canvas >= vocab)).any()):
+        allowed = f"in [0, {vocab})" + (" or -1 (free)" if low < 0 else "")
+        raise ValueError(f"invalid sampling parameter `{name}`: token ids must be {allowed}")
     return list(canvas)
 
 
@@ -109,7 +119,8 @@ def run(
     device = model.device
     eos = set(params.eos_token_id or ())
     n_canvases = math.ceil(params.max_new_tokens / length)
-    initial = _initial_canvases(params, n_rows, length, vocab)
+    initial = _canvas_rows(params, "initial_canvas", n_rows, length, vocab)
+    pinned = _canvas_rows(params, "pinned_canvas", n_rows, length, vocab)
     seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
     gens = [torch.Generator().manual_seed(seed) for _ in range(n_rows)]
     results = [RowResult(prompt_tokens=len(p)) for p in prompts]
@@ -131,8 +142,9 @@ def run(
 
     for c in range(n_canvases):
         rows = [b for b in range(n_rows) if not finished[b]]
-        final = yield from _denoise_canvas(model, cache, rows, gens, params, c,
-                                           initial if c == 0 else None, results, step_events, fused)
+        first = c == 0
+        final = yield from _denoise_canvas(model, cache, rows, gens, params, c, initial if first else None,
+                                           pinned if first else None, results, step_events, fused)
         committed = torch.full((n_rows, length), pad_id, dtype=torch.long)
         for b in rows:
             committed[b] = final[b]
@@ -154,8 +166,12 @@ def run(
     return results
 
 
-def _denoise_canvas(model, cache, rows, gens, params, c, initial, results, step_events, fused):
-    """Denoise one canvas for batch ``rows``; yields StepEvents, returns ``{row: argmax canvas [C]}``."""
+def _denoise_canvas(model, cache, rows, gens, params, c, initial, pinned, results, step_events, fused):
+    """Denoise one canvas for batch ``rows``; yields StepEvents, returns ``{row: argmax canvas [C]}``.
+
+    ``pinned`` (``[C]`` per row, -1 = free): those tokens are the canvas's at every step and in its argmax,
+    with entropy 0 (always accepted, never re-noised, certain for the stopping rule).
+    """
     length, vocab = model.cfg.canvas_length, model.cfg.vocab_size
     device = model.device
     step_fn = denoise.step_fused if fused else denoise.step_reference
@@ -163,6 +179,10 @@ def _denoise_canvas(model, cache, rows, gens, params, c, initial, results, step_
         initial[b] if initial is not None else torch.randint(0, vocab, (length,), generator=gens[b])
         for b in rows
     ]).to(device)  # [n, C]
+    pin_tok = torch.stack([pinned[b] for b in rows]).to(device) if pinned is not None else None  # [n, C]
+    pin = pin_tok >= 0 if pin_tok is not None else None
+    if pin is not None:
+        x = torch.where(pin, pin_tok, x)
     active = list(rows)
     sub = cache if len(active) == cache.batch_size else cache.select(torch.tensor(active))
     soft = None  # self-conditioning input from the previous step, [n, C, d]
@@ -175,11 +195,15 @@ def _denoise_canvas(model, cache, rows, gens, params, c, initial, results, step_
         u = torch.stack([torch.rand(length, generator=gens[b]) for b in active])  # [n, C]
         # The last possible step has no next step to self-condition: skip its soft embedding.
         stats = step_fn(model, h, params.temperature(step), u, soft=step > 1)
-        accept = entropy_bound_accept(stats.entropy, params.entropy_bound)  # [n, C]
+        entropy, sampled, argmax = stats.entropy, stats.sampled, stats.argmax
+        if pin is not None:
+            entropy = entropy.masked_fill(pin, 0.0)
+            sampled, argmax = torch.where(pin, pin_tok, sampled), torch.where(pin, pin_tok, argmax)
+        accept = entropy_bound_accept(entropy, params.entropy_bound)  # [n, C]
         noise = torch.stack([torch.randint(0, vocab, (length,), generator=gens[b]) for b in active])
-        x = torch.where(accept, stats.sampled, noise.to(device))
-        mean_h = stats.entropy.mean(-1).tolist()
-        argmax = stats.argmax.cpu()
+        x = torch.where(accept, sampled, noise.to(device))
+        mean_h = entropy.mean(-1).tolist()
+        argmax = argmax.cpu()
         n_accepted = accept.sum(-1).tolist()
         keep = []
         for i, b in enumerate(active):
@@ -204,5 +228,7 @@ def _denoise_canvas(model, cache, rows, gens, params, c, initial, results, step_
             idx = torch.tensor(keep)
             active = [active[i] for i in keep]
             x, soft = x[idx.to(device)], soft[idx.to(device)]
+            if pin is not None:
+                pin, pin_tok = pin[idx.to(device)], pin_tok[idx.to(device)]
             sub = cache.select(torch.tensor(active))
     return final

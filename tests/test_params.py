@@ -12,7 +12,8 @@ from dgemma.params import SamplingParams
 
 SPEC_DEFAULTS = {"max_new_tokens": 256, "max_denoising_steps": 48, "entropy_bound": 0.1, "t_max": 0.8,
                  "t_min": 0.4, "stability_threshold": 1, "confidence_threshold": 0.005, "eos_token_id": None,
-                 "pad_token_id": None, "seed": None, "initial_canvas": None}
+                 "pad_token_id": None, "seed": None, "initial_canvas": None,
+                 "pinned_canvas": None}
 
 INVALID = [
     ("max_new_tokens", 0), ("max_new_tokens", -1), ("max_new_tokens", 1.5), ("max_new_tokens", True),
@@ -118,9 +119,9 @@ def test_from_generation_config_overrides_win_and_none_overrides_are_ignored():
     assert p.eos_token_id == (1,)
 
 
-def test_from_generation_config_ignores_seed_and_initial_canvas_in_the_file():
-    p = SamplingParams.from_generation_config({"seed": 5, "initial_canvas": [1, 2, 3]})
-    assert p.seed is None and p.initial_canvas is None
+def test_from_generation_config_ignores_seed_and_canvases_in_the_file():
+    p = SamplingParams.from_generation_config({"seed": 5, "initial_canvas": [1, 2, 3], "pinned_canvas": [4]})
+    assert p.seed is None and p.initial_canvas is None and p.pinned_canvas is None
 
 
 def test_from_generation_config_validates():

@@ -170,3 +170,25 @@ def test_rows_stopping_at_the_last_step_beside_rows_that_do_not(ckpt_factory):
     outs = engine.generate(prompts, **kw)  # rows that stop at the last step beside rows that do not
     solo = [engine.generate(p, **kw) for p in prompts]
     assert [o.token_ids for o in outs] == [s.token_ids for s in solo]
+
+
+def test_pinned_canvas_holds_its_tokens_and_leaves_the_rest_free(engine):
+    c = engine.config.canvas_length
+    pins = [-1] * c
+    pins[0], pins[5], pins[c - 1] = 300, 301, 302
+    free = engine.generate(["q", "another prompt"], max_new_tokens=2 * c, seed=4, eos_token_id=())
+    steps, canvases = _stream(engine, "q", max_new_tokens=2 * c, seed=4, eos_token_id=(), pinned_canvas=pins)
+    for s in [s for s in steps if s.canvas == 0]:  # every step's draft of the first canvas holds the pins
+        assert [s.draft_tokens[i] for i in (0, 5, c - 1)] == [300, 301, 302]
+    assert [canvases[0].tokens[i] for i in (0, 5, c - 1)] == [300, 301, 302]
+    assert [canvases[1].tokens[i] for i in (0, 5, c - 1)] != [300, 301, 302]  # only the first canvas is pinned
+    # -1 everywhere pins nothing: the same tokens as a free run; rows of a batch take their own pins
+    none = engine.generate(["q", "another prompt"], max_new_tokens=2 * c, seed=4, eos_token_id=(),
+                           pinned_canvas=[-1] * c)
+    assert [x.token_ids for x in none] == [x.token_ids for x in free]
+    rows = engine.generate(["q", "another prompt"], max_new_tokens=c, seed=4, eos_token_id=(),
+                           pinned_canvas=[pins, [7] * c])
+    assert [rows[0].token_ids[i] for i in (0, 5, c - 1)] == [300, 301, 302] and rows[1].token_ids == [7] * c
+    for bad in ([1, 2, 3], [-2] * c, [10_000] * c, "abc"):
+        with pytest.raises(ValueError, match="pinned_canvas"):
+            engine.generate("q", pinned_canvas=bad)

@@ -149,10 +149,10 @@ def test_solve_prints_one_answer_per_puzzle_in_order(trained, tmp_path):
 
 
 def test_eval_reports_both_decoders(trained):
-    proc = _cli("eval", "--model", str(trained), "-n", "3", "--buckets", "medium", "--json")
+    proc = _cli("eval", "--model", str(trained), "-n", "3", "--buckets", "medium", "--json", "--pin")
     assert proc.returncode == 0, proc.stderr[-2000:]
     row = json.loads(proc.stdout)["medium"]
-    for mode in ("diffusion", "autoregressive"):
+    for mode in ("diffusion", "diffusion-pinned", "autoregressive"):
         r = row[mode]
         assert r["puzzles"] == 3 and 0 <= r["exact"] <= 1 and 0 <= r["cell_accuracy"] <= 1
         assert 0 <= r["clue_preservation"] <= 1 and r["seconds_per_puzzle"] > 0
@@ -210,6 +210,9 @@ def test_embedded_model_solves_fixed_puzzles():
     exact = sum(a == s for (_, s), (a, _) in zip(pairs, answers))
     assert exact >= EMBEDDED_MIN_EXACT, exact
     assert all(a[i] == p[i] for (p, _), (a, _) in zip(pairs, answers) for i in range(81) if p[i])
+    pinned = solve_boards(engine, [p for p, _ in pairs[:8]], pin=True)  # clues pinned: kept by construction
+    assert all(a[i] == p[i] for (p, _), (a, _) in zip(pairs, pinned) for i in range(81) if p[i])
+    assert sum(a == s for (_, s), (a, _) in zip(pairs, pinned)) >= 4
 
 
 def test_commands_use_the_embedded_model_without_model_option():

@@ -28,6 +28,7 @@ from dgemma.bench.presets import preset_config
 from dgemma.config import ModelConfig
 from dgemma.model.moe import Experts
 from dgemma.fileio import atomic_write_text
+from dgemma.graphs import GraphedDecoder
 from dgemma.params import SamplingParams
 
 
@@ -50,6 +51,7 @@ class BenchSpec:
     embed_std: float | None = 1.0  # random weights: peaked, trained-like logits
     batch_search: int = 0  # > 0: also find the largest batch (powers of two up to this) that fits
     moe: str = "auto"  # expert path: "auto" | "loop" | "grouped" (see dgemma.model.moe)
+    cuda_graphs: bool = False  # also measure dgemma with CUDA-graph decoder steps ("dgemma+graphs")
 
 
 @dataclass
@@ -220,10 +222,13 @@ def run_benchmark(spec: BenchSpec, echo: Callable[[str], None] = print) -> dict[
         except ImportError:
             echo("transformers is not installed: the reference comparison is skipped")
     runs: list[RunResult] = []
+    graphed = GraphedDecoder(model) if spec.cuda_graphs else None
     if spec.warmup:  # first calls pay for allocator growth and kernel selection
         warm = sampling_params(spec, 2).replace(max_new_tokens=2 * cfg.canvas_length)  # includes a commit
         prompt = torch.randint(3, cfg.vocab_size, (1, spec.prompt_len), generator=gen)
         measure_dgemma(model, prompt, warm)
+        if graphed is not None:
+            measure_dgemma(graphed, prompt, warm)
         if hf is not None:
             transformers_generate(hf, prompt, warm, fixed_steps=True)
     for batch in spec.batch_sizes:
@@ -234,6 +239,11 @@ def run_benchmark(spec: BenchSpec, echo: Callable[[str], None] = print) -> dict[
             res.roofline_fraction = res.achieved_gflops / bf16_rate
             runs.append(res)
             echo(_line(res))
+            if graphed is not None:
+                g, _, _ = measure_dgemma(graphed, prompts, params, bandwidth=info["memory_gbs"] * 1e9)
+                g.engine, g.roofline_fraction = "dgemma+graphs", g.achieved_gflops / bf16_rate
+                runs.append(g)
+                echo(_line(g) + f" ({graphed.captures} graphs captured, {graphed.replays} replays so far)")
             if hf is not None:
                 ref = transformers_generate(hf, prompts, params, fixed_steps=not spec.adaptive)
                 r = _baseline_result("transformers", ref, batch, steps, res.gflop * 1e9)
@@ -290,10 +300,13 @@ def ratios(runs: list[RunResult]) -> list[dict[str, Any]]:
         ref = by_key.get(("transformers", r.batch, r.steps))
         ar = by_key.get(("ar", r.batch, 0))
         one = by_key.get(("dgemma", 1, r.steps))
+        graphs = by_key.get(("dgemma+graphs", r.batch, r.steps))
         if ref:
             row["vs_transformers"] = r.tokens_per_s / ref.tokens_per_s
         if ar:
             row["vs_ar"] = r.tokens_per_s / ar.tokens_per_s
+        if graphs:
+            row["graphs_vs_eager"] = graphs.tokens_per_s / r.tokens_per_s
         if one and r.batch != 1:
             row["vs_batch1"] = r.tokens_per_s / one.tokens_per_s
         out.append(row)
@@ -331,7 +344,7 @@ def format_table(report: dict[str, Any]) -> str:
                 cells.append("-" if value is None else fmt.format(value))
         lines.append("| " + " | ".join(cells) + " |")
     for r in report["ratios"]:
-        bits = [f"{k.removeprefix('vs_')} x{v:.2f}" for k, v in r.items() if k.startswith("vs_")]
+        bits = [f"{k.removeprefix('vs_').replace('_', ' ')} x{v:.2f}" for k, v in r.items() if "vs_" in k]
         if bits:
             lines.append(f"\ndgemma batch {r['batch']} steps {r['steps']}: " + ", ".join(bits))
     return "\n".join(lines)

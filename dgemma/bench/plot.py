@@ -10,7 +10,8 @@ from typing import Any
 
 from dgemma.fileio import atomic_write
 
-_STYLE = {"dgemma": ("tab:blue", "o"), "transformers": ("tab:orange", "s"), "ar": ("tab:gray", "^")}
+_STYLE = {"dgemma": ("tab:blue", "o"), "dgemma+graphs": ("tab:green", "D"), "transformers": ("tab:orange", "s"),
+          "ar": ("tab:gray", "^")}
 
 
 def plot_reports(reports: list[dict[str, Any]], path, title: str = "") -> Path:

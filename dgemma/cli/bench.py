@@ -28,6 +28,8 @@ def add_parser(sub) -> None:
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--moe", choices=["auto", "loop", "grouped"], default="auto",
                    help="expert path: auto (grouped GEMM for bf16 on CUDA, per-expert loop elsewhere), or force one")
+    b.add_argument("--cuda-graphs", action="store_true",
+                   help="also measure dgemma with the decoder steps replayed from CUDA graphs (CUDA only)")
     b.add_argument("--batch-search", type=int, default=0, metavar="LIMIT",
                    help="also find the largest power-of-two batch up to LIMIT that fits in memory")
     b.add_argument("--json", dest="json_out", help="write the report here")
@@ -51,7 +53,7 @@ def run(parser, args) -> int:
         checkpoint=args.checkpoint, device=args.device, dtype=args.dtype, batch_sizes=tuple(args.batch),
         steps=tuple(args.steps), prompt_len=args.prompt_len, new_tokens=args.new_tokens, adaptive=args.adaptive,
         transformers=args.transformers, autoregressive=args.autoregressive, seed=args.seed,
-        batch_search=args.batch_search, moe=args.moe)
+        batch_search=args.batch_search, moe=args.moe, cuda_graphs=args.cuda_graphs)
     try:
         report = run_benchmark(spec, echo=lambda line: print(line, file=sys.stderr))
     except (DgemmaError, ValueError) as e:

@@ -20,6 +20,8 @@ def add_model_options(p: argparse.ArgumentParser, model_required: bool = False) 
         p.add_argument("--model", help="checkpoint directory or Hugging Face repo id (default: the embedded model)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when present, else cpu)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, ... (default: the checkpoint's)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="replay the denoising steps of a canvas from CUDA graphs (CUDA, bf16/fp16 only)")
 
 
 def add_sampling_options(p: argparse.ArgumentParser) -> None:
@@ -61,4 +63,5 @@ def load_engine(args: argparse.Namespace):
     import dgemma
 
     device, dtype = device_and_dtype(args)
-    return dgemma.load(model_source(args), device=device, dtype=dtype)
+    return dgemma.load(model_source(args), device=device, dtype=dtype,
+                       cuda_graphs=getattr(args, "cuda_graphs", False))

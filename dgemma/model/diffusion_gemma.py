@@ -158,10 +158,14 @@ class DiffusionGemma(nn.Module):
     def device(self) -> torch.device:
         return self.embed_tokens.weight.device
 
+    def embed_scale(self) -> float:
+        """``sqrt(d)`` rounded to the weight dtype first (bf16: sqrt(2816) = 53.07 -> 53.0), as the reference
+        does. A Python number (multiplying by it equals multiplying by a 0-dim tensor of that dtype, and
+        creates no device tensor, so CUDA graphs can capture it)."""
+        return float(torch.tensor(self.cfg.embed_scale, dtype=self.dtype))
+
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        # The scale is cast to the weight dtype first (bf16: sqrt(2816) = 53.07 -> 53.0), as the reference does.
-        scale = torch.tensor(self.cfg.embed_scale, dtype=self.dtype, device=self.device)
-        return self.embed_tokens(ids) * scale
+        return self.embed_tokens(ids) * self.embed_scale()
 
     def run_layers(self, x: torch.Tensor, positions: torch.Tensor, kv, encoder: bool,
                    checkpoint: bool = False) -> torch.Tensor:
@@ -198,8 +202,7 @@ class DiffusionGemma(nn.Module):
     def soft_embedding(self, sc_logits: torch.Tensor) -> torch.Tensor:
         """``softmax(sc_logits) @ E * sqrt(d)``: ``[B, C, V]`` -> ``[B, C, d]``."""
         probs = F.softmax(sc_logits, dim=-1, dtype=torch.float32).to(self.dtype)
-        scale = torch.tensor(self.cfg.embed_scale, dtype=self.dtype, device=self.device)
-        return (probs @ self.embed_tokens.weight) * scale
+        return (probs @ self.embed_tokens.weight) * self.embed_scale()
 
     def decode(
         self,
@@ -226,10 +229,18 @@ class DiffusionGemma(nn.Module):
         ``soft [B, C, d]`` is a ready soft embedding for self-conditioning (see ``soft_embedding``); the
         sampler computes it from each step's logits chunk by chunk (``dgemma.denoise.step_fused``).
         """
-        c = canvas.shape[1]
-        positions = (cache.lengths[:, None] + torch.arange(c)).to(canvas.device)
+        positions, kv = self.decode_inputs(cache, canvas.shape[1])
+        return self.decode_with(canvas, positions, kv, soft)
+
+    def decode_inputs(self, cache: KVCache, canvas_len: int) -> tuple[torch.Tensor, "DecoderKV"]:
+        """The host-side part of a decoder pass: canvas positions ``[B, C]`` and the K/V strategy (masks)."""
+        positions = (cache.lengths[:, None] + torch.arange(canvas_len)).to(self.device)
+        return positions, DecoderKV(cache, canvas_len, self.cfg.sliding_window, self.device)
+
+    def decode_with(self, canvas: torch.Tensor, positions: torch.Tensor, kv: "DecoderKV",
+                    soft: torch.Tensor | None = None) -> torch.Tensor:
+        """The device-only part of :meth:`decode_hidden` (no host reads or copies: CUDA graphs capture it)."""
         x = self.self_conditioning(self.embed(canvas), soft)
-        kv = DecoderKV(cache, c, self.cfg.sliding_window, canvas.device)
         return self.run_layers(x, positions, kv, encoder=False)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:

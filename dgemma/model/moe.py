@@ -67,10 +67,7 @@ class Experts(nn.Module):
         order = torch.argsort(flat, stable=True)
         token_of = order // k  # token index of each sorted (token, slot) pair
         xs = x.index_select(0, token_of)  # [N*k, d], grouped by expert
-        use_grouped = self.grouped
-        if use_grouped is None:  # the CUDA grouped GEMM kernels take bf16 operands
-            use_grouped = x.is_cuda and x.dtype == torch.bfloat16 and _GROUPED_MM is not None
-        if use_grouped:
+        if self.uses_grouped(x.device, x.dtype):
             # [E] counts without bincount, which reads max(flat) back to the host on CUDA (a sync per layer)
             counts = torch.zeros(self.num_experts, dtype=torch.int32, device=x.device)
             counts.index_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
@@ -80,14 +77,20 @@ class Experts(nn.Module):
         ys = (ys * weights.reshape(-1)[order, None]).to(x.dtype)  # routing weights are fp32
         return torch.zeros_like(x).index_add_(0, token_of, ys)
 
+    def uses_grouped(self, device: torch.device, dtype: torch.dtype) -> bool:
+        """Whether ``forward`` takes the grouped GEMM for inputs on ``device`` in ``dtype``."""
+        if self.grouped is not None:
+            return self.grouped
+        return device.type == "cuda" and dtype == torch.bfloat16 and _GROUPED_MM is not None  # bf16 kernels
+
     def _looped(self, xs: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        ys = torch.empty_like(xs)
-        start = 0
+        # torch.cat, not slice assignment: under autograd each assigned slice would copy the whole gradient
+        parts, start = [], 0
         for e, c in enumerate(counts):
             if c:
-                ys[start : start + c] = self._expert(e, xs[start : start + c])
+                parts.append(self._expert(e, xs[start : start + c]))
                 start += c
-        return ys
+        return parts[0] if len(parts) == 1 else torch.cat(parts) if parts else torch.empty_like(xs)
 
     def _grouped(self, xs: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
         """``xs [M, d]`` sorted by expert, ``offs [E]`` int32 end of each expert's rows -> ``[M, d]``."""

@@ -72,6 +72,8 @@ def add_parsers(sub) -> None:
     e.add_argument("--seed", type=int, default=EVAL_SEED)
     e.add_argument("--batch", type=int, default=32)
     e.add_argument("--no-ar", dest="ar", action="store_false")
+    e.add_argument("--pin", action="store_true",
+                   help="also decode with the clues pinned in the canvas (they cannot change), side by side")
     e.add_argument("--json", action="store_true")
     v = s.add_parser("solve", help="solve puzzles: one per line from FILE or stdin")
     v.add_argument("file", nargs="?", default="-")
@@ -79,6 +81,7 @@ def add_parsers(sub) -> None:
     v.add_argument("--batch", type=int, default=32)
     v.add_argument("--show", action="store_true", help="draw each board live as it is denoised (on stderr)")
     v.add_argument("--seed", type=int, default=SOLVE_DEFAULTS["seed"], help="sampling seed (default 0)")
+    v.add_argument("--pin", action="store_true", help="pin the clues in the canvas, so they cannot change")
 
 
 def run(parser, args) -> int:
@@ -158,15 +161,28 @@ def _bar(what: str, total: int):
         yield lambda n: bar.advance(task_id, n)
 
 
-def solve_boards(engine, boards: list[sb.Board], batch: int = 32, tick=None, seed: int = SOLVE_DEFAULTS["seed"]):
+def pinned_clues(engine, board: sb.Board) -> list[int]:
+    """A ``pinned_canvas`` row for ``board``: each clue's digit token at its cell, -1 elsewhere (and at EOS)."""
+    text = sb.format_board(board)
+    ids = engine.encode_prompt(text)[-81:]  # the 81 cells, after <bos>
+    if len(ids) != 81 or engine.decode(ids) != text or engine.config.canvas_length < 81:
+        raise DgemmaError("--pin needs a model that writes a board as one token per cell (as `dgemma sudoku "
+                          "train` makes it)")
+    return [t if cell else -1 for cell, t in zip(board, ids)] + [-1] * (engine.config.canvas_length - 81)
+
+
+def solve_boards(engine, boards: list[sb.Board], batch: int = 32, tick=None, seed: int = SOLVE_DEFAULTS["seed"],
+                 pin: bool = False):
     """Diffusion answers for ``boards``: ``[(answer board, steps)]``; ``tick(n)`` after each batch.
 
-    Reproducible for a given ``seed`` (each row of a batch equals its solo run).
+    Reproducible for a given ``seed`` (each row of a batch equals its solo run). ``pin``: the clues are
+    pinned in the canvas (``SamplingParams.pinned_canvas``), so they cannot change.
     """
     out = []
     for i in range(0, len(boards), batch):
         chunk = [sb.format_board(b) for b in boards[i: i + batch]]
-        for c in engine.generate(chunk, **{**SOLVE_DEFAULTS, "seed": seed}):
+        pins = {"pinned_canvas": [pinned_clues(engine, b) for b in boards[i: i + batch]]} if pin else {}
+        for c in engine.generate(chunk, **{**SOLVE_DEFAULTS, "seed": seed, **pins}):
             out.append((task.answer_board(c.text), sum(c.steps)))
         if tick:
             tick(len(chunk))
@@ -212,6 +228,15 @@ def _eval(args) -> int:
         for (p, s), (a, steps) in zip(pairs, answers):
             diff.add(p, s, a, steps)
         row = {"diffusion": {**diff.summary(), "seconds_per_puzzle": (time.perf_counter() - t0) / len(pairs)}}
+        if args.pin:
+            t0 = time.perf_counter()
+            pinned = task.Score()
+            with _bar(f"{name}: diffusion, clues pinned", len(boards)) as tick:
+                answers = solve_boards(engine, boards, args.batch, tick, pin=True)
+            for (p, s), (a, steps) in zip(pairs, answers):
+                pinned.add(p, s, a, steps)
+            row["diffusion-pinned"] = {**pinned.summary(),
+                                       "seconds_per_puzzle": (time.perf_counter() - t0) / len(pairs)}
         if args.ar:
             t0 = time.perf_counter()
             ar = task.Score()
@@ -223,7 +248,7 @@ def _eval(args) -> int:
         rows[name] = row
         if not args.json:
             for mode, r in row.items():
-                print(f"{name:8s} {mode:15s} exact {r['exact']:6.1%}  cells {r['cell_accuracy']:6.1%}  "
+                print(f"{name:8s} {mode:16s} exact {r['exact']:6.1%}  cells {r['cell_accuracy']:6.1%}  "
                       f"clues kept {r['clue_preservation']:6.1%}  "
                       + (f"steps {r['mean_steps']:5.1f}  " if "mean_steps" in r else "")
                       + f"{r['seconds_per_puzzle'] * 1000:7.1f} ms/puzzle")
@@ -250,8 +275,9 @@ def _solve(args) -> int:
         from dgemma.sudoku.view import solve_live
 
         for b in boards:
-            print(sb.format_board(solve_live(engine, b, {**SOLVE_DEFAULTS, "seed": args.seed})), flush=True)
+            pins = {"pinned_canvas": pinned_clues(engine, b)} if args.pin else {}
+            print(sb.format_board(solve_live(engine, b, {**SOLVE_DEFAULTS, "seed": args.seed, **pins})), flush=True)
         return 0
-    for answer, _ in solve_boards(engine, boards, args.batch, seed=args.seed):
+    for answer, _ in solve_boards(engine, boards, args.batch, seed=args.seed, pin=args.pin):
         print(sb.format_board(answer))
     return 0

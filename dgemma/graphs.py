@@ -1,0 +1,105 @@
+"""CUDA graphs for the decoder pass: the denoising steps of a canvas replay one captured graph.
+
+A decoder pass of a big MoE model at batch 1 is launch-bound on a GPU: the host needs longer to queue the
+thousand-odd kernels than the GPU needs to run them (26B-A4B on an H200: 81 ms of host time for 42 ms of
+kernels). Within a canvas every step has the same shapes and reads the same cache slots, so the pass can be
+captured once (``torch.cuda.CUDAGraph``) and replayed: a replay is one launch.
+
+:class:`GraphedDecoder` stands in for the model where the sampler takes one: every attribute is the model's,
+except ``decode_hidden``, which
+
+* runs eagerly off CUDA, with gradients enabled, without self-conditioning input (the first step of a
+  canvas, which never repeats within the canvas), or when the model cannot be captured (the per-expert
+  loop, which reads the expert counts back to the host: fp32 or fp16 unless ``Experts.grouped`` is set);
+* otherwise looks up a graph by everything the captured pass depends on (the cache's tensors, the rows'
+  lengths, the canvas and soft-embedding shapes); on a miss it warms up on a side stream, captures, and keeps
+  at most ``keep`` graphs (one memory pool shared by all); on a hit it copies the canvas and the soft
+  embedding into the graph's input buffers and replays.
+
+The host-side part of the pass (positions, masks) is computed once per graph by
+:meth:`~dgemma.model.diffusion_gemma.DiffusionGemma.decode_inputs`; the captured part,
+:meth:`~dgemma.model.diffusion_gemma.DiffusionGemma.decode_with`, makes no host reads or copies.
+The eager path (:meth:`DiffusionGemma.decode_hidden`) stays the reference; a test compares them on CUDA.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from dgemma.cache import KVCache
+
+
+@dataclass
+class _Graph:
+    graph: "torch.cuda.CUDAGraph"
+    canvas: torch.Tensor  # [B, C] long, input buffer
+    soft: torch.Tensor  # [B, C, d], input buffer
+    out: torch.Tensor  # [B, C, d], written by each replay
+    keep_alive: tuple  # positions and masks the graph reads
+
+
+class GraphedDecoder:
+    """The model, with ``decode_hidden`` replayed from CUDA graphs where it can be (see the module doc)."""
+
+    def __init__(self, model, keep: int = 2):
+        self.__dict__.update(model=model, keep=keep, graphs=OrderedDict(), pool=None, side=None, disabled=None,
+                             captures=0, replays=0)
+
+    def __getattr__(self, name):  # cfg, device, dtype, encode, logits, embed_tokens, ...
+        return getattr(self.__dict__["model"], name)
+
+    def capturable(self, canvas: torch.Tensor) -> bool:
+        """Whether ``decode_hidden`` on this input can go through a graph."""
+        if self.disabled or not canvas.is_cuda or torch.is_grad_enabled():
+            return False
+        # The per-expert loop reads the expert counts back to the host, which a capture cannot do.
+        return all(layer.experts.uses_grouped(canvas.device, self.model.dtype) for layer in self.model.layers)
+
+    def decode_hidden(self, canvas: torch.Tensor, cache: KVCache, soft: torch.Tensor | None = None) -> torch.Tensor:
+        if soft is None or not self.capturable(canvas):
+            return self.model.decode_hidden(canvas, cache, soft)
+        key = (tuple(t.data_ptr() for t in cache.k + cache.v), cache.capacity, tuple(cache.lengths.tolist()),
+               tuple(canvas.shape), tuple(soft.shape), soft.dtype, torch.is_inference_mode_enabled())
+        g = self.graphs.get(key)
+        if g is None:
+            try:
+                g = self._capture(canvas, cache, soft)
+            except RuntimeError as e:  # e.g. an op that syncs with the host; stay eager from now on
+                self.disabled = str(e)
+                self.graphs.clear()
+                warnings.warn(f"CUDA graph capture failed, decoding eagerly: {e}", RuntimeWarning, stacklevel=2)
+                torch.cuda.synchronize(canvas.device)
+                return self.model.decode_hidden(canvas, cache, soft)
+            self.graphs[key] = g
+            while len(self.graphs) > self.keep:
+                self.graphs.popitem(last=False)
+        else:
+            self.graphs.move_to_end(key)
+        g.canvas.copy_(canvas)
+        g.soft.copy_(soft)
+        g.graph.replay()
+        self.replays += 1
+        return g.out.clone()  # the buffer is overwritten by the next replay
+
+    def _capture(self, canvas: torch.Tensor, cache: KVCache, soft: torch.Tensor) -> _Graph:
+        device = canvas.device
+        positions, kv = self.model.decode_inputs(cache, canvas.shape[1])
+        static_canvas, static_soft = canvas.clone(), soft.clone()
+        if self.side is None:  # one side stream: blocks the warm-ups free stay reusable by the next ones
+            self.side = torch.cuda.Stream(device)
+        side = self.side
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # warm-up: lazy library state is set up outside the capture
+            self.model.decode_with(static_canvas, positions, kv, static_soft)
+        torch.cuda.current_stream(device).wait_stream(side)
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = self.model.decode_with(static_canvas, positions, kv, static_soft)
+        self.captures += 1
+        return _Graph(graph, static_canvas, static_soft, out, (positions, kv))

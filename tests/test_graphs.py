@@ -1,0 +1,61 @@
+"""CUDA-graph decoder steps (dgemma.graphs): the split of a decoder pass into host and device parts, the
+eager fallback off CUDA, and, where a GPU is present, graphs against the eager path."""
+
+import pytest
+import torch
+
+import dgemma
+from dgemma.cache import KVCache
+from dgemma.engine import Engine
+from dgemma.graphs import GraphedDecoder
+
+
+@pytest.fixture(scope="module")
+def engine(ckpt_factory):
+    return dgemma.load(ckpt_factory("tiny"))
+
+
+@torch.inference_mode()
+def test_decode_inputs_and_decode_with_make_decode_hidden(engine):
+    m = engine.model
+    cache = KVCache(m.cfg, 2, 64)
+    m.encode(torch.randint(3, 500, (2, 11)), cache, n_valid=torch.tensor([11, 7]))  # rows of unequal length
+    canvas = torch.randint(3, 500, (2, m.cfg.canvas_length))
+    soft = torch.randn(2, m.cfg.canvas_length, m.cfg.hidden_size)
+    positions, kv = m.decode_inputs(cache, m.cfg.canvas_length)
+    assert positions.tolist() == [list(range(11, 27)), list(range(7, 23))]
+    assert torch.equal(m.decode_with(canvas, positions, kv, soft), m.decode_hidden(canvas, cache, soft))
+
+
+def test_embed_scale_is_rounded_to_the_weight_dtype(engine):
+    m = engine.model
+    assert m.embed_scale() == float(torch.tensor(m.cfg.embed_scale, dtype=m.dtype))
+    ids = torch.randint(0, 500, (3, 5))
+    assert torch.equal(m.embed(ids), m.embed_tokens(ids) * torch.tensor(m.cfg.embed_scale, dtype=m.dtype))
+
+
+def test_off_cuda_the_graphed_decoder_is_the_eager_model(engine):
+    g = GraphedDecoder(engine.model)
+    canvas = torch.zeros(1, engine.config.canvas_length, dtype=torch.long)
+    assert not g.capturable(canvas) and g.cfg is engine.model.cfg
+    graphed = Engine(engine.model, engine.tokenizer, defaults=engine.defaults, cuda_graphs=True)
+    assert isinstance(graphed.runner, GraphedDecoder)
+    a = engine.generate(["Hello there", "Hi"], max_new_tokens=40, seed=3)
+    b = graphed.generate(["Hello there", "Hi"], max_new_tokens=40, seed=3)
+    assert [x.token_ids for x in a] == [x.token_ids for x in b]
+    assert graphed.runner.captures == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graphs_give_the_eager_tokens(ckpt_factory):
+    eager = dgemma.load(ckpt_factory("tiny"), device="cuda", dtype="bfloat16")
+    graphed = Engine(eager.model, eager.tokenizer, defaults=eager.defaults, cuda_graphs=True)
+    # Fixed steps (every step after the first replays) and adaptive stopping (rows drop out), unequal prompts.
+    for kw in ({"confidence_threshold": 0.0, "max_denoising_steps": 6}, {}):
+        prompts = ["Hello there, how are you", "Hi", [2, 7, 9, 11]]
+        a = eager.generate(prompts, max_new_tokens=48, seed=5, **kw)
+        b = graphed.generate(prompts, max_new_tokens=48, seed=5, **kw)
+        assert [x.token_ids for x in a] == [x.token_ids for x in b]
+        assert [x.steps for x in a] == [x.steps for x in b]
+    assert graphed.runner.disabled is None
+    assert graphed.runner.captures >= 1 and graphed.runner.replays > graphed.runner.captures
