@@ -5,8 +5,8 @@ divides the logits by a linear temperature counting down, samples every position
 lowest-entropy positions under the entropy budget, re-noises the rest, and feeds the scaled logits back as
 self-conditioning. A row stops when its argmax canvas is stable and its mean entropy is below the
 confidence threshold, or after ``max_denoising_steps``. Positions of ``pinned_canvas`` hold their tokens in
-the first canvas (entropy 0: always accepted, never re-noised). The argmax canvas is emitted, cut at the first EOS,
-and committed through the encoder before the next canvas starts.
+the first canvas (entropy 0: always accepted, never re-noised). The argmax canvas is emitted, cut at the
+first EOS, and committed through the encoder before the next canvas starts.
 
 Every row has its own CPU ``torch.Generator`` seeded with ``params.seed``, and only draws while it is still
 denoising, so a row gets the same tokens alone or in a batch, on any device. ``run`` is a generator: it

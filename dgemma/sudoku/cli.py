@@ -213,6 +213,17 @@ def _load(model):
     return dgemma.load(model or default_model())
 
 
+def _scored(pairs, what: str, solve) -> dict:
+    """Score ``solve(tick) -> [(answer, steps or None)]`` on ``pairs``; the summary plus seconds per puzzle."""
+    t0 = time.perf_counter()
+    score = task.Score()
+    with _bar(what, len(pairs)) as tick:
+        answers = solve(tick)
+    for (p, s), (a, steps) in zip(pairs, answers):
+        score.add(p, s, a, steps)
+    return {**score.summary(), "seconds_per_puzzle": (time.perf_counter() - t0) / len(pairs)}
+
+
 def _eval(args) -> int:
     engine = _load(args.model)
     rows = {}
@@ -221,30 +232,12 @@ def _eval(args) -> int:
             raise DgemmaError(f"unknown bucket {name!r}; choose from {', '.join(sb.BUCKETS)}")
         pairs = list(task.puzzles(args.n, sb.BUCKETS[name], args.seed, workers=os.cpu_count() or 1))
         boards = [p for p, _ in pairs]
-        t0 = time.perf_counter()
-        diff = task.Score()
-        with _bar(f"{name}: diffusion", len(boards)) as tick:
-            answers = solve_boards(engine, boards, args.batch, tick)
-        for (p, s), (a, steps) in zip(pairs, answers):
-            diff.add(p, s, a, steps)
-        row = {"diffusion": {**diff.summary(), "seconds_per_puzzle": (time.perf_counter() - t0) / len(pairs)}}
+        modes = {"diffusion": lambda tick: solve_boards(engine, boards, args.batch, tick)}
         if args.pin:
-            t0 = time.perf_counter()
-            pinned = task.Score()
-            with _bar(f"{name}: diffusion, clues pinned", len(boards)) as tick:
-                answers = solve_boards(engine, boards, args.batch, tick, pin=True)
-            for (p, s), (a, steps) in zip(pairs, answers):
-                pinned.add(p, s, a, steps)
-            row["diffusion-pinned"] = {**pinned.summary(),
-                                       "seconds_per_puzzle": (time.perf_counter() - t0) / len(pairs)}
+            modes["diffusion-pinned"] = lambda tick: solve_boards(engine, boards, args.batch, tick, pin=True)
         if args.ar:
-            t0 = time.perf_counter()
-            ar = task.Score()
-            with _bar(f"{name}: autoregressive", len(boards)) as tick:
-                answers = ar_boards(engine, boards, args.batch, tick)
-            for (p, s), a in zip(pairs, answers):
-                ar.add(p, s, a)
-            row["autoregressive"] = {**ar.summary(), "seconds_per_puzzle": (time.perf_counter() - t0) / len(pairs)}
+            modes["autoregressive"] = lambda tick: [(a, None) for a in ar_boards(engine, boards, args.batch, tick)]
+        row = {mode: _scored(pairs, f"{name}: {mode}", solve) for mode, solve in modes.items()}
         rows[name] = row
         if not args.json:
             for mode, r in row.items():
