@@ -46,8 +46,11 @@ class GraphedDecoder:
     """The model, with ``decode_hidden`` replayed from CUDA graphs where it can be (see the module doc)."""
 
     def __init__(self, model, keep: int = 2):
-        self.__dict__.update(model=model, keep=keep, graphs=OrderedDict(), pool=None, side=None, disabled=None,
-                             captures=0, replays=0)
+        self.model, self.keep = model, keep
+        self.graphs: OrderedDict[tuple, _Graph] = OrderedDict()  # least recently used first
+        self.pool = self.side = None  # graph memory pool and warm-up stream, made at the first capture
+        self.disabled: str | None = None  # why capturing stopped, if it did
+        self.captures = self.replays = 0
 
     def __getattr__(self, name):  # cfg, device, dtype, encode, logits, embed_tokens, ...
         return getattr(self.__dict__["model"], name)
