@@ -21,7 +21,8 @@ def add_model_options(p: argparse.ArgumentParser, model_required: bool = False) 
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when present, else cpu)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, ... (default: the checkpoint's)")
     p.add_argument("--cuda-graphs", action="store_true",
-                   help="replay the denoising steps of a canvas from CUDA graphs (CUDA, bf16/fp16 only)")
+                   help="replay the denoising steps of a canvas from CUDA graphs (CUDA with bf16 weights; "
+                        "eager otherwise)")
 
 
 def add_sampling_options(p: argparse.ArgumentParser) -> None:
