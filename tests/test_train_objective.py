@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from dgemma.cache import KVCache
 from dgemma.loading import load_weights
 from dgemma.train.data import Example, collate
-from dgemma.train.objective import Draw, Objective, ObjectiveConfig, draw, lm_loss_sum, token_counts
+from dgemma.train.objective import Draw, Objective, ObjectiveConfig, draw, draws, lm_loss_sum, token_counts
 
 from conftest import TINY, write_hf_checkpoint
 
@@ -124,6 +124,45 @@ def test_chunked_lm_loss_equals_full_cross_entropy(model):
 def test_token_counts():
     exs = [Example(tuple(range(5 + 32)), 5, 16), Example(tuple(range(3 + 16)), 3, 16)]
     assert token_counts(exs) == (32, 36 + 18)
+    assert token_counts(exs, 3) == (96, 36 + 18)  # K draws: K canvases per example, one AR pass
+
+
+def test_several_draws_per_example_are_stratified_and_start_with_the_single_draw():
+    ex = Example(tuple(range(4 + 48)), 4, 16)
+    cfg = ObjectiveConfig(draws_per_example=4)
+    for step in range(50):
+        one, four = draw(ex, 1, step, 3, 100, ObjectiveConfig()), draws(ex, 1, step, 3, 100, cfg)
+        assert len(four) == 4 and four[0].t == one.t and torch.equal(four[0].replace, one.replace)
+        assert torch.equal(four[0].tokens, one.tokens) and four[0].block == one.block
+        u = sorted((d.t - cfg.eps) / (1 - cfg.eps) for d in four)  # one level in each quarter of [0, 1)
+        assert all(j / 4 - 1e-9 <= x < (j + 1) / 4 + 1e-9 for j, x in enumerate(u))
+        assert len({(d.block, tuple(d.tokens.tolist())) for d in four}) == 4  # independent noise
+
+
+def test_k_draws_equal_the_batch_with_each_example_repeated(model):
+    """K draws per example share one encoder pass: the diffusion loss and its gradients equal those of a
+    batch holding each example K times, one draw each (the AR loss is counted once, not K times)."""
+    cfg = model.cfg
+    c, v = cfg.canvas_length, cfg.vocab_size
+    exs = [_example(6, 3, c, v, 31), _example(9, 2, c, v, 32)]
+    ds = [_draw(exs[0], 2, 0.2, True, v, 33), _draw(exs[0], 0, 0.8, False, v, 34),
+          _draw(exs[1], 1, 0.5, False, v, 35), _draw(exs[1], 1, 0.9, True, v, 36)]
+    got = []
+    for batch in (exs, [exs[0], exs[0], exs[1], exs[1]]):
+        model.zero_grad()
+        diff, ar = Objective(model, ObjectiveConfig())(collate(batch, 0), ds)
+        diff.backward()
+        got.append((diff.detach(), ar.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                                 if p.grad is not None}))
+    model.zero_grad()
+    (d2, ar2, g2), (d1, ar1, g1) = got
+    torch.testing.assert_close(d2, d1)
+    torch.testing.assert_close(ar2 * 2, ar1)
+    assert g2.keys() == g1.keys() and len(g1) > 10
+    for n in g1:
+        torch.testing.assert_close(g2[n], g1[n], atol=1e-4, rtol=1e-3, msg=lambda m, n=n: f"{n}: {m}")
+    with pytest.raises(ValueError, match="multiple"):
+        Objective(model, ObjectiveConfig())(collate(exs, 0), ds[:3])
 
 
 def test_loss_and_gradients_match_transformers(tmp_path):

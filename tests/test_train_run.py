@@ -112,10 +112,13 @@ def test_resume_continues_the_same_loss_curve(task, tmp_path, full_run, monkeypa
         torch.testing.assert_close(p, q, atol=1e-6, rtol=0, msg=lambda m, n=n: f"{n}: {m}")
 
 
-def test_gradient_accumulation_does_not_change_the_step(task, tmp_path):
+@pytest.mark.parametrize("k", [1, 2])
+def test_gradient_accumulation_does_not_change_the_step(task, tmp_path, k):
+    """Also with K draws per example: each micro-batch takes its own examples' draws."""
     runs = []
     for micro in (4, 1):
-        _run(_cfg(task, tmp_path / f"m{micro}", train={"steps": 2, "micro_batch": micro, "save_every": 0}))
+        _run(_cfg(task, tmp_path / f"m{micro}", train={"steps": 2, "micro_batch": micro, "save_every": 0},
+                  objective={"draws_per_example": k}))
         runs.append(torch.tensor(_losses(tmp_path / f"m{micro}")))
     torch.testing.assert_close(runs[0], runs[1], atol=1e-5, rtol=0)
 

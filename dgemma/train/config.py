@@ -215,6 +215,7 @@ def validate(cfg: TrainConfig) -> None:
         (0 <= o.self_conditioning_p <= 1, "objective.self_conditioning_p must be in [0, 1]"),
         (o.encoder_loss_weight >= 0, "objective.encoder_loss_weight must be >= 0"),
         (o.loss_chunk_rows > 0, "objective.loss_chunk_rows must be positive"),
+        (o.draws_per_example >= 1, "objective.draws_per_example must be at least 1"),
         (lora.rank > 0 and lora.alpha > 0 and 0 <= lora.dropout < 1, "lora.rank, lora.alpha > 0, lora.dropout in [0, 1)"),
     ]
     for ok, message in checks:

@@ -9,6 +9,13 @@ bidirectionally. Self-conditioning is the two-pass scheme: a no-grad pass withou
 whose coin came up (p = 0.5), the softmax of those logits as the signal of the graded pass. The loss sums
 cross-entropy over every supervised canvas position, corrupted or not, with no 1/t weight.
 
+``draws_per_example = K > 1`` (not in the spec; default 1) gives each example K independent corruptions that
+share one encoder pass: the decoder runs over ``B * K`` canvases, example-major, each reading its example's
+clean K/V. The K noise levels are stratified (``t_j = t_0 + j/K`` wrapped into ``[eps, 1)``), so one example
+is seen lightly and heavily corrupted in the same step. The encoder is most of a step's cost (it runs over
+prompt + answer, forward and backward), so this buys K times the denoising examples for much less than K
+times the time. Draw 0 is exactly the K = 1 draw.
+
 Every random draw of an example comes from a generator seeded by (seed, step, slot in the global batch):
 the same example gets the same noise whatever the number of processes or micro-batches, and a resumed
 run redraws exactly what the interrupted one would have.
@@ -20,6 +27,7 @@ self-conditioning block.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +45,7 @@ class ObjectiveConfig:
     eps: float = 1e-3  # t ~ U(eps, 1)
     self_conditioning_p: float = 0.5
     encoder_loss_weight: float = 1.0
+    draws_per_example: int = 1  # K corruptions of each example, sharing its encoder pass
     loss_chunk_rows: int = 2048  # LM-head rows per checkpointed cross-entropy chunk
 
 
@@ -51,17 +60,29 @@ class Draw:
     self_condition: bool
 
 
-def draw(example: Example, seed: int, step: int, slot: int, vocab: int, cfg: ObjectiveConfig,
-         stream: int = TRAIN_STREAM) -> Draw:
+def draws(example: Example, seed: int, step: int, slot: int, vocab: int, cfg: ObjectiveConfig,
+          stream: int = TRAIN_STREAM) -> list[Draw]:
+    """The ``cfg.draws_per_example`` draws of one example, from one generator seeded by (seed, step, slot)."""
     g = torch.Generator().manual_seed(((seed * 1_000_003 + stream) * 1_000_033 + step) * 65_537 + slot
                                       & (2**63 - 1))
-    c = example.block
-    t = cfg.eps + (1.0 - cfg.eps) * float(torch.rand((), generator=g))
-    block = int(torch.randint(example.n_blocks, (), generator=g))
-    replace = torch.rand(c, generator=g) < t
-    tokens = torch.randint(0, vocab, (c,), generator=g)
-    sc = bool(torch.rand((), generator=g) < cfg.self_conditioning_p)
-    return Draw(t, block, replace, tokens, sc)
+    c, k = example.block, cfg.draws_per_example
+    first = float(torch.rand((), generator=g))
+    out: list[Draw] = []
+    for j in range(k):
+        u = (first + j / k) % 1.0  # stratified: the j-th level a K-th of the range above the first, wrapped
+        t = cfg.eps + (1.0 - cfg.eps) * u
+        block = int(torch.randint(example.n_blocks, (), generator=g))
+        replace = torch.rand(c, generator=g) < t
+        tokens = torch.randint(0, vocab, (c,), generator=g)
+        sc = bool(torch.rand((), generator=g) < cfg.self_conditioning_p)
+        out.append(Draw(t, block, replace, tokens, sc))
+    return out
+
+
+def draw(example: Example, seed: int, step: int, slot: int, vocab: int, cfg: ObjectiveConfig,
+         stream: int = TRAIN_STREAM) -> Draw:
+    """The first (with ``draws_per_example = 1`` the only) draw of :func:`draws`."""
+    return draws(example, seed, step, slot, vocab, dataclasses.replace(cfg, draws_per_example=1), stream)[0]
 
 
 class TrainEncoderKV:
@@ -129,6 +150,8 @@ def lm_loss_sum(model, h: torch.Tensor, targets: torch.Tensor, chunk_rows: int) 
 class Objective(nn.Module):
     """``forward(batch, draws) -> (diffusion CE sum, AR CE sum)`` for one micro-batch.
 
+    ``draws``: K per example of the batch, example-major (``len(draws) = K * B``).
+
     ``net`` is what is trained and saved: the DiffusionGemma itself, or a peft model around it.
     """
 
@@ -157,13 +180,21 @@ class Objective(nn.Module):
         pairs = torch.arange(s - 1, device=dev)[None, :] < (batch.lengths - 1)[:, None]  # [B, S-1]
         ar = lm_loss_sum(m, h[:, :-1][pairs], ids[:, 1:][pairs], self.cfg.loss_chunk_rows)
 
-        # Decoder: the chosen block of each row, corrupted, at its absolute positions.
-        start = batch.prefix + c * torch.tensor([d.block for d in draws], device=dev)  # [B]
-        cpos = start[:, None] + torch.arange(c, device=dev)  # [B, C]
-        clean = ids.gather(1, cpos)
+        # Decoder: the chosen block of each canvas, corrupted, at its absolute positions. K draws per
+        # example make B * K canvases, example-major; `src` maps each canvas to its example's row.
+        k = len(draws) // b
+        if k * b != len(draws):
+            raise ValueError(f"{len(draws)} draws for {b} examples: expected a multiple")
+        src = torch.arange(b, device=dev).repeat_interleave(k) if k > 1 else None  # [B*K] or None
+        rows_ids = ids if src is None else ids[src]  # [B*K, S]
+        prefix = batch.prefix if src is None else batch.prefix[src]
+        start = prefix + c * torch.tensor([d.block for d in draws], device=dev)  # [B*K]
+        cpos = start[:, None] + torch.arange(c, device=dev)  # [B*K, C]
+        clean = rows_ids.gather(1, cpos)
         replace = torch.stack([d.replace for d in draws]).to(dev)
         noisy = torch.where(replace, torch.stack([d.tokens for d in draws]).to(dev), clean)
-        dec = TrainDecoderKV(enc.kv, start, s, c, window)
+        dec = TrainDecoderKV(enc.kv, start, s, c, window, rows=src)
+        b = len(draws)  # from here on, rows are canvases
 
         soft = None
         coins = [d.self_condition for d in draws]
@@ -174,7 +205,8 @@ class Objective(nn.Module):
             idx = torch.tensor(rows, device=dev)
             with torch.no_grad():  # pass 1: no self-conditioning, not back-propagated
                 x1 = m.self_conditioning(m.embed(noisy[idx]), None)
-                kv1 = TrainDecoderKV(enc.kv, start[idx], s, c, window, rows=idx, detach=True)
+                kv1 = TrainDecoderKV(enc.kv, start[idx], s, c, window, rows=idx if src is None else src[idx],
+                                     detach=True)
                 sc_logits = m.logits(m.run_layers(x1, cpos[idx], kv1, encoder=False))  # [n, C, V] fp32
             rows_soft = m.soft_embedding(sc_logits)  # [n, C, d]; graded through the embedding matrix
             if first_pass:
@@ -187,6 +219,6 @@ class Objective(nn.Module):
         return diff, ar
 
 
-def token_counts(examples: list[Example]) -> tuple[int, int]:
+def token_counts(examples: list[Example], draws_per_example: int = 1) -> tuple[int, int]:
     """``(supervised canvas positions, AR pairs)`` of a batch: the loss denominators (spec 4.5)."""
-    return sum(e.block for e in examples), sum(len(e.ids) - 1 for e in examples)
+    return draws_per_example * sum(e.block for e in examples), sum(len(e.ids) - 1 for e in examples)

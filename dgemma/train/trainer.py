@@ -27,7 +27,7 @@ from dgemma.train import checkpoint, dist, lora
 from dgemma.train.config import TrainConfig
 from dgemma.train.data import DataStats, DataStream, ExampleBuilder, collate
 from dgemma.train.model_setup import ModelSetup, build, fill_eos, initial_state, merge_adapter, plan
-from dgemma.train.objective import EVAL_STREAM, Objective, draw, token_counts
+from dgemma.train.objective import EVAL_STREAM, Objective, draw, draws, token_counts
 from dgemma.train.progress import Progress
 
 LOG_FILE = "log.jsonl"
@@ -133,12 +133,12 @@ class Trainer:
             return nullcontext()
         return torch.autocast(self.env.device.type, dtype=self.autocast)
 
-    def _first_pass(self, draws, i: int) -> bool | None:
+    def _first_pass(self, flat, i: int) -> bool | None:
         """Sharded: whether any process's micro-batch ``i`` self-conditions (then all run the pass)."""
         if not self.env.sharded:
             return None
-        per = self.t.micro_batch * self.env.world
-        return any(d.self_condition for d in draws[i * per: (i + 1) * per])
+        per = self.t.micro_batch * self.env.world * self.cfg.objective.draws_per_example
+        return any(d.self_condition for d in flat[i * per: (i + 1) * per])
 
     def _micro_slots(self, i: int, n: int) -> list[int]:
         lo = (i * self.env.world + self.env.rank) * self.t.micro_batch
@@ -148,19 +148,20 @@ class Trainer:
         """One optimiser step; returns the global mean losses, gradient norm and learning rate."""
         idx = self.stream.indices(step, self.t.batch_size)
         exs = [self.examples[i] for i in idx]
-        n_sup, n_pairs = token_counts(exs)
+        n_sup, n_pairs = token_counts(exs, self.cfg.objective.draws_per_example)
         vocab = self.setup.model.cfg.vocab_size
         torch.manual_seed((self.t.seed * 1_000_003 + step) * 1024 + self.env.rank)  # LoRA dropout, if any
         weight = self.cfg.objective.encoder_loss_weight
         sums = [0.0, 0.0]
-        draws = [draw(ex, self.t.seed, step, k, vocab, self.cfg.objective) for k, ex in enumerate(exs)]
+        per_ex = [draws(ex, self.t.seed, step, slot, vocab, self.cfg.objective) for slot, ex in enumerate(exs)]
+        flat = [d for ds in per_ex for d in ds]  # example-major, K per example
         for i in range(self.accum):
             slots = self._micro_slots(i, len(exs))
             batch = collate([exs[k] for k in slots], self.setup.pad_id).to(self.env.device)
             if self.env.sharded:
                 self.objective.set_requires_gradient_sync(i == self.accum - 1)
             with self._amp():
-                diff, ar = self.objective(batch, [draws[k] for k in slots], self._first_pass(draws, i))
+                diff, ar = self.objective(batch, [d for j in slots for d in per_ex[j]], self._first_pass(flat, i))
             loss = (diff / n_sup + weight * ar / n_pairs) * self.env.world
             loss.backward()
             sums[0] += float(diff.detach())
@@ -201,10 +202,10 @@ class Trainer:
             real = bool(slots)
             slots = slots or [0]  # every process must run the same number of (sharded) forward passes
             chosen = [exs[k] for k in slots]
-            draws = [draw(exs[k], self.t.seed, 0, k, vocab, self.cfg.objective, EVAL_STREAM) for k in slots]
+            ds = [draw(exs[k], self.t.seed, 0, k, vocab, self.cfg.objective, EVAL_STREAM) for k in slots]
             first = self.env.sharded and self.cfg.objective.self_conditioning_p > 0 or None
             with self._amp():
-                diff, ar = self.objective(collate(chosen, self.setup.pad_id).to(self.env.device), draws, first)
+                diff, ar = self.objective(collate(chosen, self.setup.pad_id).to(self.env.device), ds, first)
             if real:
                 n_sup, n_pairs = token_counts(chosen)
                 sums = [sums[0] + float(diff), sums[1] + float(ar), sums[2] + n_sup, sums[3] + n_pairs]
