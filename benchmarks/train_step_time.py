@@ -1,0 +1,56 @@
+"""Seconds per training step of the Sudoku recipe, for several draws-per-example K and batch sizes.
+
+Reads the files that ``dgemma sudoku train --out DIR`` writes (model_config.json, tokenizer/, train.jsonl),
+builds the project's ``Trainer`` with the recipe's settings, runs 2 warm-up steps and times ``--steps``
+more for each (K, batch) pair, one after the other in this process. Prints one JSON line per pair:
+seconds per step, denoised canvases per second (batch x K) and distinct examples per second.
+
+    python benchmarks/train_step_time.py runs/sudoku3 --pairs 1x32 2x32 3x32 2x24 [--steps 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from dgemma.sudoku import task
+from dgemma.train import config, dist
+from dgemma.train.trainer import Trainer
+
+
+def step_time(run: Path, k: int, batch: int, steps: int, out: Path) -> dict:
+    raw = {"model": {"config": str(run / "model_config.json"), "tokenizer": str(run / "tokenizer")},
+           "data": {"train": str(run / "train.jsonl"), "max_length": 2 * task.CANVAS, "template": "raw"},
+           "train": {"out": str(out), "steps": steps + 2, "batch_size": batch, "micro_batch": batch, "lr": 2e-3,
+                     "warmup": 100, "save_every": 0, "seed": 0, "weight_decay": 0.01, "precision": "auto",
+                     "activation_checkpointing": False},
+           "objective": {"draws_per_example": k}}
+    cfg = config.from_dict(raw)
+    trainer = Trainer(cfg, dist.setup(cfg.train.device), show_progress=False, log=lambda msg: None)
+    trainer.train_step(0)
+    trainer.train_step(1)
+    t0 = time.perf_counter()
+    for s in range(2, 2 + steps):
+        trainer.train_step(s)
+    dt = (time.perf_counter() - t0) / steps
+    return {"draws_per_example": k, "batch": batch, "s_per_step": round(dt, 3),
+            "canvases_per_s": round(batch * k / dt, 1), "examples_per_s": round(batch / dt, 1)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("run", type=Path, help="a `dgemma sudoku train --out` directory")
+    ap.add_argument("--pairs", nargs="+", default=["1x32", "2x32"], help="KxBATCH pairs (default 1x32 2x32)")
+    ap.add_argument("--steps", type=int, default=8)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, pair in enumerate(args.pairs):
+            k, batch = (int(x) for x in pair.split("x"))
+            print(json.dumps(step_time(args.run, k, batch, args.steps, Path(tmp) / str(i))), flush=True)
+
+
+if __name__ == "__main__":
+    main()
