@@ -31,6 +31,9 @@ class SamplingParams:
     t_min: float = 0.4
     stability_threshold: int = 1
     confidence_threshold: float = 0.005
+    # Not in the spec: a canvas that runs out of steps without meeting the stopping rule is denoised again
+    # from fresh noise, up to this many times (0: never, the reference behaviour).
+    restarts: int = 0
     eos_token_id: tuple[int, ...] | None = None  # None: the model's; () disables EOS stopping
     pad_token_id: int | None = None
     seed: int | None = None
@@ -53,6 +56,7 @@ class SamplingParams:
             "t_min": _is_num(self.t_min) and self.t_min > 0,
             "stability_threshold": _is_int(self.stability_threshold) and self.stability_threshold >= 0,
             "confidence_threshold": _is_num(self.confidence_threshold) and self.confidence_threshold >= 0,
+            "restarts": _is_int(self.restarts) and self.restarts >= 0,
             "eos_token_id": eos is None or (isinstance(eos, tuple) and all(_is_int(e) and e >= 0 for e in eos)),
             "pad_token_id": self.pad_token_id is None or (_is_int(self.pad_token_id) and self.pad_token_id >= 0),
             "seed": self.seed is None or _is_int(self.seed),
@@ -93,6 +97,7 @@ _RULES = {
     "t_min": "a number > 0",
     "stability_threshold": "an integer >= 0",
     "confidence_threshold": "a number >= 0; 0 means never stop early",
+    "restarts": "an integer >= 0",
     "eos_token_id": "a token id or a list of token ids",
     "pad_token_id": "a token id or None",
     "seed": "an integer or None",

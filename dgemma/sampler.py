@@ -4,7 +4,9 @@ Spec section 5, per canvas: start from uniform noise (or a given canvas); each s
 divides the logits by a linear temperature counting down, samples every position, accepts the
 lowest-entropy positions under the entropy budget, re-noises the rest, and feeds the scaled logits back as
 self-conditioning. A row stops when its argmax canvas is stable and its mean entropy is below the
-confidence threshold, or after ``max_denoising_steps``. Positions of ``pinned_canvas`` hold their tokens in
+confidence threshold, or after ``max_denoising_steps``; with ``restarts = N`` a row that ran out of steps
+unsettled is denoised again from fresh noise, up to N times (the first attempt that settles is kept, else
+the last; its steps count them all). Positions of ``pinned_canvas`` hold their tokens in
 the first canvas (entropy 0: always accepted, never re-noised). The argmax canvas is emitted, cut at the
 first EOS, and committed through the encoder before the next canvas starts.
 
@@ -143,8 +145,19 @@ def run(
     for c in range(n_canvases):
         rows = [b for b in range(n_rows) if not finished[b]]
         first = c == 0
-        final = yield from _denoise_canvas(model, cache, rows, gens, params, c, initial if first else None,
-                                           pinned if first else None, results, step_events, fused)
+        start, pins = (initial, pinned) if first else (None, None)
+        for b in rows:
+            results[b].steps.append(0)
+        final, settled = yield from _denoise_canvas(model, cache, rows, gens, params, c, start, pins, results,
+                                                    step_events, fused)
+        for _ in range(params.restarts):  # rows that hit the step cap unsettled: denoise again from noise
+            again = [b for b in rows if b not in settled]
+            if not again:
+                break
+            more, more_settled = yield from _denoise_canvas(model, cache, again, gens, params, c, start, pins,
+                                                            results, step_events, fused)
+            final.update(more)  # the first attempt that settles, else the last
+            settled |= more_settled
         committed = torch.full((n_rows, length), pad_id, dtype=torch.long)
         for b in rows:
             committed[b] = final[b]
@@ -167,7 +180,8 @@ def run(
 
 
 def _denoise_canvas(model, cache, rows, gens, params, c, initial, pinned, results, step_events, fused):
-    """Denoise one canvas for batch ``rows``; yields StepEvents, returns ``{row: argmax canvas [C]}``.
+    """Denoise one canvas for batch ``rows``; yields StepEvents and adds its steps to each row's last
+    ``results[b].steps`` entry. Returns ``({row: argmax canvas [C]}, rows that met the stopping rule)``.
 
     ``pinned`` (``[C]`` per row, -1 = free): those tokens are the canvas's at every step and in its argmax,
     with entropy 0 (always accepted, never re-noised, certain for the stopping rule).
@@ -188,8 +202,7 @@ def _denoise_canvas(model, cache, rows, gens, params, c, initial, pinned, result
     soft = None  # self-conditioning input from the previous step, [n, C, d]
     history = {b: [] for b in rows}  # previous argmax canvases, newest last
     final: dict[int, torch.Tensor] = {}
-    for b in rows:
-        results[b].steps.append(0)
+    settled: set[int] = set()
     for step in range(params.max_denoising_steps, 0, -1):
         h = model.decode_hidden(x, sub, soft)  # [n, C, d]
         u = torch.stack([torch.rand(length, generator=gens[b]) for b in active])  # [n, C]
@@ -221,6 +234,8 @@ def _denoise_canvas(model, cache, rows, gens, params, c, initial, pinned, result
                                 accepted=n_accepted[i], mean_entropy=mean_h[i], accepted_mask=accept[i].tolist())
             if not (stable and mean_h[i] < params.confidence_threshold):
                 keep.append(i)
+            else:
+                settled.add(b)
         if not keep or step == 1:  # all rows stopped, or that was the last step (it made no soft input)
             break
         soft = stats.soft
@@ -231,4 +246,4 @@ def _denoise_canvas(model, cache, rows, gens, params, c, initial, pinned, result
             if pin is not None:
                 pin, pin_tok = pin[idx.to(device)], pin_tok[idx.to(device)]
             sub = cache.select(torch.tensor(active))
-    return final
+    return final, settled

@@ -103,6 +103,27 @@ def test_stable_and_confident_stopping(engine):
     assert all(drafts[i] != drafts[i - 1] for i in range(1, len(drafts) - 1))
 
 
+def test_restarts_redo_only_canvases_that_did_not_settle(engine):
+    # Never settles (a random model is not that sure): each canvas runs 1 + restarts attempts, all counted.
+    never = dict(max_new_tokens=32, max_denoising_steps=3, confidence_threshold=1e-12, seed=5)
+    base, again = engine.generate("x", **never), engine.generate("x", restarts=2, **never)
+    assert base.steps == [3, 3] and again.steps == [9, 9]
+    assert again.token_ids != base.token_ids  # the kept canvases are the last attempts, from fresh noise
+    # Always settles at the first step: restarts change nothing.
+    sure = dict(max_new_tokens=32, confidence_threshold=1e9, stability_threshold=0, seed=5)
+    a, b = engine.generate("x", **sure), engine.generate("x", restarts=3, **sure)
+    assert (a.token_ids, a.steps) == (b.token_ids, b.steps) == (a.token_ids, [1, 1])
+    # A batch restarts only its unsettled rows, and each row equals its solo run.
+    mixed = dict(max_new_tokens=16, max_denoising_steps=4, confidence_threshold=1.0, restarts=2, seed=7)
+    prompts = ["a", "b b b", [2, 9, 9]]
+    batch = engine.generate(prompts, **mixed)
+    for prompt, got in zip(prompts, batch):
+        alone = engine.generate(prompt, **mixed)
+        assert (got.token_ids, got.steps) == (alone.token_ids, alone.steps)
+    with pytest.raises(ValueError, match="restarts"):
+        engine.generate("x", restarts=-1)
+
+
 def test_eos_ends_the_row_and_output_respects_max_new_tokens(engine):
     base = engine.generate("hello", max_new_tokens=48, seed=3, eos_token_id=())
     assert len(base.token_ids) == 48 and base.finish_reason == "length"

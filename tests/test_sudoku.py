@@ -149,14 +149,16 @@ def test_solve_prints_one_answer_per_puzzle_in_order(trained, tmp_path):
 
 
 def test_eval_reports_both_decoders(trained):
-    proc = _cli("eval", "--model", str(trained), "-n", "3", "--buckets", "medium", "--json", "--pin")
+    proc = _cli("eval", "--model", str(trained), "-n", "3", "--buckets", "medium", "--json", "--pin",
+                "--restarts", "1")
     assert proc.returncode == 0, proc.stderr[-2000:]
     row = json.loads(proc.stdout)["medium"]
-    for mode in ("diffusion", "diffusion-pinned", "autoregressive"):
+    for mode in ("diffusion", "diffusion-restarts1", "diffusion-pinned", "autoregressive"):
         r = row[mode]
         assert r["puzzles"] == 3 and 0 <= r["exact"] <= 1 and 0 <= r["cell_accuracy"] <= 1
         assert 0 <= r["clue_preservation"] <= 1 and r["seconds_per_puzzle"] > 0
     assert row["diffusion"]["mean_steps"] >= 1
+    assert row["diffusion-restarts1"]["mean_steps"] >= row["diffusion"]["mean_steps"]  # restarts count their steps
 
 
 def test_solve_show_draws_boards_and_gives_the_same_answers(trained, tmp_path):

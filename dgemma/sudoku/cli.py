@@ -25,7 +25,8 @@ from dgemma.sudoku import task
 
 EVAL_SEED = 1_000_003  # differs from every training seed the commands use by default
 SOLVE_DEFAULTS = {"max_new_tokens": task.CANVAS, "max_denoising_steps": 32, "t_max": 0.2, "t_min": 0.05,
-                  "stability_threshold": 1, "confidence_threshold": 0.005, "entropy_bound": 0.1, "seed": 0}
+                  "stability_threshold": 1, "confidence_threshold": 0.005, "entropy_bound": 0.1, "restarts": 0,
+                  "seed": 0}
 
 
 def _clue_range(args) -> tuple[int, int]:
@@ -74,6 +75,8 @@ def add_parsers(sub) -> None:
     e.add_argument("--no-ar", dest="ar", action="store_false")
     e.add_argument("--pin", action="store_true",
                    help="also decode with the clues pinned in the canvas (they cannot change), side by side")
+    e.add_argument("--restarts", type=int, metavar="N",
+                   help="also score diffusion with N restarts of boards that do not settle within the step cap")
     e.add_argument("--json", action="store_true")
     v = s.add_parser("solve", help="solve puzzles: one per line from FILE or stdin")
     v.add_argument("file", nargs="?", default="-")
@@ -82,6 +85,8 @@ def add_parsers(sub) -> None:
     v.add_argument("--show", action="store_true", help="draw each board live as it is denoised (on stderr)")
     v.add_argument("--seed", type=int, default=SOLVE_DEFAULTS["seed"], help="sampling seed (default 0)")
     v.add_argument("--pin", action="store_true", help="pin the clues in the canvas, so they cannot change")
+    v.add_argument("--restarts", type=int, metavar="N",
+                   help="denoise a board that does not settle within the step cap again, up to N times")
 
 
 def run(parser, args) -> int:
@@ -172,17 +177,20 @@ def pinned_clues(engine, board: sb.Board) -> list[int]:
 
 
 def solve_boards(engine, boards: list[sb.Board], batch: int = 32, tick=None, seed: int = SOLVE_DEFAULTS["seed"],
-                 pin: bool = False):
+                 pin: bool = False, restarts: int | None = None):
     """Diffusion answers for ``boards``: ``[(answer board, steps)]``; ``tick(n)`` after each batch.
 
     Reproducible for a given ``seed`` (each row of a batch equals its solo run). ``pin``: the clues are
-    pinned in the canvas (``SamplingParams.pinned_canvas``), so they cannot change.
+    pinned in the canvas (``SamplingParams.pinned_canvas``), so they cannot change. ``restarts``: boards that
+    do not settle within the step cap are denoised again from noise, up to that many times (default: the
+    solve defaults').
     """
+    extra = {} if restarts is None else {"restarts": restarts}
     out = []
     for i in range(0, len(boards), batch):
         chunk = [sb.format_board(b) for b in boards[i: i + batch]]
         pins = {"pinned_canvas": [pinned_clues(engine, b) for b in boards[i: i + batch]]} if pin else {}
-        for c in engine.generate(chunk, **{**SOLVE_DEFAULTS, "seed": seed, **pins}):
+        for c in engine.generate(chunk, **{**SOLVE_DEFAULTS, "seed": seed, **extra, **pins}):
             out.append((task.answer_board(c.text), sum(c.steps)))
         if tick:
             tick(len(chunk))
@@ -225,6 +233,8 @@ def _scored(pairs, what: str, solve) -> dict:
 
 
 def _eval(args) -> int:
+    if args.restarts is not None and args.restarts < 0:
+        raise DgemmaError("--restarts must be 0 or more")
     engine = _load(args.model)
     rows = {}
     for name in [b.strip() for b in args.buckets.split(",") if b.strip()]:
@@ -233,6 +243,9 @@ def _eval(args) -> int:
         pairs = list(task.puzzles(args.n, sb.BUCKETS[name], args.seed, workers=os.cpu_count() or 1))
         boards = [p for p, _ in pairs]
         modes = {"diffusion": lambda tick: solve_boards(engine, boards, args.batch, tick)}
+        if args.restarts:
+            modes[f"diffusion-restarts{args.restarts}"] = lambda tick: solve_boards(engine, boards, args.batch, tick,
+                                                                                     restarts=args.restarts)
         if args.pin:
             modes["diffusion-pinned"] = lambda tick: solve_boards(engine, boards, args.batch, tick, pin=True)
         if args.ar:
@@ -241,7 +254,7 @@ def _eval(args) -> int:
         rows[name] = row
         if not args.json:
             for mode, r in row.items():
-                print(f"{name:8s} {mode:16s} exact {r['exact']:6.1%}  cells {r['cell_accuracy']:6.1%}  "
+                print(f"{name:8s} {mode:20s} exact {r['exact']:6.1%}  cells {r['cell_accuracy']:6.1%}  "
                       f"clues kept {r['clue_preservation']:6.1%}  "
                       + (f"steps {r['mean_steps']:5.1f}  " if "mean_steps" in r else "")
                       + f"{r['seconds_per_puzzle'] * 1000:7.1f} ms/puzzle")
@@ -263,14 +276,17 @@ def _solve(args) -> int:
             boards.append(sb.parse(line))
         except sb.BoardError as e:
             raise DgemmaError(f"{args.file if args.file != '-' else '<stdin>'}:{i}: {e}") from None
+    if args.restarts is not None and args.restarts < 0:
+        raise DgemmaError("--restarts must be 0 or more")
     engine = _load(args.model)
+    extra = {} if args.restarts is None else {"restarts": args.restarts}
     if args.show:
         from dgemma.sudoku.view import solve_live
 
         for b in boards:
             pins = {"pinned_canvas": pinned_clues(engine, b)} if args.pin else {}
-            print(sb.format_board(solve_live(engine, b, {**SOLVE_DEFAULTS, "seed": args.seed, **pins})), flush=True)
+            print(sb.format_board(solve_live(engine, b, {**SOLVE_DEFAULTS, "seed": args.seed, **extra, **pins})), flush=True)
         return 0
-    for answer, _ in solve_boards(engine, boards, args.batch, seed=args.seed, pin=args.pin):
+    for answer, _ in solve_boards(engine, boards, args.batch, seed=args.seed, pin=args.pin, restarts=args.restarts):
         print(sb.format_board(answer))
     return 0
