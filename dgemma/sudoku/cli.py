@@ -232,9 +232,13 @@ def _scored(pairs, what: str, solve) -> dict:
     return {**score.summary(), "seconds_per_puzzle": (time.perf_counter() - t0) / len(pairs)}
 
 
-def _eval(args) -> int:
+def _check_restarts(args) -> None:
     if args.restarts is not None and args.restarts < 0:
         raise DgemmaError("--restarts must be 0 or more")
+
+
+def _eval(args) -> int:
+    _check_restarts(args)
     engine = _load(args.model)
     rows = {}
     for name in [b.strip() for b in args.buckets.split(",") if b.strip()]:
@@ -276,8 +280,7 @@ def _solve(args) -> int:
             boards.append(sb.parse(line))
         except sb.BoardError as e:
             raise DgemmaError(f"{args.file if args.file != '-' else '<stdin>'}:{i}: {e}") from None
-    if args.restarts is not None and args.restarts < 0:
-        raise DgemmaError("--restarts must be 0 or more")
+    _check_restarts(args)
     engine = _load(args.model)
     extra = {} if args.restarts is None else {"restarts": args.restarts}
     if args.show:
@@ -285,7 +288,8 @@ def _solve(args) -> int:
 
         for b in boards:
             pins = {"pinned_canvas": pinned_clues(engine, b)} if args.pin else {}
-            print(sb.format_board(solve_live(engine, b, {**SOLVE_DEFAULTS, "seed": args.seed, **extra, **pins})), flush=True)
+            params = {**SOLVE_DEFAULTS, "seed": args.seed, **extra, **pins}
+            print(sb.format_board(solve_live(engine, b, params)), flush=True)
         return 0
     for answer, _ in solve_boards(engine, boards, args.batch, seed=args.seed, pin=args.pin, restarts=args.restarts):
         print(sb.format_board(answer))

@@ -12,9 +12,9 @@ cross-entropy over every supervised canvas position, corrupted or not, with no 1
 ``draws_per_example = K > 1`` (not in the spec; default 1) gives each example K independent corruptions that
 share one encoder pass: the decoder runs over ``B * K`` canvases, example-major, each reading its example's
 clean K/V. The K noise levels are stratified (``t_j = t_0 + j/K`` wrapped into ``[eps, 1)``), so one example
-is seen lightly and heavily corrupted in the same step. The encoder is most of a step's cost (it runs over
-prompt + answer, forward and backward), so this buys K times the denoising examples for much less than K
-times the time. Draw 0 is exactly the K = 1 draw.
+is seen lightly and heavily corrupted in the same step. The encoder runs over prompt + answer, forward and
+backward, so K canvases cost less than K steps (Sudoku, K = 2: 1.3-1.5x the time of K = 1; there it did not
+pay at equal time, see docs/TRAINING.md). Draw 0 is exactly the K = 1 draw.
 
 Every random draw of an example comes from a generator seeded by (seed, step, slot in the global batch):
 the same example gets the same noise whatever the number of processes or micro-batches, and a resumed
