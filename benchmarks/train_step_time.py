@@ -1,7 +1,7 @@
 """Seconds per training step of the Sudoku recipe, for several draws-per-example K and batch sizes.
 
 Reads the files that ``dgemma sudoku train --out DIR`` writes (model_config.json, tokenizer/, train.jsonl),
-builds the project's ``Trainer`` with the recipe's settings, runs 2 warm-up steps and times ``--steps``
+builds the project's ``Trainer`` with the recipe's settings (``train_recipe``), runs 2 warm-up steps and times ``--steps``
 more for each (K, batch) pair, one after the other in this process. Prints one JSON line per pair:
 seconds per step, denoised canvases per second (batch x K) and distinct examples per second.
 
@@ -16,18 +16,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from dgemma.sudoku import task
+from dgemma.sudoku.cli import train_recipe
 from dgemma.train import config, dist
 from dgemma.train.trainer import Trainer
 
 
 def step_time(run: Path, k: int, batch: int, steps: int, out: Path) -> dict:
-    raw = {"model": {"config": str(run / "model_config.json"), "tokenizer": str(run / "tokenizer")},
-           "data": {"train": str(run / "train.jsonl"), "max_length": 2 * task.CANVAS, "template": "raw"},
-           "train": {"out": str(out), "steps": steps + 2, "batch_size": batch, "micro_batch": batch, "lr": 2e-3,
-                     "warmup": 100, "save_every": 0, "seed": 0, "weight_decay": 0.01, "precision": "auto",
-                     "activation_checkpointing": False},
-           "objective": {"draws_per_example": k}}
+    raw = train_recipe(run, steps + 2, seed=0)
+    raw["train"].update(out=str(out), batch_size=batch, micro_batch=batch, save_every=0)
+    raw["objective"] = {"draws_per_example": k}
     cfg = config.from_dict(raw)
     trainer = Trainer(cfg, dist.setup(cfg.train.device), show_progress=False, log=lambda msg: None)
     trainer.train_step(0)

@@ -108,6 +108,17 @@ def _generate(args) -> int:
     return 0
 
 
+def train_recipe(out: Path, steps: int, seed: int) -> dict:
+    """The raw training config of ``dgemma sudoku train --out OUT`` (before ``--set`` overrides)."""
+    return {
+        "model": {"config": str(out / "model_config.json"), "tokenizer": str(out / "tokenizer")},
+        "data": {"train": str(out / "train.jsonl"), "max_length": 2 * task.CANVAS, "template": "raw"},
+        "train": {"out": str(out / "run"), "steps": steps, "batch_size": 32, "micro_batch": 32, "lr": 2e-3,
+                  "min_lr": 1e-4, "warmup": 100, "log_every": 50, "save_every": 500, "seed": seed,
+                  "weight_decay": 0.01, "precision": "auto", "activation_checkpointing": False},
+    }
+
+
 def _train(args) -> int:
     from dgemma.train import config, dist
     from dgemma.train.trainer import Trainer
@@ -126,13 +137,7 @@ def _train(args) -> int:
         with _bar(f"generating {args.puzzles} puzzles", args.puzzles * args.augment) as tick:
             task.write_jsonl(data, task.augmented(pairs, args.augment, args.seed), progress=tick)
         atomic_write_text(meta, json.dumps(recipe) + "\n")
-    raw = {
-        "model": {"config": str(out / "model_config.json"), "tokenizer": str(tok_dir)},
-        "data": {"train": str(data), "max_length": 2 * task.CANVAS, "template": "raw"},
-        "train": {"out": str(out / "run"), "steps": args.steps, "batch_size": 32, "micro_batch": 32, "lr": 2e-3,
-                  "min_lr": 1e-4, "warmup": 100, "log_every": 50, "save_every": 500, "seed": args.seed,
-                  "weight_decay": 0.01, "precision": "auto", "activation_checkpointing": False},
-    }
+    raw = train_recipe(out, args.steps, args.seed)
     for text in args.overrides:
         (section, key), value = config.parse_override(text)
         raw.setdefault(section, {})[key] = value
