@@ -54,6 +54,7 @@ class StepUpdate:
     accepted: int
     mean_entropy: float
     accepted_mask: list[bool] = field(default_factory=list)  # positions that kept their sampled token
+    attempt: int = 0  # with restarts: which denoising of this canvas, from 0 (``step`` counts them all)
 
 
 @dataclass
@@ -167,7 +168,7 @@ class Engine:
         for event in loop:
             if isinstance(event, sampler.StepEvent):
                 yield StepUpdate(event.canvas, event.step, event.draft, event.accepted, event.mean_entropy,
-                                 event.accepted_mask)
+                                 event.accepted_mask, event.attempt)
                 continue
             tokens += event.tokens
             new_text = self.decode(tokens)

@@ -32,8 +32,11 @@ class SamplingParams:
     stability_threshold: int = 1
     confidence_threshold: float = 0.005
     # Not in the spec: a canvas that runs out of steps without meeting the stopping rule is denoised again
-    # from fresh noise, up to this many times (0: never, the reference behaviour).
+    # from fresh noise, up to this many times (0: never, the reference behaviour). With `restart_entropy`,
+    # one that settles with a final mean entropy at or above it is denoised again too. The attempt kept is
+    # the first that qualifies, else the most confident: settled before unsettled, then lowest entropy.
     restarts: int = 0
+    restart_entropy: float | None = None
     eos_token_id: tuple[int, ...] | None = None  # None: the model's; () disables EOS stopping
     pad_token_id: int | None = None
     seed: int | None = None
@@ -57,6 +60,8 @@ class SamplingParams:
             "stability_threshold": _is_int(self.stability_threshold) and self.stability_threshold >= 0,
             "confidence_threshold": _is_num(self.confidence_threshold) and self.confidence_threshold >= 0,
             "restarts": _is_int(self.restarts) and self.restarts >= 0,
+            "restart_entropy": self.restart_entropy is None or (_is_num(self.restart_entropy)
+                                                                and self.restart_entropy > 0),
             "eos_token_id": eos is None or (isinstance(eos, tuple) and all(_is_int(e) and e >= 0 for e in eos)),
             "pad_token_id": self.pad_token_id is None or (_is_int(self.pad_token_id) and self.pad_token_id >= 0),
             "seed": self.seed is None or _is_int(self.seed),
@@ -98,6 +103,7 @@ _RULES = {
     "stability_threshold": "an integer >= 0",
     "confidence_threshold": "a number >= 0; 0 means never stop early",
     "restarts": "an integer >= 0",
+    "restart_entropy": "a number > 0, or None for the stopping rule alone",
     "eos_token_id": "a token id or a list of token ids",
     "pad_token_id": "a token id or None",
     "seed": "an integer or None",

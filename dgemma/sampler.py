@@ -5,10 +5,11 @@ divides the logits by a linear temperature counting down, samples every position
 lowest-entropy positions under the entropy budget, re-noises the rest, and feeds the scaled logits back as
 self-conditioning. A row stops when its argmax canvas is stable and its mean entropy is below the
 confidence threshold, or after ``max_denoising_steps``; with ``restarts = N`` a row that ran out of steps
-unsettled is denoised again from fresh noise, up to N times (the first attempt that settles is kept, else
-the last; its steps count them all). Positions of ``pinned_canvas`` hold their tokens in
-the first canvas (entropy 0: always accepted, never re-noised). The argmax canvas is emitted, cut at the
-first EOS, and committed through the encoder before the next canvas starts.
+unsettled (or, with ``restart_entropy``, settled at a mean entropy not below it) is denoised again from
+fresh noise, up to N times; the first attempt that qualifies is kept, else the most confident (settled
+first, then the lowest final mean entropy), and its steps count them all. Positions of ``pinned_canvas``
+hold their tokens in the first canvas (entropy 0: always accepted, never re-noised). The argmax canvas is
+emitted, cut at the first EOS, and committed through the encoder before the next canvas starts.
 
 Every row has its own CPU ``torch.Generator`` seeded with ``params.seed``, and only draws while it is still
 denoising, so a row gets the same tokens alone or in a batch, on any device. ``run`` is a generator: it
@@ -38,6 +39,7 @@ class StepEvent:
     accepted: int  # positions that kept their sampled token this step
     mean_entropy: float
     accepted_mask: list[bool] = field(default_factory=list)  # which positions those are ([C])
+    attempt: int = 0  # restarts: which denoising of this canvas, from 0
 
 
 @dataclass
@@ -55,6 +57,23 @@ class RowResult:
     steps: list[int] = field(default_factory=list)  # denoising steps used by each canvas
     prompt_tokens: int = 0
     committed_ids: list[int] = field(default_factory=list)  # whole canvases committed to the cache, in order
+
+
+@dataclass
+class Attempt:
+    """One denoising of a canvas: its argmax canvas, whether it met the stopping rule, its last mean entropy."""
+
+    tokens: torch.Tensor  # [C]
+    settled: bool
+    entropy: float
+
+    def qualifies(self, params: SamplingParams) -> bool:
+        """Kept without a restart: settled, and below ``restart_entropy`` when that is set."""
+        return self.settled and (params.restart_entropy is None or self.entropy < params.restart_entropy)
+
+    def rank(self) -> tuple[bool, float]:
+        """Lower is more confident: settled before unsettled, then lower final mean entropy."""
+        return (not self.settled, self.entropy)
 
 
 def entropy_bound_accept(entropy: torch.Tensor, bound: float) -> torch.Tensor:
@@ -148,21 +167,22 @@ def run(
         start, pins = (initial, pinned) if first else (None, None)
         for b in rows:
             results[b].steps.append(0)
-        final, settled = yield from _denoise_canvas(model, cache, rows, gens, params, c, start, pins, results,
-                                                    step_events, fused)
-        for _ in range(params.restarts):  # rows that hit the step cap unsettled: denoise again from noise
-            again = [b for b in rows if b not in settled]
+        final = yield from _denoise_canvas(model, cache, rows, gens, params, c, start, pins, results,
+                                           step_events, fused)
+        for attempt in range(1, params.restarts + 1):
+            again = [b for b in rows if not final[b].qualifies(params)]  # denoise these again from noise
             if not again:
                 break
-            more, more_settled = yield from _denoise_canvas(model, cache, again, gens, params, c, start, pins,
-                                                            results, step_events, fused)
-            final.update(more)  # the first attempt that settles, else the last
-            settled |= more_settled
+            more = yield from _denoise_canvas(model, cache, again, gens, params, c, start, pins, results,
+                                              step_events, fused, attempt)
+            for b, candidate in more.items():  # the first attempt that qualifies, else the most confident
+                if candidate.rank() < final[b].rank():
+                    final[b] = candidate
         committed = torch.full((n_rows, length), pad_id, dtype=torch.long)
         for b in rows:
-            committed[b] = final[b]
+            committed[b] = final[b].tokens
             budget = params.max_new_tokens - len(results[b].token_ids)
-            new, hit_eos = _cut(final[b].tolist(), eos, budget)
+            new, hit_eos = _cut(final[b].tokens.tolist(), eos, budget)
             results[b].token_ids += new
             if hit_eos or len(results[b].token_ids) >= params.max_new_tokens:
                 finished[b] = True
@@ -175,13 +195,14 @@ def run(
         valid = torch.tensor([length if b in going else 0 for b in range(n_rows)])
         model.encode(committed.to(device), cache, n_valid=valid)
         for b in going:
-            results[b].committed_ids += final[b].tolist()
+            results[b].committed_ids += final[b].tokens.tolist()
     return results
 
 
-def _denoise_canvas(model, cache, rows, gens, params, c, initial, pinned, results, step_events, fused):
+def _denoise_canvas(model, cache, rows, gens, params, c, initial, pinned, results, step_events, fused,
+                    attempt=0):
     """Denoise one canvas for batch ``rows``; yields StepEvents and adds its steps to each row's last
-    ``results[b].steps`` entry. Returns ``({row: argmax canvas [C]}, rows that met the stopping rule)``.
+    ``results[b].steps`` entry. Returns ``{row: Attempt}`` (its argmax canvas, stopping rule met, entropy).
 
     ``pinned`` (``[C]`` per row, -1 = free): those tokens are the canvas's at every step and in its argmax,
     with entropy 0 (always accepted, never re-noised, certain for the stopping rule).
@@ -201,8 +222,7 @@ def _denoise_canvas(model, cache, rows, gens, params, c, initial, pinned, result
     sub = cache if len(active) == cache.batch_size else cache.select(torch.tensor(active))
     soft = None  # self-conditioning input from the previous step, [n, C, d]
     history = {b: [] for b in rows}  # previous argmax canvases, newest last
-    final: dict[int, torch.Tensor] = {}
-    settled: set[int] = set()
+    final: dict[int, Attempt] = {}
     for step in range(params.max_denoising_steps, 0, -1):
         h = model.decode_hidden(x, sub, soft)  # [n, C, d]
         u = torch.stack([torch.rand(length, generator=gens[b]) for b in active])  # [n, C]
@@ -228,14 +248,15 @@ def _denoise_canvas(model, cache, rows, gens, params, c, initial, pinned, result
             if params.stability_threshold:
                 hist.append(a)
                 del hist[: -params.stability_threshold]
-            final[b] = a
+            final[b] = Attempt(a, False, mean_h[i])
             if step_events:
                 yield StepEvent(row=b, canvas=c, step=results[b].steps[-1], draft=a.tolist(),
-                                accepted=n_accepted[i], mean_entropy=mean_h[i], accepted_mask=accept[i].tolist())
+                                accepted=n_accepted[i], mean_entropy=mean_h[i], accepted_mask=accept[i].tolist(),
+                                attempt=attempt)
             if not (stable and mean_h[i] < params.confidence_threshold):
                 keep.append(i)
             else:
-                settled.add(b)
+                final[b].settled = True
         if not keep or step == 1:  # all rows stopped, or that was the last step (it made no soft input)
             break
         soft = stats.soft
@@ -246,4 +267,4 @@ def _denoise_canvas(model, cache, rows, gens, params, c, initial, pinned, result
             if pin is not None:
                 pin, pin_tok = pin[idx.to(device)], pin_tok[idx.to(device)]
             sub = cache.select(torch.tensor(active))
-    return final, settled
+    return final

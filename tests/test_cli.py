@@ -158,6 +158,17 @@ def test_canvas_state_marks_settled_fresh_and_stops_at_eos():
     assert state.committed == [5, 8, 7] and state.steps_per_canvas == [2] and state.draft == []
 
 
+
+def test_canvas_state_starts_a_restarted_attempt_afresh():
+    state = CanvasState(max_steps=2)
+    state.update(StepUpdate(0, 2, [5, 6], 2, 0.1, [True, True]))
+    state.update(StepUpdate(0, 3, [5, 9], 1, 0.9, [True, False], attempt=1))  # a restart from fresh noise
+    assert state.fresh == [True, False]  # nothing carried over from the previous attempt
+    assert "attempt 2  step 3" in state.status()
+    state.update(CanvasUpdate(0, [5, 6], "", False))
+    assert state.attempt == 0 and state.steps_per_canvas == [3]
+
+
 def test_notebook_view_updates_one_display_per_event(monkeypatch):
     from dgemma.view import notebook
 

@@ -13,7 +13,8 @@ from dgemma.params import SamplingParams
 SPEC_DEFAULTS = {"max_new_tokens": 256, "max_denoising_steps": 48, "entropy_bound": 0.1, "t_max": 0.8,
                  "t_min": 0.4, "stability_threshold": 1, "confidence_threshold": 0.005, "eos_token_id": None,
                  "pad_token_id": None, "seed": None, "initial_canvas": None,
-                 "pinned_canvas": None, "restarts": 0}  # restarts: not in the spec; 0 is its behaviour
+                 "pinned_canvas": None, "restarts": 0,  # restarts: not in the spec; 0 is its behaviour
+                 "restart_entropy": None}
 
 INVALID = [
     ("max_new_tokens", 0), ("max_new_tokens", -1), ("max_new_tokens", 1.5), ("max_new_tokens", True),
@@ -26,6 +27,8 @@ INVALID = [
     ("t_min", 0), ("t_min", -0.1), ("t_min", math.nan), ("t_min", math.inf),
     ("stability_threshold", -1), ("stability_threshold", 1.5), ("stability_threshold", True),
     ("restarts", -1), ("restarts", 1.5), ("restarts", None),
+    ("restart_entropy", 0), ("restart_entropy", -1e-3), ("restart_entropy", math.nan),
+    ("restart_entropy", math.inf), ("restart_entropy", "1e-12"), ("restart_entropy", True),
     ("confidence_threshold", -0.1), ("confidence_threshold", math.nan), ("confidence_threshold", math.inf),
     ("eos_token_id", "x"), ("eos_token_id", [-1]), ("eos_token_id", -1), ("eos_token_id", [1, "2"]),
     ("eos_token_id", [1.0]), ("eos_token_id", True), ("eos_token_id", [True]),

@@ -108,7 +108,7 @@ def test_restarts_redo_only_canvases_that_did_not_settle(engine):
     never = dict(max_new_tokens=32, max_denoising_steps=3, confidence_threshold=1e-12, seed=5)
     base, again = engine.generate("x", **never), engine.generate("x", restarts=2, **never)
     assert base.steps == [3, 3] and again.steps == [9, 9]
-    assert again.token_ids != base.token_ids  # the kept canvases are the last attempts, from fresh noise
+    assert again.token_ids != base.token_ids  # later attempts start from fresh noise
     # Always settles at the first step: restarts change nothing.
     sure = dict(max_new_tokens=32, confidence_threshold=1e9, stability_threshold=0, seed=5)
     a, b = engine.generate("x", **sure), engine.generate("x", restarts=3, **sure)
@@ -122,6 +122,46 @@ def test_restarts_redo_only_canvases_that_did_not_settle(engine):
         assert (got.token_ids, got.steps) == (alone.token_ids, alone.steps)
     with pytest.raises(ValueError, match="restarts"):
         engine.generate("x", restarts=-1)
+
+
+def _attempts_and_kept(engine, **kw):
+    """Per canvas: the (final mean entropy, argmax canvas) of each attempt, and the committed canvas."""
+    attempts, kept = {}, {}
+    for u in engine.stream("x", eos_token_id=(), **kw):
+        if isinstance(u, StepUpdate):
+            attempts.setdefault(u.canvas, {})
+            attempts[u.canvas][u.step] = (u.mean_entropy, u.draft_tokens)
+            steps = kw.get("max_denoising_steps")
+            assert steps is None or u.attempt == (u.step - 1) // steps  # steps count across attempts
+        else:
+            kept[u.canvas] = u.tokens
+    return attempts, kept
+
+
+def test_restarts_keep_the_most_confident_attempt(engine):
+    # No attempt settles: the kept canvas is the attempt with the lowest final mean entropy, not the last.
+    never = dict(max_new_tokens=32, max_denoising_steps=3, confidence_threshold=1e-12, restarts=3, seed=11)
+    attempts, kept = _attempts_and_kept(engine, **never)
+    for c, by_step in attempts.items():
+        finals = [by_step[s] for s in (3, 6, 9, 12)]  # each attempt's last step; steps count all attempts
+        assert kept[c] == min(finals, key=lambda f: f[0])[1]
+    # restart_entropy: canvases that settle at the first step are restarted unless that sure, and the most
+    # confident of the attempts is kept; a bar above every entropy changes nothing.
+    sure = dict(max_new_tokens=32, confidence_threshold=1e9, stability_threshold=0, seed=5, restarts=3)
+    attempts, kept = _attempts_and_kept(engine, restart_entropy=1e-30, **sure)
+    for c, by_step in attempts.items():
+        assert sorted(by_step) == [1, 2, 3, 4]
+        assert kept[c] == min(by_step.values(), key=lambda f: f[0])[1]
+    plain, loose = engine.generate("x", **sure), engine.generate("x", restart_entropy=1e9, **sure)
+    assert (plain.token_ids, plain.steps) == (loose.token_ids, loose.steps) == (plain.token_ids, [1, 1])
+    # A bar between attempts' entropies: a row stops restarting at the first attempt below it.
+    by_step = attempts[0]
+    bar = sorted(h for h, _ in by_step.values())[1] * 1.0000001  # the two lowest qualify
+    first_ok = min(s for s, (h, _) in by_step.items() if h < bar)
+    got = engine.generate("x", eos_token_id=(), restart_entropy=bar, **{**sure, "max_new_tokens": 16})
+    assert got.steps == [first_ok] and got.token_ids == by_step[first_ok][1]
+    with pytest.raises(ValueError, match="restart_entropy"):
+        engine.generate("x", restart_entropy=0)
 
 
 def test_eos_ends_the_row_and_output_respects_max_new_tokens(engine):

@@ -150,15 +150,22 @@ def test_solve_prints_one_answer_per_puzzle_in_order(trained, tmp_path):
 
 def test_eval_reports_both_decoders(trained):
     proc = _cli("eval", "--model", str(trained), "-n", "3", "--buckets", "medium", "--json", "--pin",
-                "--restarts", "1")
+                "--restarts", "0")
     assert proc.returncode == 0, proc.stderr[-2000:]
     row = json.loads(proc.stdout)["medium"]
-    for mode in ("diffusion", "diffusion-restarts1", "diffusion-pinned", "autoregressive"):
+    for mode in ("diffusion", "diffusion-restarts0", "diffusion-pinned", "autoregressive"):
         r = row[mode]
         assert r["puzzles"] == 3 and 0 <= r["exact"] <= 1 and 0 <= r["cell_accuracy"] <= 1
         assert 0 <= r["clue_preservation"] <= 1 and r["seconds_per_puzzle"] > 0
-    assert row["diffusion"]["mean_steps"] >= 1
-    assert row["diffusion-restarts1"]["mean_steps"] >= row["diffusion"]["mean_steps"]  # restarts count their steps
+    assert row["diffusion-restarts0"]["mean_steps"] >= 1
+    # The solve defaults restart unsure boards, and every attempt's steps count.
+    assert row["diffusion"]["mean_steps"] >= row["diffusion-restarts0"]["mean_steps"]
+    one = _cli("eval", "--model", str(trained), "-n", "2", "--buckets", "medium", "--json", "--no-ar",
+               "--restarts", "1", "--restart-entropy", "1e-30")
+    assert "diffusion-restarts1-below1e-30" in json.loads(one.stdout)["medium"]
+    for bad in (["--restart-entropy", "0"], ["--restarts", "-1"]):
+        proc = _cli("eval", "--model", str(trained), "-n", "1", *bad)
+        assert proc.returncode == 2 and "restart" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_solve_show_draws_boards_and_gives_the_same_answers(trained, tmp_path):
@@ -196,7 +203,21 @@ def test_default_model_is_the_embedded_checkpoint_or_a_clear_error(tmp_path, mon
     assert emb.default_model() == tmp_path / "ship"
 
 
-EMBEDDED_MIN_EXACT = 14  # of 24; measured 20 in fp32 on the CPU (bf16 hardware computes in bf16)
+def test_embedded_generation_config_holds_the_solve_defaults():
+    """`dgemma generate` on the embedded model samples as `dgemma sudoku solve` does (restarts included)."""
+    from dgemma.embedded import default_model
+    from dgemma.params import SamplingParams
+    from dgemma.sudoku.cli import SOLVE_DEFAULTS
+
+    gen = json.loads((default_model() / "generation_config.json").read_text())
+    params = SamplingParams.from_generation_config(gen)  # (takes no seed from a file: a seed is per call)
+    assert {k: getattr(params, k) for k in SOLVE_DEFAULTS if k != "seed"} == \
+        {k: v for k, v in SOLVE_DEFAULTS.items() if k != "seed"}
+    assert gen["seed"] == SOLVE_DEFAULTS["seed"]
+
+
+EMBEDDED_MIN_EXACT = 20  # of 24; measured 24 in fp32 on the CPU with the solve defaults (20 with no
+# restarts); bf16 hardware computes in bf16
 
 
 def test_embedded_model_solves_fixed_puzzles():

@@ -132,6 +132,7 @@ def test_wrong_types(override, key):
     (BASE + ["train.min_lr=1.0", "train.lr=0.1"], "min_lr"),
     (BASE + ["train.betas=[0.9]"], "train.betas"),
     (BASE + ["objective.eps=0"], "objective.eps"),
+    (BASE + ["objective.noise_power=0"], "objective.noise_power"),
     (BASE + ["lora.dropout=1.0"], "lora"),
 ])
 def test_validation(overrides, words):

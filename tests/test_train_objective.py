@@ -139,6 +139,21 @@ def test_several_draws_per_example_are_stratified_and_start_with_the_single_draw
         assert len({(d.block, tuple(d.tokens.tolist())) for d in four}) == 4  # independent noise
 
 
+def test_noise_power_skews_noise_levels_and_one_is_the_spec():
+    ex = Example(tuple(range(4 + 16)), 4, 16)
+    plain, one = ObjectiveConfig(), ObjectiveConfig(noise_power=1.0)
+    heavy = ObjectiveConfig(noise_power=2.0)
+    ts, th = [], []
+    for step in range(400):
+        a, b, c = (draw(ex, 0, step, 0, 100, cfg) for cfg in (plain, one, heavy))
+        assert a.t == b.t and torch.equal(a.replace, b.replace)
+        u = (a.t - plain.eps) / (1 - plain.eps)
+        assert c.t == pytest.approx(heavy.eps + (1 - heavy.eps) * u ** 0.5)  # the same u, skewed
+        ts.append(a.t)
+        th.append(c.t)
+    assert abs(sum(ts) / 400 - 0.5) < 0.05 and abs(sum(th) / 400 - 2 / 3) < 0.05  # means of U(0,1), density 2t
+
+
 def test_k_draws_equal_the_batch_with_each_example_repeated(model):
     """K draws per example share one encoder pass: the diffusion loss and its gradients equal those of a
     batch holding each example K times, one draw each (the AR loss is counted once, not K times)."""

@@ -10,7 +10,8 @@ from dgemma.errors import DgemmaError
 
 SAMPLING_OPTIONS = (("max_new_tokens", int), ("max_denoising_steps", int), ("entropy_bound", float),
                     ("t_max", float), ("t_min", float), ("stability_threshold", int),
-                    ("confidence_threshold", float), ("restarts", int), ("seed", int))
+                    ("confidence_threshold", float), ("restarts", int), ("restart_entropy", float),
+                    ("seed", int))
 
 
 def add_model_options(p: argparse.ArgumentParser, model_required: bool = False) -> None:

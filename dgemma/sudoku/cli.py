@@ -25,8 +25,11 @@ from dgemma.sudoku import task
 
 EVAL_SEED = 1_000_003  # differs from every training seed the commands use by default
 SOLVE_DEFAULTS = {"max_new_tokens": task.CANVAS, "max_denoising_steps": 32, "t_max": 0.2, "t_min": 0.05,
-                  "stability_threshold": 1, "confidence_threshold": 0.005, "entropy_bound": 0.1, "restarts": 0,
-                  "seed": 0}
+                  "stability_threshold": 1, "confidence_threshold": 0.005, "entropy_bound": 0.1,
+                  # A board that does not settle, or settles less sure than 1e-12 nats per cell, is solved again
+                  # from fresh noise, up to 7 times; the most confident attempt is kept (chosen on validation
+                  # puzzles, seed 4242: of 2,132 attempts that settled below 1e-12, 2,125 were right).
+                  "restarts": 7, "restart_entropy": 1e-12, "seed": 0}
 
 
 def _clue_range(args) -> tuple[int, int]:
@@ -76,7 +79,10 @@ def add_parsers(sub) -> None:
     e.add_argument("--pin", action="store_true",
                    help="also decode with the clues pinned in the canvas (they cannot change), side by side")
     e.add_argument("--restarts", type=int, metavar="N",
-                   help="also score diffusion with N restarts of boards that do not settle within the step cap")
+                   help="also score diffusion with up to N restarts of boards that do not settle (or are not "
+                        "sure enough, see --restart-entropy), side by side with the solve defaults")
+    e.add_argument("--restart-entropy", type=float, metavar="H",
+                   help="with --restarts: also restart a board that settles with a mean entropy of H or more")
     e.add_argument("--json", action="store_true")
     v = s.add_parser("solve", help="solve puzzles: one per line from FILE or stdin")
     v.add_argument("file", nargs="?", default="-")
@@ -86,7 +92,11 @@ def add_parsers(sub) -> None:
     v.add_argument("--seed", type=int, default=SOLVE_DEFAULTS["seed"], help="sampling seed (default 0)")
     v.add_argument("--pin", action="store_true", help="pin the clues in the canvas, so they cannot change")
     v.add_argument("--restarts", type=int, metavar="N",
-                   help="denoise a board that does not settle within the step cap again, up to N times")
+                   help="denoise a board that does not settle within the step cap again, up to N times "
+                        f"(default {SOLVE_DEFAULTS['restarts']})")
+    v.add_argument("--restart-entropy", type=float, metavar="H",
+                   help="also restart a board that settles with a mean entropy of H or more "
+                        f"(default {SOLVE_DEFAULTS['restart_entropy']})")
 
 
 def run(parser, args) -> int:
@@ -182,15 +192,16 @@ def pinned_clues(engine, board: sb.Board) -> list[int]:
 
 
 def solve_boards(engine, boards: list[sb.Board], batch: int = 32, tick=None, seed: int = SOLVE_DEFAULTS["seed"],
-                 pin: bool = False, restarts: int | None = None):
+                 pin: bool = False, restarts: int | None = None, restart_entropy: float | None = None):
     """Diffusion answers for ``boards``: ``[(answer board, steps)]``; ``tick(n)`` after each batch.
 
     Reproducible for a given ``seed`` (each row of a batch equals its solo run). ``pin``: the clues are
-    pinned in the canvas (``SamplingParams.pinned_canvas``), so they cannot change. ``restarts``: boards that
-    do not settle within the step cap are denoised again from noise, up to that many times (default: the
-    solve defaults').
+    pinned in the canvas (``SamplingParams.pinned_canvas``), so they cannot change. ``restarts`` and
+    ``restart_entropy`` (default: the solve defaults'): boards that do not settle within the step cap, or
+    settle with a mean entropy at or above ``restart_entropy``, are denoised again from noise, up to
+    ``restarts`` times, and the most confident attempt is kept (``SamplingParams.restarts``).
     """
-    extra = {} if restarts is None else {"restarts": restarts}
+    extra = _restart_options(restarts, restart_entropy)
     out = []
     for i in range(0, len(boards), batch):
         chunk = [sb.format_board(b) for b in boards[i: i + batch]]
@@ -237,9 +248,18 @@ def _scored(pairs, what: str, solve) -> dict:
     return {**score.summary(), "seconds_per_puzzle": (time.perf_counter() - t0) / len(pairs)}
 
 
+def _restart_options(restarts: int | None, restart_entropy: float | None) -> dict:
+    """Sampling overrides for the given restart settings (None: keep the solve defaults')."""
+    return {**({} if restarts is None else {"restarts": restarts}),
+            **({} if restart_entropy is None else {"restart_entropy": restart_entropy})}
+
+
 def _check_restarts(args) -> None:
     if args.restarts is not None and args.restarts < 0:
         raise DgemmaError("--restarts must be 0 or more")
+    h = args.restart_entropy
+    if h is not None and not (h > 0 and h != float("inf")):
+        raise DgemmaError("--restart-entropy must be a number above 0")
 
 
 def _eval(args) -> int:
@@ -252,9 +272,12 @@ def _eval(args) -> int:
         pairs = list(task.puzzles(args.n, sb.BUCKETS[name], args.seed, workers=os.cpu_count() or 1))
         boards = [p for p, _ in pairs]
         modes = {"diffusion": lambda tick: solve_boards(engine, boards, args.batch, tick)}
-        if args.restarts:
-            modes[f"diffusion-restarts{args.restarts}"] = lambda tick: solve_boards(engine, boards, args.batch, tick,
-                                                                                     restarts=args.restarts)
+        if args.restarts is not None or args.restart_entropy is not None:
+            n = SOLVE_DEFAULTS["restarts"] if args.restarts is None else args.restarts
+            h = SOLVE_DEFAULTS["restart_entropy"] if args.restart_entropy is None else args.restart_entropy
+            name_h = f"-below{h:g}" if h is not None and n else ""
+            modes[f"diffusion-restarts{n}{name_h}"] = lambda tick: solve_boards(
+                engine, boards, args.batch, tick, restarts=n, restart_entropy=h)
         if args.pin:
             modes["diffusion-pinned"] = lambda tick: solve_boards(engine, boards, args.batch, tick, pin=True)
         if args.ar:
@@ -287,7 +310,7 @@ def _solve(args) -> int:
             raise DgemmaError(f"{args.file if args.file != '-' else '<stdin>'}:{i}: {e}") from None
     _check_restarts(args)
     engine = _load(args.model)
-    extra = {} if args.restarts is None else {"restarts": args.restarts}
+    extra = _restart_options(args.restarts, args.restart_entropy)
     if args.show:
         from dgemma.sudoku.view import solve_live
 
@@ -296,6 +319,7 @@ def _solve(args) -> int:
             params = {**SOLVE_DEFAULTS, "seed": args.seed, **extra, **pins}
             print(sb.format_board(solve_live(engine, b, params)), flush=True)
         return 0
-    for answer, _ in solve_boards(engine, boards, args.batch, seed=args.seed, pin=args.pin, restarts=args.restarts):
+    for answer, _ in solve_boards(engine, boards, args.batch, seed=args.seed, pin=args.pin, restarts=args.restarts,
+                                  restart_entropy=args.restart_entropy):
         print(sb.format_board(answer))
     return 0

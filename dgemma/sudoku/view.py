@@ -50,9 +50,10 @@ def solve_live(engine, puzzle: sb.Board, params: dict, console: Console | None =
         for event in engine.stream(sb.format_board(puzzle), **params):
             if isinstance(event, StepUpdate):
                 draft = task.answer_board(engine.decode(event.draft_tokens))
+                again = f"attempt {event.attempt + 1}  " if event.attempt else ""
                 live.update(render(puzzle, draft, previous,
-                                   f"step {event.step}  accepted {event.accepted}  "
-                                   f"mean entropy {event.mean_entropy:.3f}"), refresh=True)
+                                   f"{again}step {event.step}  accepted {event.accepted}  "
+                                   f"mean entropy {event.mean_entropy:.2g}"), refresh=True)
                 previous = draft
             elif isinstance(event, CanvasUpdate) and event.completion is not None:
                 answer = task.answer_board(engine.decode(event.completion.token_ids))

@@ -9,6 +9,8 @@ bidirectionally. Self-conditioning is the two-pass scheme: a no-grad pass withou
 whose coin came up (p = 0.5), the softmax of those logits as the signal of the graded pass. The loss sums
 cross-entropy over every supervised canvas position, corrupted or not, with no 1/t weight.
 
+``noise_power = p`` (not in the spec; default 1) skews the noise level: ``t = eps + (1 - eps) u^(1/p)``.
+
 ``draws_per_example = K > 1`` (not in the spec; default 1) gives each example K independent corruptions that
 share one encoder pass: the decoder runs over ``B * K`` canvases, example-major, each reading its example's
 clean K/V. The K noise levels are stratified (``t_j = t_0 + j/K`` wrapped into ``[eps, 1)``), so one example
@@ -43,6 +45,9 @@ TRAIN_STREAM, EVAL_STREAM = 0, 1
 @dataclass(frozen=True)
 class ObjectiveConfig:
     eps: float = 1e-3  # t ~ U(eps, 1)
+    # Not in the spec (default 1, the spec's uniform t): t = eps + (1 - eps) * u ** (1 / noise_power), u ~ U(0, 1).
+    # Above 1 it draws heavier noise more often (2: density rising linearly toward full noise).
+    noise_power: float = 1.0
     self_conditioning_p: float = 0.5
     encoder_loss_weight: float = 1.0
     draws_per_example: int = 1  # K corruptions of each example, sharing its encoder pass
@@ -70,7 +75,7 @@ def draws(example: Example, seed: int, step: int, slot: int, vocab: int, cfg: Ob
     out: list[Draw] = []
     for j in range(k):
         u = (first + j / k) % 1.0  # stratified: the j-th level a K-th of the range above the first, wrapped
-        t = cfg.eps + (1.0 - cfg.eps) * u
+        t = cfg.eps + (1.0 - cfg.eps) * (u if cfg.noise_power == 1.0 else u ** (1.0 / cfg.noise_power))
         block = int(torch.randint(example.n_blocks, (), generator=g))
         replace = torch.rand(c, generator=g) < t
         tokens = torch.randint(0, vocab, (c,), generator=g)

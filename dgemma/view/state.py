@@ -21,7 +21,8 @@ class CanvasState:
     committed: list[int] = field(default_factory=list)  # token ids of committed canvases
     committed_text: str = ""
     canvas: int = 0  # index of the canvas being denoised
-    step: int = 0  # step within it, from 1
+    step: int = 0  # step within it, from 1 (with restarts: counting every attempt)
+    attempt: int = 0  # restarts: which denoising of the canvas, from 0
     draft: list[int] = field(default_factory=list)
     settled: list[bool] = field(default_factory=list)
     fresh: list[bool] = field(default_factory=list)
@@ -64,13 +65,14 @@ class CanvasState:
         """Fold one ``StepUpdate`` or ``CanvasUpdate`` in (duck-typed: views need no engine import)."""
         if hasattr(event, "draft_tokens"):  # a denoising step
             mask = list(event.accepted_mask) or [True] * len(event.draft_tokens)
-            if event.canvas != self.canvas or event.step == 1:
+            attempt = getattr(event, "attempt", 0)
+            if event.canvas != self.canvas or event.step == 1 or attempt != self.attempt:
                 before, before_ok = [None] * len(mask), [False] * len(mask)
             else:
                 before, before_ok = self.draft, self.settled
             self.fresh = [ok and (not was or old != tok)
                           for tok, ok, old, was in zip(event.draft_tokens, mask, before, before_ok)]
-            self.canvas, self.step = event.canvas, event.step
+            self.canvas, self.step, self.attempt = event.canvas, event.step, attempt
             self.draft, self.settled = list(event.draft_tokens), mask
             self.mean_entropy = event.mean_entropy
             return
@@ -79,7 +81,7 @@ class CanvasState:
         self.steps_per_canvas.append(self.step)
         self.canvas_seconds.append(self.elapsed)
         self.draft, self.settled, self.fresh = [], [], []
-        self.canvas = event.canvas + 1
+        self.canvas, self.attempt = event.canvas + 1, 0
         if event.completion is not None:
             self.completion = event.completion
 
@@ -90,5 +92,6 @@ class CanvasState:
                     f"{self.elapsed:.2f} s, {self.tokens_per_s():.1f} tok/s")
         entropy = "-" if math.isnan(self.mean_entropy) else f"{self.mean_entropy:.3f}"
         settled = sum(self.settled)
-        return (f"canvas {self.canvas + 1}  step {self.step}/{self.max_steps}  settled {settled}/{len(self.draft)}"
+        step = f"attempt {self.attempt + 1}  step {self.step}" if self.attempt else f"step {self.step}/{self.max_steps}"
+        return (f"canvas {self.canvas + 1}  {step}  settled {settled}/{len(self.draft)}"
                 f"  mean entropy {entropy}  {self.tokens_per_s():.1f} tok/s  {self.elapsed:.1f} s")
