@@ -248,15 +248,14 @@ def _denoise_canvas(model, cache, rows, gens, params, c, initial, pinned, result
             if params.stability_threshold:
                 hist.append(a)
                 del hist[: -params.stability_threshold]
-            final[b] = Attempt(a, False, mean_h[i])
+            settled = stable and mean_h[i] < params.confidence_threshold
+            final[b] = Attempt(a, settled, mean_h[i])
             if step_events:
                 yield StepEvent(row=b, canvas=c, step=results[b].steps[-1], draft=a.tolist(),
                                 accepted=n_accepted[i], mean_entropy=mean_h[i], accepted_mask=accept[i].tolist(),
                                 attempt=attempt)
-            if not (stable and mean_h[i] < params.confidence_threshold):
+            if not settled:
                 keep.append(i)
-            else:
-                final[b].settled = True
         if not keep or step == 1:  # all rows stopped, or that was the last step (it made no soft input)
             break
         soft = stats.soft

@@ -75,7 +75,7 @@ def draws(example: Example, seed: int, step: int, slot: int, vocab: int, cfg: Ob
     out: list[Draw] = []
     for j in range(k):
         u = (first + j / k) % 1.0  # stratified: the j-th level a K-th of the range above the first, wrapped
-        t = cfg.eps + (1.0 - cfg.eps) * (u if cfg.noise_power == 1.0 else u ** (1.0 / cfg.noise_power))
+        t = cfg.eps + (1.0 - cfg.eps) * u ** (1.0 / cfg.noise_power)  # (u ** 1.0 is exactly u)
         block = int(torch.randint(example.n_blocks, (), generator=g))
         replace = torch.rand(c, generator=g) < t
         tokens = torch.randint(0, vocab, (c,), generator=g)
