@@ -137,12 +137,13 @@ def trained(tmp_path_factory):
 def test_solve_prints_one_answer_per_puzzle_in_order(trained, tmp_path):
     puzzles = [PUZZLE, PUZZLE.replace("0", "."), sb.format_board(sb.generate(40, random.Random(1))[0])]
     (tmp_path / "in.txt").write_text("\n".join(puzzles) + "\n")
-    proc = _cli("solve", str(tmp_path / "in.txt"), "--model", str(trained))
+    once = ("--restarts", "1")  # the untrained model never settles: keep the 8 default attempts out of an I/O test
+    proc = _cli("solve", str(tmp_path / "in.txt"), "--model", str(trained), *once)
     answers = proc.stdout.splitlines()
     assert proc.returncode == 0 and len(answers) == 3
     assert all(len(a) == 81 and a.isdigit() for a in answers)
     assert answers[0] == answers[1]  # '.' and '0' are the same blank
-    stdin = _cli("solve", "-", "--model", str(trained), stdin="\n".join(puzzles[:2]))
+    stdin = _cli("solve", "-", "--model", str(trained), *once, stdin="\n".join(puzzles[:2]))
     assert stdin.stdout.splitlines() == answers[:2]
     bad = _cli("solve", "-", "--model", str(trained), stdin=PUZZLE + "\n123\n")
     assert bad.returncode == 2 and "<stdin>:2:" in bad.stderr and "Traceback" not in bad.stderr
@@ -170,10 +171,12 @@ def test_eval_reports_both_decoders(trained):
 
 def test_solve_show_draws_boards_and_gives_the_same_answers(trained, tmp_path):
     (tmp_path / "in.txt").write_text(PUZZLE + "\n")
-    plain = _cli("solve", str(tmp_path / "in.txt"), "--model", str(trained))
-    shown = _cli("solve", str(tmp_path / "in.txt"), "--model", str(trained), "--show")
+    once = ("--restarts", "1")
+    plain = _cli("solve", str(tmp_path / "in.txt"), "--model", str(trained), *once)
+    shown = _cli("solve", str(tmp_path / "in.txt"), "--model", str(trained), "--show", *once)
     assert shown.returncode == 0 and shown.stdout == plain.stdout  # stdout stays one answer per line
     assert "done:" in shown.stderr and "------+-------+------" in shown.stderr
+    assert "done: 64 steps" in shown.stderr  # the untrained model never settles: 2 attempts of 32 steps
 
 
 def test_render_marks_clues_and_changes():
