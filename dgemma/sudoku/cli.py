@@ -255,11 +255,10 @@ def _restart_options(restarts: int | None, restart_entropy: float | None) -> dic
 
 
 def _check_restarts(args) -> None:
-    if args.restarts is not None and args.restarts < 0:
-        raise DgemmaError("--restarts must be 0 or more")
-    h = args.restart_entropy
-    if h is not None and not (h > 0 and h != float("inf")):
-        raise DgemmaError("--restart-entropy must be a number above 0")
+    """Fail on bad ``--restarts`` / ``--restart-entropy`` before loading a model (SamplingParams' own rules)."""
+    from dgemma.params import SamplingParams
+
+    SamplingParams(**{**SOLVE_DEFAULTS, **_restart_options(args.restarts, args.restart_entropy)})
 
 
 def _eval(args) -> int:
