@@ -82,7 +82,9 @@ def add_parsers(sub) -> None:
                    help="also score diffusion with up to N restarts of boards that do not settle (or are not "
                         "sure enough, see --restart-entropy), side by side with the solve defaults")
     e.add_argument("--restart-entropy", type=float, metavar="H",
-                   help="with --restarts: also restart a board that settles with a mean entropy of H or more")
+                   help="in that row, also restart a board that settles with a mean entropy of H or more "
+                        f"(default {SOLVE_DEFAULTS['restart_entropy']}; with no --restarts, "
+                        f"{SOLVE_DEFAULTS['restarts']} restarts)")
     e.add_argument("--json", action="store_true")
     v = s.add_parser("solve", help="solve puzzles: one per line from FILE or stdin")
     v.add_argument("file", nargs="?", default="-")
