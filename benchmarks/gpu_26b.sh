@@ -7,8 +7,11 @@
 # 1. batch 1, 4096-token prompt, 512 new tokens, 16 fixed steps: dgemma (eager and with CUDA graphs) vs
 #    transformers vs AR,
 #    ms per step and per canvas, and the bandwidth floor of a step (floor_ms) from the measured copy rate;
-# 2. the same dgemma run with the per-expert loop instead of the grouped GEMM (what the GEMM is worth);
-# 3. the largest power-of-two batch whose prefill plus one canvas fits (transformers and AR skipped).
+# 0c. the attention of a decoder pass, SDPA's grouped mode against folded query groups (gpu_attention.py);
+# 2. where a decoder pass spends its time, eager and replayed from a CUDA graph (gpu_profile.py);
+# with FULL=1 also (measured 2026-11-26, unchanged since):
+# 3. the same dgemma run with the per-expert loop instead of the grouped GEMM (what the GEMM is worth);
+# 4. the largest power-of-two batch whose prefill plus one canvas fits (transformers and AR skipped).
 # The 26B weights (52 GB in bf16) are allocated directly on the GPU; transformers shares them.
 # Each stage has its own time limit, so a slow or failing stage leaves the others' figures.
 set -uo pipefail
@@ -64,9 +67,12 @@ for kw in ({"confidence_threshold": 0.0, "max_denoising_steps": 8}, {"max_denois
 r = graphed.runner
 print(f"captures {r.captures}, replays {r.replays}, disabled: {r.disabled}")
 EOF
+timeout 60 $py benchmarks/gpu_attention.py 2>&1 | tee "$out/attention.log"
 common=(--preset 26b-a4b --device cuda --dtype bfloat16 --prompt-len 4096 --steps 16 --batch 1)
 timeout 300 $py -m dgemma bench "${common[@]}" --new-tokens 512 --cuda-graphs \
     --json "$out/26b-a4b-gpu.json" --plot "$out/26b-a4b-gpu.png" 2>&1 | tee "$out/bench.log"
+timeout 90 $py benchmarks/gpu_profile.py 2>&1 | tee "$out/profile.log"
+[ "${FULL:-0}" = 1 ] || exit 0
 timeout 120 $py -m dgemma bench "${common[@]}" --new-tokens 256 --no-transformers --no-ar --moe loop \
     --json "$out/26b-a4b-gpu-loop.json" 2>&1 | tee "$out/bench-loop.log"
 timeout 240 $py -m dgemma bench "${common[@]}" --new-tokens 256 --no-transformers --no-ar --batch-search 256 \

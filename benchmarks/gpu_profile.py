@@ -1,7 +1,8 @@
 """Where one decoder pass of the 26B-A4B config spends its time on a GPU (issue 3, next steps).
 
 Builds the random bf16 model on the GPU, prefills a 4096-token prompt, then:
-1. times one decoder pass (256-token canvas) with CUDA events, eagerly;
+1. times one decoder pass (256-token canvas) with CUDA events, eagerly, and with self-conditioning input
+   eagerly and replayed from a CUDA graph (``GraphedDecoder``);
 2. profiles one pass with torch.profiler: GPU kernel time in total and by kernel, against the wall time
    (a wall time far above the kernel time means the pass is bound by launching kernels);
 3. times the experts of one layer three ways: the per-expert loop, grouped_mm, and a padded batched
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from dgemma import loading
 from dgemma.bench.presets import preset_config
 from dgemma.cache import KVCache
+from dgemma.graphs import GraphedDecoder
 from dgemma.model.moe import Experts
 
 
@@ -79,6 +81,12 @@ def main() -> None:
     canvas = torch.randint(3, cfg.vocab_size, (1, cfg.canvas_length), device=dev)
 
     print(f"decoder pass (hidden states), eager: {cuda_ms(lambda: model.decode_hidden(canvas, cache)):.2f} ms")
+    soft = torch.randn(1, cfg.canvas_length, cfg.hidden_size, device=dev, dtype=torch.bfloat16)
+    graphed = GraphedDecoder(model)
+    eager_ms = cuda_ms(lambda: model.decode_hidden(canvas, cache, soft))
+    graphed_ms = cuda_ms(lambda: graphed.decode_hidden(canvas, cache, soft))
+    print(f"decoder pass with self-conditioning: eager {eager_ms:.2f} ms, CUDA graph {graphed_ms:.2f} ms "
+          f"(captures {graphed.captures}, replays {graphed.replays}, disabled: {graphed.disabled})")
     from torch.profiler import ProfilerActivity, profile
 
     cuda = dev.type == "cuda"

@@ -61,3 +61,41 @@ def test_proportional_rope_rotates_only_the_leading_pairs():
 def test_default_rope_frequencies():
     inv = rope_inv_freq(RopeSpec("default", 1e4), 256)
     assert torch.allclose(inv, 1e4 ** (-torch.arange(0, 256, 2).float() / 256))
+
+
+@torch.inference_mode()
+def test_folded_grouped_query_attention_matches_the_reference(ckpt_factory):
+    """``fold_gqa`` (the CUDA path) against SDPA's own grouped mode, in the decoder (masked and not) and the
+    encoder (a causal mask per query row, which never folds)."""
+    import dgemma
+    from dgemma.cache import KVCache
+
+    m = dgemma.load(ckpt_factory("odd"), dtype=torch.float32).model
+    attn = [layer.self_attn for layer in m.layers]
+    assert all(a.n_kv != a.n_heads for a in attn) and {a.head_dim for a in attn} == {12, 24}
+    q = torch.randn(2, attn[0].n_heads, 5, 12)
+    assert not attn[0].folds(q, None)  # off CUDA the reference path runs unless asked
+    attn[0].fold_gqa = True
+    assert attn[0].folds(q, None) and attn[0].folds(q, torch.ones(2, 1, 1, 9, dtype=torch.bool))
+    assert not attn[0].folds(q, torch.ones(2, 1, 5, 9, dtype=torch.bool))
+    attn[0].fold_gqa = None
+
+    def run(fold):
+        for a in attn:
+            a.fold_gqa = fold
+        cache = KVCache(m.cfg, 2, 40)
+        lengths = torch.tensor([11, 6])  # unequal rows: the decoder masks the short one's empty slots
+        enc = m.encode(torch.randint(3, 389, (2, 11)), cache, n_valid=lengths)
+        canvas = torch.randint(3, 389, (2, m.cfg.canvas_length))
+        masked = m.decode_hidden(canvas, cache)
+        one = KVCache(m.cfg, 1, 40)
+        m.encode(torch.randint(3, 389, (1, 9), generator=torch.Generator().manual_seed(1)), one)
+        return enc, masked, m.decode_hidden(canvas[:1], one)  # one row: no mask at all
+
+    torch.manual_seed(0)
+    ref = run(False)
+    torch.manual_seed(0)
+    fast = run(True)
+    for a, b in zip(ref, fast):
+        assert a.abs().max() > 0.1
+        torch.testing.assert_close(b, a, atol=2e-5, rtol=1e-5)

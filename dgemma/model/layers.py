@@ -94,6 +94,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * hd, d, bias=False)
         self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
+        self.fold_gqa: bool | None = None  # see ``folds``
 
     def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """``x [B, T, d]`` -> q ``[B, H, T, D]``, k and v ``[B, H_kv, T, D]`` (normed, k and q roped)."""
@@ -107,7 +108,26 @@ class Attention(nn.Module):
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
     def attend(self, q, k, v, mask: torch.Tensor | None) -> torch.Tensor:
-        """q ``[B, H, Tq, D]``, k/v ``[B, H_kv, Tk, D]``, bool mask ``[B, 1, Tq, Tk]`` -> ``[B, Tq, d]``."""
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0, enable_gqa=self.n_kv != self.n_heads)
-        b, _, t, _ = out.shape
+        """q ``[B, H, Tq, D]``, k/v ``[B, H_kv, Tk, D]``, bool mask ``[B, 1, Tq or 1, Tk]`` -> ``[B, Tq, d]``."""
+        b, _, t, _ = q.shape
+        if self.folds(q, mask):
+            # Grouped-query attention as plain attention: query head h reads K/V head h // g, so the g query
+            # heads of a K/V head become g * Tq query rows of it. Exact; the mask is the same for every row.
+            g = self.n_heads // self.n_kv
+            out = F.scaled_dot_product_attention(q.reshape(b, self.n_kv, g * t, self.head_dim), k, v,
+                                                 attn_mask=mask, scale=1.0).reshape(b, self.n_heads, t, self.head_dim)
+        else:  # the reference path
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0,
+                                                 enable_gqa=self.n_kv != self.n_heads)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+
+    def folds(self, q: torch.Tensor, mask: torch.Tensor | None) -> bool:
+        """Whether ``attend`` folds the query groups into the rows (``fold_gqa``; None = on CUDA).
+
+        On CUDA, SDPA's memory-efficient kernel has no grouped-query mode and flash takes no mask nor a head
+        dim over 256, so a masked or 512-wide grouped pass fell to the math kernel (fp32, K/V repeated per
+        head). Folded, it is plain attention, which the fused kernels take. Only for masks that are the same
+        for every query row (the decoder's), so the mask needs no copy.
+        """
+        fold = q.is_cuda if self.fold_gqa is None else self.fold_gqa
+        return fold and self.n_kv != self.n_heads and (mask is None or mask.shape[-2] == 1)
