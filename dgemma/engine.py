@@ -71,10 +71,12 @@ class CanvasUpdate:
 class Engine:
     def __init__(self, model: DiffusionGemma, tokenizer: Tokenizer | None = None,
                  defaults: SamplingParams | None = None, generation_config: dict[str, Any] | None = None,
-                 cuda_graphs: bool = False):
+                 cuda_graphs: bool | None = None):
         self.model = model.eval()
         # What the sampler runs: the model, or the model with its decoder pass replayed from CUDA graphs
-        # (dgemma.graphs; on CUDA only, eager elsewhere).
+        # (dgemma.graphs; None = on for a model on CUDA; they give the eager tokens, measured on an H200).
+        if cuda_graphs is None:
+            cuda_graphs = self.model.device.type == "cuda"
         self.runner = GraphedDecoder(self.model) if cuda_graphs else self.model
         self.tokenizer = tokenizer
         self.generation_config = dict(generation_config or {})
@@ -227,10 +229,11 @@ def _drain(loop) -> list[sampler.RowResult]:
 
 
 def load(source, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None,
-         cuda_graphs: bool = False) -> Engine:
+         cuda_graphs: bool | None = None) -> Engine:
     """An Engine for a checkpoint directory or Hugging Face Hub repo id (safetensors only).
 
-    ``cuda_graphs``: replay the denoising steps of a canvas from CUDA graphs (see ``dgemma.graphs``)."""
+    ``cuda_graphs``: replay the denoising steps of a canvas from CUDA graphs (see ``dgemma.graphs``);
+    None (default) turns them on for a model on CUDA."""
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype.removeprefix("torch."), None)
         if not isinstance(dtype, torch.dtype):

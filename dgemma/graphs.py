@@ -12,14 +12,15 @@ except ``decode_hidden``, which
   canvas, which never repeats within the canvas), or when the model cannot be captured (the per-expert
   loop, which reads the expert counts back to the host: fp32 or fp16 unless ``Experts.grouped`` is set);
 * otherwise looks up a graph by everything the captured pass depends on (the cache's tensors, the rows'
-  lengths, the canvas and soft-embedding shapes); on a miss it warms up on a side stream, captures, and keeps
-  at most ``keep`` graphs (one memory pool shared by all); on a hit it copies the canvas and the soft
-  embedding into the graph's input buffers and replays.
+  lengths, the canvas and soft-embedding shapes); on a miss it warms up on a side stream (once per shape),
+  captures, and keeps at most ``keep`` graphs (one memory pool shared by all); on a hit it copies the
+  canvas and the soft embedding into the graph's input buffers and replays.
 
 The host-side part of the pass (positions, masks) is computed once per graph by
 :meth:`~dgemma.model.diffusion_gemma.DiffusionGemma.decode_inputs`; the captured part,
 :meth:`~dgemma.model.diffusion_gemma.DiffusionGemma.decode_with`, makes no host reads or copies.
-The eager path (:meth:`DiffusionGemma.decode_hidden`) stays the reference; a test compares them on CUDA.
+The eager path (:meth:`DiffusionGemma.decode_hidden`) stays the reference; a test compares them on CUDA
+(on an H200: bitwise-equal passes and the same tokens). ``Engine`` uses graphs by default on CUDA.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ class GraphedDecoder:
         self.model, self.keep = model, keep
         self.graphs: OrderedDict[tuple, _Graph] = OrderedDict()  # least recently used first
         self.pool = self.side = None  # graph memory pool and warm-up stream, made at the first capture
+        self.warmed: set[tuple] = set()  # the shapes (and mask presence) a warm-up pass has run for
         self.disabled: str | None = None  # why capturing stopped, if it did
         self.captures = self.replays = 0
 
@@ -92,13 +94,19 @@ class GraphedDecoder:
         device = canvas.device
         positions, kv = self.model.decode_inputs(cache, canvas.shape[1])
         static_canvas, static_soft = canvas.clone(), soft.clone()
-        if self.side is None:  # one side stream: blocks the warm-ups free stay reusable by the next ones
-            self.side = torch.cuda.Stream(device)
-        side = self.side
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):  # warm-up: lazy library state is set up outside the capture
-            self.model.decode_with(static_canvas, positions, kv, static_soft)
-        torch.cuda.current_stream(device).wait_stream(side)
+        # Warm-up: lazy library state (handles, kernel choices) is set up outside the capture. A canvas after
+        # the first has other cache lengths (a new graph) but the same shapes and kernels: no second warm-up,
+        # which would cost an eager pass per canvas (if one were needed, the capture fails and says so).
+        shapes = (tuple(canvas.shape), tuple(soft.shape), soft.dtype, cache.lengths.unique().numel() == 1)
+        if shapes not in self.warmed:
+            if self.side is None:  # one side stream: blocks the warm-ups free stay reusable by the next ones
+                self.side = torch.cuda.Stream(device)
+            side = self.side
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                self.model.decode_with(static_canvas, positions, kv, static_soft)
+            torch.cuda.current_stream(device).wait_stream(side)
+            self.warmed.add(shapes)
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()

@@ -21,9 +21,9 @@ def add_model_options(p: argparse.ArgumentParser, model_required: bool = False) 
         p.add_argument("--model", help="checkpoint directory or Hugging Face repo id (default: the embedded model)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when present, else cpu)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, ... (default: the checkpoint's)")
-    p.add_argument("--cuda-graphs", action="store_true",
-                   help="replay the denoising steps of a canvas from CUDA graphs (CUDA with bf16 weights; "
-                        "eager otherwise)")
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                   help="replay the denoising steps of a canvas from CUDA graphs (default: on with CUDA; "
+                        "they need bf16 weights, other dtypes decode eagerly)")
 
 
 def add_sampling_options(p: argparse.ArgumentParser) -> None:
@@ -66,4 +66,4 @@ def load_engine(args: argparse.Namespace):
 
     device, dtype = device_and_dtype(args)
     return dgemma.load(model_source(args), device=device, dtype=dtype,
-                       cuda_graphs=getattr(args, "cuda_graphs", False))
+                       cuda_graphs=getattr(args, "cuda_graphs", None))

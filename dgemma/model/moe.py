@@ -60,7 +60,9 @@ class Experts(nn.Module):
         """``x [N, d]``, ``weights/idx [N, k]`` -> ``[N, d]``: tokens grouped by expert.
 
         One gather puts the (token, slot) pairs in expert order, each expert runs on its contiguous slice,
-        and one weighted ``index_add_`` scatters the results back.
+        a second gather puts the weighted results back in (token, slot) order, and a sum over the slots
+        (in fp32, one rounding) combines them. No ``index_add_``: on CUDA it adds with atomics, whose order,
+        and so whose bf16 rounding, changes from run to run (the same seed gave other tokens).
         """
         n, k = idx.shape
         flat = idx.reshape(-1)  # [N*k]
@@ -74,8 +76,9 @@ class Experts(nn.Module):
             ys = self._grouped(xs, torch.cumsum(counts, 0, dtype=torch.int32))
         else:
             ys = self._looped(xs, torch.bincount(flat, minlength=self.num_experts).tolist())
-        ys = (ys * weights.reshape(-1)[order, None]).to(x.dtype)  # routing weights are fp32
-        return torch.zeros_like(x).index_add_(0, token_of, ys)
+        ys = ys * weights.reshape(-1)[order, None]  # [N*k, d] fp32: routing weights are fp32
+        unsort = torch.empty_like(order).scatter_(0, order, torch.arange(n * k, device=x.device))
+        return ys.index_select(0, unsort).view(n, k, -1).sum(1).to(x.dtype)  # [N, d]
 
     def uses_grouped(self, device: torch.device, dtype: torch.dtype) -> bool:
         """Whether ``forward`` takes the grouped GEMM for inputs on ``device`` in ``dtype``."""

@@ -221,7 +221,8 @@ class Trainer:
         from dgemma.engine import Engine
 
         s = self.setup
-        engine = Engine(s.model, s.tokenizer, generation_config=s.generation_config)
+        # No CUDA graphs: their memory pool would stay held through the training steps between samples.
+        engine = Engine(s.model, s.tokenizer, generation_config=s.generation_config, cuda_graphs=False)
         out = []
         try:
             for prompt in self.t.sample_prompts:

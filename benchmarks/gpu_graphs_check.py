@@ -1,0 +1,59 @@
+"""Do CUDA graphs change what the decoder computes, or only the run-to-run noise of the eager path? (issue 3)
+
+On a small random model on the GPU, for bf16 and fp32, with and without deterministic algorithms:
+* the hidden states of one decoder pass: eager twice (the eager path's own spread), then replayed from a
+  graph, each against the first eager pass (max abs difference, 0 = bitwise equal);
+* generate: eager twice and graphed, the rows whose tokens equal the first eager run's.
+
+    CUBLAS_WORKSPACE_CONFIG=:4096:8 python benchmarks/gpu_graphs_check.py
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dgemma.bench.presets import preset_config
+from dgemma.cache import KVCache
+from dgemma.engine import Engine
+from dgemma.graphs import GraphedDecoder
+from dgemma.loading import build_model
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"  # off CUDA: a dry run of the code
+
+
+def check(dtype: torch.dtype, deterministic: bool) -> None:
+    torch.use_deterministic_algorithms(deterministic)
+    model = build_model(preset_config("small"), device=DEV, dtype=dtype, seed=0, embed_std=1.0)
+    cfg = model.cfg
+    with torch.inference_mode():
+        cache = KVCache(cfg, 3, 64 + cfg.canvas_length, device=DEV, dtype=dtype)
+        g = torch.Generator(device=DEV).manual_seed(0)
+        model.encode(torch.randint(3, cfg.vocab_size, (3, 50), device=DEV, generator=g), cache,
+                     n_valid=torch.tensor([50, 37, 20], device=DEV))
+        canvas = torch.randint(3, cfg.vocab_size, (3, cfg.canvas_length), device=DEV, generator=g)
+        soft = torch.randn(3, cfg.canvas_length, cfg.hidden_size, device=DEV, dtype=dtype, generator=g)
+        ref = model.decode_hidden(canvas, cache, soft).float()
+        again = model.decode_hidden(canvas, cache, soft).float()
+        graphed = GraphedDecoder(model)
+        first = graphed.decode_hidden(canvas, cache, soft).float()  # captured, then replayed
+        replay = graphed.decode_hidden(canvas, cache, soft).float()
+        diffs = [(x - ref).abs().max().item() for x in (again, first, replay)]
+    eager, graphs = Engine(model, cuda_graphs=False), Engine(model, cuda_graphs=True)
+    prompts = [list(range(3, 40)), list(range(5, 25)), [7] * 50]
+    kw = dict(max_new_tokens=512, eos_token_id=(), seed=1, confidence_threshold=0.0, max_denoising_steps=8)
+    a, b, c = (e.generate(prompts, **kw) for e in (eager, eager, graphs))
+    same = lambda x, y: sum(r.token_ids == s.token_ids for r, s in zip(x, y))  # noqa: E731
+    print(f"{str(dtype):15} deterministic {deterministic!s:5}: one pass, max |diff| vs eager: eager again "
+          f"{diffs[0]:.2e}, graph {diffs[1]:.2e}, replay {diffs[2]:.2e}; generate, rows equal to eager: "
+          f"eager again {same(a, b)}/3, graphs {same(a, c)}/3 (graph {graphs.runner.captures} captures, "
+          f"disabled: {graphs.runner.disabled})")
+    torch.use_deterministic_algorithms(False)
+
+
+if __name__ == "__main__":
+    for dtype in (torch.bfloat16, torch.float32)[: 2 if DEV == "cuda" else 1]:
+        for deterministic in (False, True):
+            try:
+                check(dtype, deterministic)
+            except RuntimeError as e:  # an op with no deterministic implementation names itself
+                print(f"{dtype} deterministic {deterministic}: {str(e).splitlines()[0]}")

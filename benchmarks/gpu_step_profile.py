@@ -1,0 +1,64 @@
+"""Where a whole canvas of generation spends its time with CUDA graphs on (issue 3, next steps).
+
+Builds the random bf16 26B-A4B model on the GPU, runs the Engine (graphs on, the CUDA default) over a
+4096-token prompt for one 256-token canvas at 16 fixed steps: once to warm up, once timed, once under
+torch.profiler. Prints the canvas's wall time, the GPU's kernel time in it, and the top host-side and
+GPU-side operations: what a step spends outside the replayed decoder pass.
+
+    python benchmarks/gpu_step_profile.py
+    python benchmarks/gpu_step_profile.py --preset tiny --device cpu --prompt-len 64   # a dry run
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from dgemma.bench.presets import preset_config
+from dgemma.engine import Engine
+from dgemma.loading import build_model
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="26b-a4b")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--prompt-len", type=int, default=4096)
+    args = ap.parse_args()
+    cfg = preset_config(args.preset)
+    cuda = args.device.startswith("cuda")
+    model = build_model(cfg, device=args.device, dtype=torch.bfloat16, seed=0, embed_std=1.0)
+    engine = Engine(model)
+    prompt = torch.randint(3, cfg.vocab_size, (args.prompt_len,), generator=torch.Generator().manual_seed(0))
+    kw = dict(max_new_tokens=cfg.canvas_length, eos_token_id=(), seed=1, confidence_threshold=0.0,
+              max_denoising_steps=16)
+
+    def canvas() -> float:
+        if cuda:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        engine.generate([prompt.tolist()], **kw)
+        if cuda:
+            torch.cuda.synchronize()
+        return 1000 * (time.perf_counter() - t)
+
+    canvas()
+    print(f"prefill + one canvas of 16 steps: {canvas():.1f} ms wall (graphs: {type(engine.runner).__name__})")
+    with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda) as prof:
+        wall = canvas()
+    events = prof.key_averages()
+    gpu = sum(e.self_device_time_total for e in events) / 1000
+    print(f"profiled: {wall:.1f} ms wall, {gpu:.1f} ms of GPU kernels")
+    runner = engine.runner
+    print(f"graphs: captures {getattr(runner, 'captures', 0)}, replays {getattr(runner, 'replays', 0)}, "
+          f"disabled: {getattr(runner, 'disabled', None)}")
+    print(events.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
+    if cuda:
+        print(events.table(sort_by="self_cuda_time_total", row_limit=20, max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    main()
