@@ -64,9 +64,9 @@ def test_default_rope_frequencies():
 
 
 @torch.inference_mode()
-def test_folded_grouped_query_attention_matches_the_reference(ckpt_factory):
-    """``fold_gqa`` (the CUDA path) against SDPA's own grouped mode, in the decoder (masked and not) and the
-    encoder (a causal mask per query row, which never folds)."""
+def test_plain_grouped_query_attention_matches_the_reference(ckpt_factory):
+    """``plain_gqa`` (the CUDA path) against SDPA's own grouped mode: folded in the decoder (masked and not),
+    expanded in the encoder (a causal mask per query row)."""
     import dgemma
     from dgemma.cache import KVCache
 
@@ -74,15 +74,15 @@ def test_folded_grouped_query_attention_matches_the_reference(ckpt_factory):
     attn = [layer.self_attn for layer in m.layers]
     assert all(a.n_kv != a.n_heads for a in attn) and {a.head_dim for a in attn} == {12, 24}
     q = torch.randn(2, attn[0].n_heads, 5, 12)
-    assert not attn[0].folds(q, None)  # off CUDA the reference path runs unless asked
-    attn[0].fold_gqa = True
-    assert attn[0].folds(q, None) and attn[0].folds(q, torch.ones(2, 1, 1, 9, dtype=torch.bool))
-    assert not attn[0].folds(q, torch.ones(2, 1, 5, 9, dtype=torch.bool))
-    attn[0].fold_gqa = None
+    assert attn[0].gqa_mode(q, None) == "grouped"  # off CUDA the reference path runs unless asked
+    attn[0].plain_gqa = True
+    assert attn[0].gqa_mode(q, None) == attn[0].gqa_mode(q, torch.ones(2, 1, 1, 9, dtype=torch.bool)) == "fold"
+    assert attn[0].gqa_mode(q, torch.ones(2, 1, 5, 9, dtype=torch.bool)) == "expand"
+    attn[0].plain_gqa = None
 
-    def run(fold):
+    def run(plain):
         for a in attn:
-            a.fold_gqa = fold
+            a.plain_gqa = plain
         cache = KVCache(m.cfg, 2, 40)
         lengths = torch.tensor([11, 6])  # unequal rows: the decoder masks the short one's empty slots
         enc = m.encode(torch.randint(3, 389, (2, 11)), cache, n_valid=lengths)

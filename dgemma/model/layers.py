@@ -94,7 +94,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * hd, d, bias=False)
         self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
-        self.fold_gqa: bool | None = None  # see ``folds``
+        self.plain_gqa: bool | None = None  # see ``gqa_mode``
 
     def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """``x [B, T, d]`` -> q ``[B, H, T, D]``, k and v ``[B, H_kv, T, D]`` (normed, k and q roped)."""
@@ -110,28 +110,32 @@ class Attention(nn.Module):
     def attend(self, q, k, v, mask: torch.Tensor | None) -> torch.Tensor:
         """q ``[B, H, Tq, D]``, k/v ``[B, H_kv, Tk, D]``, bool mask ``[B, 1, Tq or 1, Tk]`` -> ``[B, Tq, d]``."""
         b, _, t, _ = q.shape
-        if self.folds(q, mask):
+        mode, g = self.gqa_mode(q, mask), self.n_heads // self.n_kv
+        if mode == "fold":
             # Grouped-query attention as plain attention: query head h reads K/V head h // g, so the g query
             # heads of a K/V head become g * Tq query rows of it. Exact; the mask is the same for every row.
-            g = self.n_heads // self.n_kv
             out = F.scaled_dot_product_attention(q.reshape(b, self.n_kv, g * t, self.head_dim), k, v,
                                                  attn_mask=mask, scale=1.0).reshape(b, self.n_heads, t, self.head_dim)
+        elif mode == "expand":  # a mask per query row (the encoder's): each K/V head repeated for its g heads
+            out = F.scaled_dot_product_attention(q, k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1),
+                                                 attn_mask=mask, scale=1.0)
         else:  # the reference path
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0,
-                                                 enable_gqa=self.n_kv != self.n_heads)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0, enable_gqa=g != 1)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
 
-    def folds(self, q: torch.Tensor, mask: torch.Tensor | None) -> bool:
-        """Whether ``attend`` folds the query groups into the rows (``fold_gqa``; None = on CUDA where needed).
+    def gqa_mode(self, q: torch.Tensor, mask: torch.Tensor | None) -> str:
+        """How ``attend`` runs grouped-query attention: ``grouped`` (SDPA's own ``enable_gqa``, the reference),
+        or as plain attention, ``fold`` or ``expand``. ``plain_gqa`` picks: None = on CUDA where needed.
 
         On CUDA, SDPA's memory-efficient kernel has no grouped-query mode and flash takes no mask nor a head
         dim over 256, so a masked or 512-wide grouped pass fell to the math kernel (fp32, K/V repeated per
-        head). Folded, it is plain attention, which the fused kernels take (a 26B full layer over 4352 keys
-        on an H200: 1.45 -> 0.47 ms). Only for masks that are the same for every query row (the decoder's),
-        so the mask needs no copy.
+        head). As plain attention the fused kernels take it (a 26B full layer, 256 queries over 4352 keys,
+        on an H200: 1.45 -> 0.47 ms). ``fold`` (query groups become rows) needs no copy but a mask that is
+        the same for every query row (the decoder's); ``expand`` (K/V repeated per head) takes any mask.
         """
-        if self.fold_gqa is None:  # where flash cannot run; unmasked 256-wide it beat the fold (0.057/0.068 ms)
-            fold = q.is_cuda and (self.head_dim > 256 or mask is not None)
-        else:
-            fold = self.fold_gqa
-        return fold and self.n_kv != self.n_heads and (mask is None or mask.shape[-2] == 1)
+        plain = self.plain_gqa
+        if plain is None:  # where flash cannot run; unmasked 256-wide it beat the fold (0.057/0.068 ms)
+            plain = q.is_cuda and (self.head_dim > 256 or mask is not None)
+        if not plain or self.n_kv == self.n_heads:
+            return "grouped"
+        return "fold" if mask is None or mask.shape[-2] == 1 else "expand"
