@@ -8,13 +8,14 @@ captured once (``torch.cuda.CUDAGraph``) and replayed: a replay is one launch.
 :class:`GraphedDecoder` stands in for the model where the sampler takes one: every attribute is the model's,
 except ``decode_hidden``, which
 
-* runs eagerly off CUDA, with gradients enabled, without self-conditioning input (the first step of a
-  canvas, which never repeats within the canvas), or when the model cannot be captured (the per-expert
+* runs eagerly off CUDA, with gradients enabled, or when the model cannot be captured (the per-expert
   loop, which reads the expert counts back to the host: fp32 or fp16 unless ``Experts.grouped`` is set);
 * otherwise looks up a graph by everything the captured pass depends on (the cache's tensors, the rows'
   lengths, the canvas and soft-embedding shapes); on a miss it warms up on a side stream (once per shape),
   captures, and keeps at most ``keep`` graphs (one memory pool shared by all); on a hit it copies the
-  canvas and the soft embedding into the graph's input buffers and replays.
+  canvas and the soft embedding into the graph's input buffers and replays. The first step of a canvas
+  (no self-conditioning input) captures, with a zero soft embedding, the graph that its other steps replay:
+  a zero input adds exactly 0 in ``SelfConditioning``, so this is the no-input pass.
 
 The host-side part of the pass (positions, masks) is computed once per graph by
 :meth:`~dgemma.model.diffusion_gemma.DiffusionGemma.decode_inputs`; the captured part,
@@ -65,14 +66,19 @@ class GraphedDecoder:
         return all(layer.experts.uses_grouped(canvas.device, self.model.dtype) for layer in self.model.layers)
 
     def decode_hidden(self, canvas: torch.Tensor, cache: KVCache, soft: torch.Tensor | None = None) -> torch.Tensor:
-        if soft is None or not self.capturable(canvas):
+        if not self.capturable(canvas):
             return self.model.decode_hidden(canvas, cache, soft)
+        # The first step of a canvas has no self-conditioning input: it replays the same graph with a zero
+        # soft embedding, which SelfConditioning turns into exactly the no-input pass (it adds exactly 0).
+        shape, dtype = (*canvas.shape, self.model.cfg.hidden_size), self.model.dtype
+        if soft is not None:
+            shape, dtype = tuple(soft.shape), soft.dtype
         key = (tuple(t.data_ptr() for t in cache.k + cache.v), cache.capacity, tuple(cache.lengths.tolist()),
-               tuple(canvas.shape), tuple(soft.shape), soft.dtype, torch.is_inference_mode_enabled())
+               tuple(canvas.shape), shape, dtype, torch.is_inference_mode_enabled())
         g = self.graphs.get(key)
         if g is None:
             try:
-                g = self._capture(canvas, cache, soft)
+                g = self._capture(canvas, cache, soft if soft is not None else canvas.new_zeros(shape, dtype=dtype))
             except RuntimeError as e:  # e.g. an op that syncs with the host; stay eager from now on
                 self.disabled = str(e)
                 self.graphs.clear()
@@ -85,7 +91,10 @@ class GraphedDecoder:
         else:
             self.graphs.move_to_end(key)
         g.canvas.copy_(canvas)
-        g.soft.copy_(soft)
+        if soft is None:
+            g.soft.zero_()
+        else:
+            g.soft.copy_(soft)
         g.graph.replay()
         self.replays += 1
         return g.out.clone()  # the buffer is overwritten by the next replay

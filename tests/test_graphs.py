@@ -27,6 +27,20 @@ def test_decode_inputs_and_decode_with_make_decode_hidden(engine):
     assert torch.equal(m.decode_with(canvas, positions, kv, soft), m.decode_hidden(canvas, cache, soft))
 
 
+@torch.inference_mode()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_zero_soft_embedding_is_exactly_the_pass_without_one(ckpt_factory, dtype):
+    """What lets the first step of a canvas replay the graph of the others (zero self-conditioning input)."""
+    m = dgemma.load(ckpt_factory("tiny"), dtype=dtype).model
+    cache = KVCache(m.cfg, 2, 64, dtype=dtype)
+    m.encode(torch.randint(3, 500, (2, 11)), cache, n_valid=torch.tensor([11, 7]))
+    canvas = torch.randint(3, 500, (2, m.cfg.canvas_length))
+    zero = torch.zeros(2, m.cfg.canvas_length, m.cfg.hidden_size, dtype=dtype)
+    assert torch.equal(m.decode_hidden(canvas, cache, zero), m.decode_hidden(canvas, cache, None))
+    soft = torch.randn(2, m.cfg.canvas_length, m.cfg.hidden_size, dtype=dtype)
+    assert not torch.equal(m.decode_hidden(canvas, cache, soft), m.decode_hidden(canvas, cache, None))
+
+
 def test_embed_scale_is_rounded_to_the_weight_dtype(engine):
     m = engine.model
     assert m.embed_scale() == float(torch.tensor(m.cfg.embed_scale, dtype=m.dtype))

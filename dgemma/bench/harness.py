@@ -51,7 +51,8 @@ class BenchSpec:
     embed_std: float | None = 1.0  # random weights: peaked, trained-like logits
     batch_search: int = 0  # > 0: also find the largest batch (powers of two up to this) that fits
     moe: str = "auto"  # expert path: "auto" | "loop" | "grouped" (see dgemma.model.moe)
-    cuda_graphs: bool = False  # also measure dgemma with CUDA-graph decoder steps ("dgemma+graphs")
+    cuda_graphs: bool | None = None  # also measure dgemma with CUDA-graph decoder steps ("dgemma+graphs");
+    # None: on CUDA (what Engine does there by default), off elsewhere
 
 
 @dataclass
@@ -222,7 +223,8 @@ def run_benchmark(spec: BenchSpec, echo: Callable[[str], None] = print) -> dict[
         except ImportError:
             echo("transformers is not installed: the reference comparison is skipped")
     runs: list[RunResult] = []
-    graphed = GraphedDecoder(model) if spec.cuda_graphs else None
+    with_graphs = spec.cuda_graphs if spec.cuda_graphs is not None else model.device.type == "cuda"
+    graphed = GraphedDecoder(model) if with_graphs else None
     if spec.warmup:  # first calls pay for allocator growth and kernel selection
         warm = sampling_params(spec, 2).replace(max_new_tokens=2 * cfg.canvas_length)  # includes a commit
         prompt = torch.randint(3, cfg.vocab_size, (1, spec.prompt_len), generator=gen)
@@ -307,6 +309,8 @@ def ratios(runs: list[RunResult]) -> list[dict[str, Any]]:
             row["vs_ar"] = r.tokens_per_s / ar.tokens_per_s
         if graphs:
             row["graphs_vs_eager"] = graphs.tokens_per_s / r.tokens_per_s
+            if ref:
+                row["graphs_vs_transformers"] = graphs.tokens_per_s / ref.tokens_per_s
         if one and r.batch != 1:
             row["vs_batch1"] = r.tokens_per_s / one.tokens_per_s
         out.append(row)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 from dgemma.errors import DgemmaError
@@ -28,8 +29,9 @@ def add_parser(sub) -> None:
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--moe", choices=["auto", "loop", "grouped"], default="auto",
                    help="expert path: auto (grouped GEMM for bf16 on CUDA, per-expert loop elsewhere), or force one")
-    b.add_argument("--cuda-graphs", action="store_true",
-                   help="also measure dgemma with the decoder steps replayed from CUDA graphs (CUDA only)")
+    b.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                   help="also measure dgemma with the decoder steps replayed from CUDA graphs, as Engine "
+                        "runs them on CUDA (default: on with a CUDA device)")
     b.add_argument("--batch-search", type=int, default=0, metavar="LIMIT",
                    help="also find the largest power-of-two batch up to LIMIT that fits in memory")
     b.add_argument("--json", dest="json_out", help="write the report here")
