@@ -2,22 +2,26 @@
 # Issue 3, section 3: the full 26B-A4B config with random bf16 weights on one GPU (H100 / H200).
 # Needs torch with CUDA and transformers 5.23 (pip install -e ".[bench]"); writes JSON, PNG and logs to $1.
 #
-# 0. preflight: the grouped-GEMM expert path against the per-expert loop on this GPU, in bf16;
-# 0b. CUDA-graph decoder steps against the eager path on a small random bf16 model (same tokens);
+# 0. the CUDA tests of the suite (tests/test_graphs.py, tests/test_layers.py: graphs give the eager tokens);
+# 0a. preflight: the grouped-GEMM expert path against the per-expert loop on this GPU, in bf16;
+# 0b. CUDA graphs against eager decoding, and eager against itself, pass by pass and token by token, on a
+#     small random model in bf16 and fp32 (gpu_graphs_check.py);
+# 0c. the attention of the decoder and encoder passes, SDPA's grouped mode against plain (gpu_attention.py);
 # 1. batch 1, 4096-token prompt, 512 new tokens, 16 fixed steps: dgemma (eager and with CUDA graphs) vs
-#    transformers vs AR,
-#    ms per step and per canvas, and the bandwidth floor of a step (floor_ms) from the measured copy rate;
-# 0c. the attention of a decoder pass, SDPA's grouped mode against folded query groups (gpu_attention.py);
+#    transformers vs AR, ms per step and per canvas, and the bandwidth floor of a step (floor_ms) from the
+#    measured copy rate;
 # 2. where a decoder pass spends its time, eager and replayed from a CUDA graph (gpu_profile.py);
+# 2b. where a whole canvas spends its time with graphs on (gpu_step_profile.py);
 # with FULL=1 also (measured 2026-11-26, unchanged since):
 # 3. the same dgemma run with the per-expert loop instead of the grouped GEMM (what the GEMM is worth);
 # 4. the largest power-of-two batch whose prefill plus one canvas fits (transformers and AR skipped).
 # The 26B weights (52 GB in bf16) are allocated directly on the GPU; transformers shares them.
-# Each stage has its own time limit, so a slow or failing stage leaves the others' figures.
+# Each stage has its own time limit, so a slow or failing stage leaves the others' figures. About 7 minutes.
 set -uo pipefail
 out="${1:-.}"
 py="${PYTHON:-python3}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+timeout 90 $py -m pytest -q -p no:cacheprovider tests/test_graphs.py tests/test_layers.py 2>&1 | tee "$out/pytest.log"
 $py - <<'EOF'
 import torch
 from dgemma.model.moe import Experts
@@ -50,28 +54,13 @@ for mode in (False, True):
     torch.cuda.synchronize()
     print(f"experts of one layer, 256x8 token-slots: {'grouped' if mode else 'loop'} {a.elapsed_time(b) / 10:.2f} ms")
 EOF
-$py - <<'EOF'
-# CUDA graphs (dgemma.graphs) against the eager decoder on a small random bf16 model: the same tokens?
-import torch
-from dgemma.bench.presets import preset_config
-from dgemma.engine import Engine
-from dgemma.loading import build_model
-model = build_model(preset_config("small"), device="cuda", dtype=torch.bfloat16, seed=0, embed_std=1.0)
-eager, graphed = Engine(model, cuda_graphs=False), Engine(model, cuda_graphs=True)
-prompts = [list(range(3, 40)), list(range(5, 25)), [7] * 50]
-for kw in ({"confidence_threshold": 0.0, "max_denoising_steps": 8}, {"max_denoising_steps": 16}):
-    a = eager.generate(prompts, max_new_tokens=512, eos_token_id=(), seed=1, **kw)
-    b = graphed.generate(prompts, max_new_tokens=512, eos_token_id=(), seed=1, **kw)
-    same = [x.token_ids == y.token_ids and x.steps == y.steps for x, y in zip(a, b)]
-    print("cuda graphs vs eager, same tokens and steps per row:", same, kw)
-r = graphed.runner
-print(f"captures {r.captures}, replays {r.replays}, disabled: {r.disabled}")
-EOF
+CUBLAS_WORKSPACE_CONFIG=:4096:8 timeout 90 $py benchmarks/gpu_graphs_check.py 2>&1 | tee "$out/graphs-check.log"
 timeout 60 $py benchmarks/gpu_attention.py 2>&1 | tee "$out/attention.log"
 common=(--preset 26b-a4b --device cuda --dtype bfloat16 --prompt-len 4096 --steps 16 --batch 1)
 timeout 300 $py -m dgemma bench "${common[@]}" --new-tokens 512 --cuda-graphs \
-    --json "$out/26b-a4b-gpu.json" --plot "$out/26b-a4b-gpu.png" 2>&1 | tee "$out/bench.log"
+    --json "$out/26b-a4b-gpu.json" --plot "$out/26b-a4b-gpu.png" 2>&1 | tee "$out/bench.log" | grep -v "Loading weights"
 timeout 90 $py benchmarks/gpu_profile.py 2>&1 | tee "$out/profile.log"
+timeout 100 $py benchmarks/gpu_step_profile.py 2>&1 | tee "$out/step-profile.log"
 [ "${FULL:-0}" = 1 ] || exit 0
 timeout 120 $py -m dgemma bench "${common[@]}" --new-tokens 256 --no-transformers --no-ar --moe loop \
     --json "$out/26b-a4b-gpu-loop.json" 2>&1 | tee "$out/bench-loop.log"
