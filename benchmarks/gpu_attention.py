@@ -14,29 +14,12 @@ pass against the grouped one (in fp32 on the same inputs) and both times.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
+from dgemma.bench.measure import mean_ms
 from dgemma.bench.presets import preset_config
 from dgemma.model.layers import Attention
-
-
-def timed_ms(fn, reps: int = 20) -> float:
-    for _ in range(3):
-        fn()
-    if not torch.cuda.is_available():
-        t = time.perf_counter()
-        fn()
-        return 1000 * (time.perf_counter() - t)
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(reps):
-        fn()
-    b.record()
-    torch.cuda.synchronize()
-    return a.elapsed_time(b) / reps
 
 
 @torch.inference_mode()
@@ -71,7 +54,7 @@ def main() -> None:
             outs, times = {}, {}
             for plain in (False, True):
                 attn.plain_gqa = plain
-                times[plain] = timed_ms(lambda: attn.attend(q, k, v, mask))
+                times[plain] = mean_ms(lambda: attn.attend(q, k, v, mask), reps=20)
                 attn.float()
                 outs[plain] = attn.attend(q.float(), k.float(), v.float(), mask)
                 attn.to(torch.bfloat16)

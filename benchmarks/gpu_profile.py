@@ -15,33 +15,16 @@ Builds the random bf16 model on the GPU, prefills a 4096-token prompt, then:
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 import torch.nn.functional as F
 
 from dgemma import loading
+from dgemma.bench.measure import mean_ms
 from dgemma.bench.presets import preset_config
 from dgemma.cache import KVCache
 from dgemma.graphs import GraphedDecoder
 from dgemma.model.moe import Experts
-
-
-def cuda_ms(fn, reps: int = 10) -> float:
-    for _ in range(3):
-        fn()
-    if not torch.cuda.is_available():  # a dry run on the CPU
-        t = time.perf_counter()
-        fn()
-        return 1000 * (time.perf_counter() - t)
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(reps):
-        fn()
-    b.record()
-    torch.cuda.synchronize()
-    return a.elapsed_time(b) / reps
 
 
 def padded_experts(ex: Experts, x, weights, idx):
@@ -80,11 +63,11 @@ def main() -> None:
     model.encode(torch.randint(3, cfg.vocab_size, (1, n), device=dev), cache)
     canvas = torch.randint(3, cfg.vocab_size, (1, cfg.canvas_length), device=dev)
 
-    print(f"decoder pass (hidden states), eager: {cuda_ms(lambda: model.decode_hidden(canvas, cache)):.2f} ms")
+    print(f"decoder pass (hidden states), eager: {mean_ms(lambda: model.decode_hidden(canvas, cache)):.2f} ms")
     soft = torch.randn(1, cfg.canvas_length, cfg.hidden_size, device=dev, dtype=torch.bfloat16)
     graphed = GraphedDecoder(model)
-    eager_ms = cuda_ms(lambda: model.decode_hidden(canvas, cache, soft))
-    graphed_ms = cuda_ms(lambda: graphed.decode_hidden(canvas, cache, soft))
+    eager_ms = mean_ms(lambda: model.decode_hidden(canvas, cache, soft))
+    graphed_ms = mean_ms(lambda: graphed.decode_hidden(canvas, cache, soft))
     print(f"decoder pass with self-conditioning: eager {eager_ms:.2f} ms, CUDA graph {graphed_ms:.2f} ms "
           f"(captures {graphed.captures}, replays {graphed.replays}, disabled: {graphed.disabled})")
     from torch.profiler import ProfilerActivity, profile
@@ -113,9 +96,9 @@ def main() -> None:
     for name, fn in (("loop", None), ("grouped_mm", None), ("padded bmm", padded_experts)):
         if fn is None:
             ex.grouped = name == "grouped_mm"
-            ms = cuda_ms(lambda: ex(x, w, idx))
+            ms = mean_ms(lambda: ex(x, w, idx))
         else:
-            ms = cuda_ms(lambda: fn(ex, x, w, idx))
+            ms = mean_ms(lambda: fn(ex, x, w, idx))
         print(f"experts of one layer, {name}: {ms:.3f} ms, {weight_bytes / ms / 1e9:.2f} TB/s of weights")
 
 

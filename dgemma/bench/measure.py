@@ -25,6 +25,24 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def mean_ms(fn, reps: int = 10, warmup: int = 3) -> float:
+    """Milliseconds per call of ``fn()`` after ``warmup`` calls: CUDA events on a GPU, else one timed call."""
+    for _ in range(warmup):
+        fn()
+    if not torch.cuda.is_available():
+        t = time.perf_counter()
+        fn()
+        return 1000 * (time.perf_counter() - t)
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(reps):
+        fn()
+    b.record()
+    torch.cuda.synchronize()
+    return a.elapsed_time(b) / reps
+
+
 @dataclass
 class Call:
     kind: str  # "prefill", "commit" or "decode"
