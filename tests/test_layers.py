@@ -4,7 +4,7 @@ import torch
 
 from dgemma.config import ModelConfig, RopeSpec
 from dgemma.model.layers import apply_rope, rope_inv_freq
-from dgemma.model.moe import _GROUPED_MM, Experts, Router, experts_reference
+from dgemma.model.moe import _GROUPED_MM, Experts, Router, combine, experts_reference
 from conftest import ODD
 
 
@@ -29,6 +29,21 @@ def test_grouped_experts_match_the_reference_loop():
     idx = idx.clamp(max=cfg.num_experts - 2)
     slow = experts_reference(experts, x, w, idx)
     assert torch.allclose(experts(x, w, idx), slow, atol=1e-5)
+
+
+def test_both_expert_combines_sum_each_tokens_slots():
+    """The gather (CUDA: no atomics) and the index_add_ (CPU) combines against a plain per-token sum."""
+    torch.manual_seed(0)
+    n, k, d = 9, 3, 5
+    idx = torch.randint(0, 4, (n, k))
+    order = torch.argsort(idx.reshape(-1), stable=True)
+    pairs = torch.randn(n, k, d)  # each (token, slot) pair's result
+    ys = pairs.reshape(n * k, d)[order]  # in expert order, as Experts.forward has them
+    for gather in (True, False):
+        torch.testing.assert_close(combine(ys, order, k, gather), pairs.sum(1))
+    half = combine(ys.bfloat16(), order, k, gather=True)  # accumulated in fp32, rounded once
+    assert half.dtype == torch.bfloat16 and torch.equal(half, ys.bfloat16()[torch.argsort(order)].view(n, k, d)
+                                                        .float().sum(1).bfloat16())
 
 
 def test_router_renormalises_then_applies_per_expert_scale():
