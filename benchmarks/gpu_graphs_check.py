@@ -3,7 +3,10 @@
 On a small random model on the GPU, for bf16 and fp32, with and without deterministic algorithms:
 * the hidden states of one decoder pass: eager twice (the eager path's own spread), then replayed from a
   graph, each against the first eager pass (max abs difference, 0 = bitwise equal);
-* generate: eager twice and graphed, the rows whose tokens equal the first eager run's.
+* the same pass over the length-free K/V of a reused graph (``StaticDecoderKV``) eagerly, and replayed
+  from a reused graph against that;
+* generate: eager twice, graphed, and with one graph reused by every canvas, the rows whose tokens equal
+  the first eager run's.
 
     CUBLAS_WORKSPACE_CONFIG=:4096:8 python benchmarks/gpu_graphs_check.py
 """
@@ -17,6 +20,7 @@ from dgemma.cache import KVCache
 from dgemma.engine import Engine
 from dgemma.graphs import GraphedDecoder
 from dgemma.loading import build_model
+from dgemma.model.diffusion_gemma import StaticDecoderKV
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"  # off CUDA: a dry run of the code
 
@@ -38,15 +42,23 @@ def check(dtype: torch.dtype, deterministic: bool) -> None:
         first = graphed.decode_hidden(canvas, cache, soft).float()  # captured, then replayed
         replay = graphed.decode_hidden(canvas, cache, soft).float()
         diffs = [(x - ref).abs().max().item() for x in (again, first, replay)]
+        reused = GraphedDecoder(model, reuse=True)
+        kv = StaticDecoderKV(cache, cfg.canvas_length, cfg.sliding_window, model.device)
+        static = model.decode_with(canvas, kv.positions, kv, soft).float()
+        diffs += [(static - ref).abs().max().item(), (reused.decode_hidden(canvas, cache, soft).float()
+                                                      - static).abs().max().item()]
     eager, graphs = Engine(model, cuda_graphs=False), Engine(model, cuda_graphs=True)
+    reuse = Engine(model, cuda_graphs=False)
+    reuse.runner = GraphedDecoder(model, reuse=True)
     prompts = [list(range(3, 40)), list(range(5, 25)), [7] * 50]
     kw = dict(max_new_tokens=512, eos_token_id=(), seed=1, confidence_threshold=0.0, max_denoising_steps=8)
-    a, b, c = (e.generate(prompts, **kw) for e in (eager, eager, graphs))
+    a, b, c, d = (e.generate(prompts, **kw) for e in (eager, eager, graphs, reuse))
     same = lambda x, y: sum(r.token_ids == s.token_ids for r, s in zip(x, y))  # noqa: E731
     print(f"{str(dtype):15} deterministic {deterministic!s:5}: one pass, max |diff| vs eager: eager again "
-          f"{diffs[0]:.2e}, graph {diffs[1]:.2e}, replay {diffs[2]:.2e}; generate, rows equal to eager: "
-          f"eager again {same(a, b)}/3, graphs {same(a, c)}/3 (graph {graphs.runner.captures} captures, "
-          f"disabled: {graphs.runner.disabled})")
+          f"{diffs[0]:.2e}, graph {diffs[1]:.2e}, replay {diffs[2]:.2e}, length-free eager {diffs[3]:.2e} "
+          f"(reused graph vs it {diffs[4]:.2e}); generate, rows equal to eager: eager again {same(a, b)}/3, "
+          f"graphs {same(a, c)}/3 ({graphs.runner.captures} captures, disabled: {graphs.runner.disabled}), "
+          f"one reused graph {same(a, d)}/3 ({reuse.runner.captures} captures, disabled: {reuse.runner.disabled})")
     torch.use_deterministic_algorithms(False)
 
 

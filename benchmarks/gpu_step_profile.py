@@ -3,7 +3,8 @@
 Builds the random bf16 26B-A4B model on the GPU, runs the Engine (graphs on, the CUDA default) over a
 4096-token prompt for one 256-token canvas at 16 fixed steps: once to warm up, once timed, once under
 torch.profiler. Prints the canvas's wall time, the GPU's kernel time in it, and the top host-side and
-GPU-side operations: what a step spends outside the replayed decoder pass.
+GPU-side operations: what a step spends outside the replayed decoder pass. Also times two canvases eagerly,
+with a graph per canvas and with one graph reused by both (``GraphedDecoder(reuse=True)``).
 
     python benchmarks/gpu_step_profile.py
     python benchmarks/gpu_step_profile.py --preset tiny --device cpu --prompt-len 64   # a dry run
@@ -19,6 +20,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from dgemma.bench.presets import preset_config
 from dgemma.engine import Engine
+from dgemma.graphs import GraphedDecoder
 from dgemma.loading import build_model
 
 
@@ -47,6 +49,15 @@ def main() -> None:
 
     canvas()
     print(f"prefill + one canvas of 16 steps: {canvas():.1f} ms wall (graphs: {type(engine.runner).__name__})")
+    # Two canvases (one commit between them) for eager, a graph per canvas, and one graph reused by both.
+    kw["max_new_tokens"] = 2 * cfg.canvas_length
+    default = engine.runner
+    for name, runner in (("eager", model), ("a graph per canvas", GraphedDecoder(model)),
+                         ("one graph reused", GraphedDecoder(model, reuse=True))):
+        engine.runner = runner
+        times = [canvas() for _ in range(3)]
+        print(f"prefill + two canvases, {name}: {min(times):.1f} ms (of {', '.join(f'{t:.0f}' for t in times)})")
+    engine.runner, kw["max_new_tokens"] = default, cfg.canvas_length
     with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda) as prof:
         wall = canvas()
     events = prof.key_averages()

@@ -17,6 +17,10 @@ except ``decode_hidden``, which
   (no self-conditioning input) captures, with a zero soft embedding, the graph that its other steps replay:
   a zero input adds exactly 0 in ``SelfConditioning``, so this is the no-input pass.
 
+With ``reuse=True`` the lengths are not part of the key: the graph is captured over
+:class:`~dgemma.model.diffusion_gemma.StaticDecoderKV`, whose positions and masks are refilled before a
+replay, so one capture serves every canvas of a generation (not yet measured on a GPU; off by default).
+
 The host-side part of the pass (positions, masks) is computed once per graph by
 :meth:`~dgemma.model.diffusion_gemma.DiffusionGemma.decode_inputs`; the captured part,
 :meth:`~dgemma.model.diffusion_gemma.DiffusionGemma.decode_with`, makes no host reads or copies.
@@ -33,6 +37,7 @@ from dataclasses import dataclass
 import torch
 
 from dgemma.cache import KVCache
+from dgemma.model.diffusion_gemma import StaticDecoderKV
 
 
 @dataclass
@@ -42,13 +47,17 @@ class _Graph:
     soft: torch.Tensor  # [B, C, d], input buffer
     out: torch.Tensor  # [B, C, d], written by each replay
     keep_alive: tuple  # positions and masks the graph reads
+    kv: StaticDecoderKV | None = None  # reuse mode: the length inputs, refilled before a replay
 
 
 class GraphedDecoder:
     """The model, with ``decode_hidden`` replayed from CUDA graphs where it can be (see the module doc)."""
 
-    def __init__(self, model, keep: int = 2):
+    def __init__(self, model, keep: int = 2, reuse: bool = False):
         self.model, self.keep = model, keep
+        # reuse: one graph per cache serves every canvas (StaticDecoderKV: the lengths are inputs), instead
+        # of one per canvas. Saves a capture per canvas; attends over the whole cache on full layers.
+        self.reuse = reuse
         self.graphs: OrderedDict[tuple, _Graph] = OrderedDict()  # least recently used first
         self.pool = self.side = None  # graph memory pool and warm-up stream, made at the first capture
         self.warmed: set[tuple] = set()  # the shapes (and mask presence) a warm-up pass has run for
@@ -73,7 +82,8 @@ class GraphedDecoder:
         shape, dtype = (*canvas.shape, self.model.cfg.hidden_size), self.model.dtype
         if soft is not None:
             shape, dtype = tuple(soft.shape), soft.dtype
-        key = (tuple(t.data_ptr() for t in cache.k + cache.v), cache.capacity, tuple(cache.lengths.tolist()),
+        lengths = () if self.reuse else tuple(cache.lengths.tolist())
+        key = (tuple(t.data_ptr() for t in cache.k + cache.v), cache.capacity, lengths,
                tuple(canvas.shape), shape, dtype, torch.is_inference_mode_enabled())
         g = self.graphs.get(key)
         if g is None:
@@ -90,6 +100,8 @@ class GraphedDecoder:
                 self.graphs.popitem(last=False)
         else:
             self.graphs.move_to_end(key)
+        if g.kv is not None:
+            g.kv.update(cache)  # the next canvas of the same cache: new lengths
         g.canvas.copy_(canvas)
         if soft is None:
             g.soft.zero_()
@@ -101,12 +113,17 @@ class GraphedDecoder:
 
     def _capture(self, canvas: torch.Tensor, cache: KVCache, soft: torch.Tensor) -> _Graph:
         device = canvas.device
-        positions, kv = self.model.decode_inputs(cache, canvas.shape[1])
+        if self.reuse:
+            kv = StaticDecoderKV(cache, canvas.shape[1], self.model.cfg.sliding_window, device)
+            positions = kv.positions
+        else:
+            positions, kv = self.model.decode_inputs(cache, canvas.shape[1])
         static_canvas, static_soft = canvas.clone(), soft.clone()
         # Warm-up: lazy library state (handles, kernel choices) is set up outside the capture. A canvas after
         # the first has other cache lengths (a new graph) but the same shapes and kernels: no second warm-up,
         # which would cost an eager pass per canvas (if one were needed, the capture fails and says so).
-        shapes = (tuple(canvas.shape), tuple(soft.shape), soft.dtype, cache.lengths.unique().numel() == 1)
+        shapes = (tuple(canvas.shape), tuple(soft.shape), soft.dtype, cache.lengths.unique().numel() == 1,
+                  self.reuse)
         if shapes not in self.warmed:
             if self.side is None:  # one side stream: blocks the warm-ups free stay reusable by the next ones
                 self.side = torch.cuda.Stream(device)
@@ -122,4 +139,4 @@ class GraphedDecoder:
         with torch.cuda.graph(graph, pool=self.pool):
             out = self.model.decode_with(static_canvas, positions, kv, static_soft)
         self.captures += 1
-        return _Graph(graph, static_canvas, static_soft, out, (positions, kv))
+        return _Graph(graph, static_canvas, static_soft, out, (positions, kv), kv if self.reuse else None)

@@ -76,3 +76,56 @@ def test_cuda_graphs_give_the_eager_tokens(ckpt_factory):
         assert [x.steps for x in a] == [x.steps for x in b]
     assert graphed.runner.disabled is None
     assert graphed.runner.captures >= 1 and graphed.runner.replays > graphed.runner.captures
+
+
+@torch.inference_mode()
+def test_static_decoder_kv_sees_what_the_sliced_one_sees(ckpt_factory):
+    """The length-free K/V of a graph that outlives its canvas against DecoderKV (the reference): rows of
+    unequal length, shorter and longer than the sliding window (7), before and after a commit, and a cache
+    smaller than the window."""
+    from dgemma.model.diffusion_gemma import StaticDecoderKV
+
+    m = dgemma.load(ckpt_factory("odd"), dtype=torch.float32).model
+    c, w = m.cfg.canvas_length, m.cfg.sliding_window
+    cache = KVCache(m.cfg, 3, 60)
+    m.encode(torch.randint(3, 389, (3, 11)), cache, n_valid=torch.tensor([11, 4, 9]))
+    kv = StaticDecoderKV(cache, c, w, m.device)
+    assert kv.win == w - 1 and kv.positions[1].tolist() == list(range(4, 4 + c))
+    for _ in range(2):  # then again after a commit of different lengths
+        canvas = torch.randint(3, 389, (3, c))
+        soft = torch.randn(3, c, m.cfg.hidden_size)
+        ref = m.decode_hidden(canvas, cache, soft)
+        kv.update(cache)
+        torch.testing.assert_close(m.decode_with(canvas, kv.positions, kv, soft), ref, atol=2e-5, rtol=1e-5)
+        m.encode(torch.randint(3, 389, (3, 5)), cache, n_valid=torch.tensor([5, 2, 3]))
+    small = KVCache(m.cfg, 1, 4)  # capacity under the window
+    m.encode(torch.randint(3, 389, (1, 3)), small)
+    kv = StaticDecoderKV(small, c, w, m.device)
+    canvas = torch.randint(3, 389, (1, c))
+    torch.testing.assert_close(m.decode_with(canvas, kv.positions, kv, None), m.decode_hidden(canvas, small),
+                               atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_reused_graph_serves_every_canvas(ckpt_factory):
+    from dgemma.model.diffusion_gemma import StaticDecoderKV
+
+    eager = dgemma.load(ckpt_factory("tiny"), device="cuda", dtype="bfloat16", cuda_graphs=False)
+    m = eager.model
+    with torch.inference_mode():  # one replay against the same length-free pass run eagerly: bitwise
+        cache = KVCache(m.cfg, 2, 96, device="cuda", dtype=torch.bfloat16)
+        m.encode(torch.randint(3, 500, (2, 30), device="cuda"), cache, n_valid=torch.tensor([30, 9]))
+        canvas = torch.randint(3, 500, (2, m.cfg.canvas_length), device="cuda")
+        g = GraphedDecoder(m, reuse=True)
+        out = g.decode_hidden(canvas, cache)
+        kv = StaticDecoderKV(cache, m.cfg.canvas_length, m.cfg.sliding_window, m.device)
+        assert torch.equal(out, m.decode_with(canvas, kv.positions, kv, torch.zeros_like(out)))
+    reuse = Engine(m, eager.tokenizer, defaults=eager.defaults, cuda_graphs=False)
+    reuse.runner = GraphedDecoder(m, reuse=True)
+    prompts = ["Hello there, how are you", "Hi", [2, 7, 9, 11]]
+    kw = dict(max_new_tokens=3 * m.cfg.canvas_length, eos_token_id=(), seed=5, confidence_threshold=0.0,
+              max_denoising_steps=4)
+    a, b = reuse.generate(prompts, **kw), reuse.generate(prompts, **kw)
+    assert [x.token_ids for x in a] == [x.token_ids for x in b]
+    r = reuse.runner
+    assert r.disabled is None and r.captures == 2 and r.replays == 2 * 3 * 4  # one graph per generate

@@ -76,6 +76,49 @@ class DecoderKV:
         return torch.cat([ck, k], dim=2), torch.cat([cv, v], dim=2), mask
 
 
+class StaticDecoderKV:
+    """Decoder K/V with shapes that do not depend on the rows' lengths, for a CUDA graph that outlives its
+    canvas (``dgemma.graphs``): the lengths are device inputs, refilled by :meth:`update`.
+
+    Full layers attend over every cache slot, those at or past a row's length masked; sliding layers over a
+    window gathered from the ``min(W - 1, capacity)`` slots before each row's length (slots before 0 masked).
+    The canvas's own K/V follow, as in :class:`DecoderKV`, which sees the same keys in the same order but
+    sliced to the lengths: the two agree up to float rounding (masked keys add exact zeros).
+    """
+
+    def __init__(self, cache: KVCache, canvas_len: int, window: int, device):
+        b, cap = cache.batch_size, cache.capacity
+        self.cache, self.canvas_len, self.win = cache, canvas_len, min(window - 1, cap)
+        self.positions = torch.zeros(b, canvas_len, dtype=torch.long, device=device)  # [B, C]
+        self.full_mask = torch.ones(b, 1, 1, cap + canvas_len, dtype=torch.bool, device=device)
+        self.win_mask = torch.ones(b, 1, 1, self.win + canvas_len, dtype=torch.bool, device=device)
+        self.win_slots = torch.zeros(b, self.win, dtype=torch.long, device=device)  # [B, win] cache slot
+        self.lengths: tuple[int, ...] | None = None
+        self.update(cache)
+
+    def update(self, cache: KVCache) -> None:
+        """Refill positions, masks and window slots for ``cache.lengths`` (host-to-device copies; a no-op
+        when the lengths are those of the last update). Never call it inside a capture."""
+        if tuple(cache.lengths.tolist()) == self.lengths:
+            return
+        lens = cache.lengths[:, None]  # [B, 1] host
+        slots = lens - self.win + torch.arange(self.win)  # [B, win]: the W - 1 positions before each length
+        self.positions.copy_(lens + torch.arange(self.canvas_len))
+        self.full_mask[..., : cache.capacity].copy_((torch.arange(cache.capacity) < lens)[:, None, None])
+        self.win_mask[..., : self.win].copy_((slots >= 0)[:, None, None])
+        self.win_slots.copy_(slots.clamp(min=0))
+        self.lengths = tuple(cache.lengths.tolist())
+
+    def __call__(self, layer: int, sliding: bool, k: torch.Tensor, v: torch.Tensor):
+        ck, cv = self.cache.k[layer], self.cache.v[layer]  # [B, H_kv, capacity, D]
+        mask = self.full_mask
+        if sliding:
+            b, h, _, d = ck.shape
+            idx = self.win_slots[:, None, :, None].expand(b, h, self.win, d)
+            ck, cv, mask = ck.gather(2, idx), cv.gather(2, idx), self.win_mask
+        return torch.cat([ck, k], dim=2), torch.cat([cv, v], dim=2), mask
+
+
 class Block(nn.Module):
     """Attention + (dense MLP + MoE), Gemma-4 sandwich norms, residual scaled by a per-mode scalar."""
 
