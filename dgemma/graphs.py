@@ -19,7 +19,10 @@ except ``decode_hidden``, which
 
 With ``reuse=True`` the lengths are not part of the key: the graph is captured over
 :class:`~dgemma.model.diffusion_gemma.StaticDecoderKV`, whose positions and masks are refilled before a
-replay, so one capture serves every canvas of a generation (not yet measured on a GPU; off by default).
+replay, so one capture serves every canvas of a generation while all its rows stay active (a row that
+stops, or a restart of some rows, denoises a selected copy of the cache: a new graph, as without reuse).
+Not yet measured on a GPU; off by default. It always passes masks, so the sliding layers lose their
+unmasked kernel.
 
 The host-side part of the pass (positions, masks) is computed once per graph by
 :meth:`~dgemma.model.diffusion_gemma.DiffusionGemma.decode_inputs`; the captured part,
@@ -87,13 +90,8 @@ class GraphedDecoder:
                tuple(canvas.shape), shape, dtype, torch.is_inference_mode_enabled())
         g = self.graphs.get(key)
         if g is None:
-            try:
-                g = self._capture(canvas, cache, soft if soft is not None else canvas.new_zeros(shape, dtype=dtype))
-            except RuntimeError as e:  # e.g. an op that syncs with the host; stay eager from now on
-                self.disabled = str(e)
-                self.graphs.clear()
-                warnings.warn(f"CUDA graph capture failed, decoding eagerly: {e}", RuntimeWarning, stacklevel=2)
-                torch.cuda.synchronize(canvas.device)
+            g = self._capture_or_none(canvas, cache, soft if soft is not None else canvas.new_zeros(shape, dtype=dtype))
+            if g is None:
                 return self.model.decode_hidden(canvas, cache, soft)
             self.graphs[key] = g
             while len(self.graphs) > self.keep:
@@ -111,7 +109,34 @@ class GraphedDecoder:
         self.replays += 1
         return g.out.clone()  # the buffer is overwritten by the next replay
 
-    def _capture(self, canvas: torch.Tensor, cache: KVCache, soft: torch.Tensor) -> _Graph:
+    def release(self) -> None:
+        """Drop every graph and the memory pool they share (the next pass captures afresh)."""
+        self.graphs.clear()
+        self.pool = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def _capture_or_none(self, canvas: torch.Tensor, cache: KVCache, soft: torch.Tensor) -> _Graph | None:
+        """A new graph, or None (decode this pass eagerly). Out of memory: eager this time only. Another
+        failure (an op that syncs with the host, say): once more with a warm-up pass first, in case the
+        skipped one was needed, then eager from now on."""
+        for force_warmup in (False, True):
+            try:
+                return self._capture(canvas, cache, soft, force_warmup)
+            except torch.OutOfMemoryError:
+                self.release()
+                return None
+            except RuntimeError as e:
+                torch.cuda.synchronize(canvas.device)
+                if not force_warmup:
+                    continue
+                self.disabled = str(e)
+                self.release()
+                warnings.warn(f"CUDA graph capture failed, decoding eagerly: {e}", RuntimeWarning, stacklevel=3)
+        return None
+
+    def _capture(self, canvas: torch.Tensor, cache: KVCache, soft: torch.Tensor,
+                 force_warmup: bool = False) -> _Graph:
         device = canvas.device
         if self.reuse:
             kv = StaticDecoderKV(cache, canvas.shape[1], self.model.cfg.sliding_window, device)
@@ -124,7 +149,7 @@ class GraphedDecoder:
         # which would cost an eager pass per canvas (if one were needed, the capture fails and says so).
         shapes = (tuple(canvas.shape), tuple(soft.shape), soft.dtype, cache.lengths.unique().numel() == 1,
                   self.reuse)
-        if shapes not in self.warmed:
+        if force_warmup or shapes not in self.warmed:
             if self.side is None:  # one side stream: blocks the warm-ups free stay reusable by the next ones
                 self.side = torch.cuda.Stream(device)
             side = self.side
@@ -138,5 +163,6 @@ class GraphedDecoder:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             out = self.model.decode_with(static_canvas, positions, kv, static_soft)
+        kv.cache = None  # the graph reads the cache by address; holding it would keep a dead cache alive
         self.captures += 1
         return _Graph(graph, static_canvas, static_soft, out, (positions, kv), kv if self.reuse else None)

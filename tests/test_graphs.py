@@ -117,9 +117,12 @@ def test_a_reused_graph_serves_every_canvas(ckpt_factory):
         m.encode(torch.randint(3, 500, (2, 30), device="cuda"), cache, n_valid=torch.tensor([30, 9]))
         canvas = torch.randint(3, 500, (2, m.cfg.canvas_length), device="cuda")
         g = GraphedDecoder(m, reuse=True)
-        out = g.decode_hidden(canvas, cache)
-        kv = StaticDecoderKV(cache, m.cfg.canvas_length, m.cfg.sliding_window, m.device)
-        assert torch.equal(out, m.decode_with(canvas, kv.positions, kv, torch.zeros_like(out)))
+        for _ in range(2):  # then the same graph after a commit: the lengths are refilled, not stale
+            out = g.decode_hidden(canvas, cache)
+            kv = StaticDecoderKV(cache, m.cfg.canvas_length, m.cfg.sliding_window, m.device)
+            assert torch.equal(out, m.decode_with(canvas, kv.positions, kv, torch.zeros_like(out)))
+            m.encode(torch.randint(3, 500, (2, 16), device="cuda"), cache, n_valid=torch.tensor([16, 5]))
+        assert g.captures == 1 and g.replays == 2
     reuse = Engine(m, eager.tokenizer, defaults=eager.defaults, cuda_graphs=False)
     reuse.runner = GraphedDecoder(m, reuse=True)
     prompts = ["Hello there, how are you", "Hi", [2, 7, 9, 11]]

@@ -231,6 +231,7 @@ def run_benchmark(spec: BenchSpec, echo: Callable[[str], None] = print) -> dict[
         measure_dgemma(model, prompt, warm)
         if graphed is not None:
             measure_dgemma(graphed, prompt, warm)
+            graphed.release()  # its graphs read that run's cache: dead weight for the rows that follow
         if hf is not None:
             transformers_generate(hf, prompt, warm, fixed_steps=True)
     for batch in spec.batch_sizes:
@@ -246,6 +247,7 @@ def run_benchmark(spec: BenchSpec, echo: Callable[[str], None] = print) -> dict[
                 g.engine, g.roofline_fraction = "dgemma+graphs", g.achieved_gflops / bf16_rate
                 runs.append(g)
                 echo(_line(g) + f" ({graphed.captures} graphs captured, {graphed.replays} replays so far)")
+                graphed.release()
             if hf is not None:
                 ref = transformers_generate(hf, prompts, params, fixed_steps=not spec.adaptive)
                 r = _baseline_result("transformers", ref, batch, steps, res.gflop * 1e9)
