@@ -3,7 +3,7 @@
 import torch
 
 from dgemma.config import ModelConfig, RopeSpec
-from dgemma.model.layers import apply_rope, rope_inv_freq
+from dgemma.model.layers import apply_rope, rms_norm, rope_inv_freq
 from dgemma.model.moe import _GROUPED_MM, Experts, Router, combine, experts_reference
 from conftest import ODD
 
@@ -114,3 +114,27 @@ def test_plain_grouped_query_attention_matches_the_reference(ckpt_factory):
     for a, b in zip(ref, fast):
         assert a.abs().max() > 0.1
         torch.testing.assert_close(b, a, atol=2e-5, rtol=1e-5)
+
+
+def test_rms_norm_has_the_bits_of_the_literal_formula():
+    """The spec's formula, step by step in fp32, then one rounding: the fused multiply must match it bit
+    for bit, with and without autograd, and its gradients must too."""
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(5, 7, 64, dtype=dtype) * 3
+        w = (1 + 0.3 * torch.randn(64)).to(dtype)
+        xf = x.float()
+        literal = xf * torch.pow(xf.pow(2).mean(-1, keepdim=True) + 1e-6, -0.5)
+        with torch.no_grad():
+            assert torch.equal(rms_norm(x, w, 1e-6), (literal * w.float()).to(dtype))
+            assert torch.equal(rms_norm(x, None, 1e-6), literal.to(dtype))
+        xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+        xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+        out = rms_norm(xg, wg, 1e-6)
+        xrf = xr.float()
+        ref = (xrf * torch.pow(xrf.pow(2).mean(-1, keepdim=True) + 1e-6, -0.5) * wr.float()).to(dtype)
+        assert torch.equal(out, ref)
+        g = torch.randn_like(out)
+        out.backward(g)
+        ref.backward(g)
+        assert torch.equal(xg.grad, xr.grad) and torch.equal(wg.grad, wr.grad)
