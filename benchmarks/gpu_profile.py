@@ -46,17 +46,21 @@ def padded_experts(ex: Experts, x, weights, idx):
     return torch.zeros_like(x).index_add_(0, order // k, ys)
 
 
-@torch.inference_mode()
-def main() -> None:
-    ap = argparse.ArgumentParser()
+def random_model(description: str):
+    """``(args, model)``: the command line of the GPU scripts and the random bf16 model it names."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--preset", default="26b-a4b")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--prompt-len", type=int, default=4096)
     args = ap.parse_args()
     cfg = preset_config(args.preset)
-    dev = torch.device(args.device)
-    n = args.prompt_len
-    model = loading.build_model(cfg, device=dev, dtype=torch.bfloat16, seed=0, embed_std=1.0)
+    return args, loading.build_model(cfg, device=args.device, dtype=torch.bfloat16, seed=0, embed_std=1.0)
+
+
+@torch.inference_mode()
+def main() -> None:
+    args, model = random_model(__doc__.splitlines()[0])
+    cfg, dev, n = model.cfg, model.device, args.prompt_len
     if dev.type == "cuda":
         print(torch.cuda.get_device_name(), torch.__version__, f"{torch.cuda.memory_allocated() / 2**30:.1f} GiB")
     cache = KVCache(cfg, 1, n + cfg.canvas_length, device=dev, dtype=torch.bfloat16)

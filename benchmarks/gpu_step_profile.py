@@ -12,27 +12,19 @@ with a graph per canvas and with one graph reused by both (``GraphedDecoder(reus
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from dgemma.bench.presets import preset_config
 from dgemma.engine import Engine
 from dgemma.graphs import GraphedDecoder
-from dgemma.loading import build_model
+from gpu_profile import random_model  # the same command line and model (benchmarks/ is on the path)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--preset", default="26b-a4b")
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--prompt-len", type=int, default=4096)
-    args = ap.parse_args()
-    cfg = preset_config(args.preset)
-    cuda = args.device.startswith("cuda")
-    model = build_model(cfg, device=args.device, dtype=torch.bfloat16, seed=0, embed_std=1.0)
+    args, model = random_model(__doc__.splitlines()[0])
+    cfg, cuda = model.cfg, model.device.type == "cuda"
     engine = Engine(model)
     prompt = torch.randint(3, cfg.vocab_size, (args.prompt_len,), generator=torch.Generator().manual_seed(0))
     kw = dict(max_new_tokens=cfg.canvas_length, eos_token_id=(), seed=1, confidence_threshold=0.0,
