@@ -146,7 +146,8 @@ class GraphedDecoder:
         static_canvas, static_soft = canvas.clone(), soft.clone()
         # Warm-up: lazy library state (handles, kernel choices) is set up outside the capture. A canvas after
         # the first has other cache lengths (a new graph) but the same shapes and kernels: no second warm-up,
-        # which would cost an eager pass per canvas (if one were needed, the capture fails and says so).
+        # which would cost an eager pass per canvas (if one were needed, the capture fails and
+        # _capture_or_none retries it with the warm-up).
         shapes = (tuple(canvas.shape), tuple(soft.shape), soft.dtype, cache.lengths.unique().numel() == 1,
                   self.reuse)
         if force_warmup or shapes not in self.warmed:
