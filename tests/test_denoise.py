@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import dgemma
 from dgemma import denoise, sampler
@@ -21,18 +22,58 @@ def _hidden(model, seed=0, rows=2):
 
 @pytest.mark.parametrize("name", ["tiny", "odd"])
 @pytest.mark.parametrize("chunk_bytes", [1, 5 * 4 * 512, None])  # one position per chunk, ragged, default
+@pytest.mark.parametrize("block", [None, 100])  # LM head in one block, or in ragged vocabulary blocks
 @torch.inference_mode()
-def test_fused_step_matches_reference(ckpt_factory, name, chunk_bytes):
+def test_fused_step_matches_reference(ckpt_factory, name, chunk_bytes, block):
     model = dgemma.load(ckpt_factory(name)).model
     h, u = _hidden(model)
     for temperature in (0.8, 0.05):
         ref = denoise.step_reference(model, h, temperature, u)
-        out = denoise.step_fused(model, h, temperature, u, chunk_bytes=chunk_bytes)
+        out = denoise.step_fused(model, h, temperature, u, chunk_bytes=chunk_bytes, block=block)
         torch.testing.assert_close(out.entropy, ref.entropy, atol=1e-4, rtol=1e-4)
         assert torch.equal(out.argmax, ref.argmax)
         assert torch.equal(out.sampled, ref.sampled)
         torch.testing.assert_close(out.soft, ref.soft, atol=2e-4, rtol=1e-4)  # |soft| ~ 8: matmul order
     assert denoise.step_fused(model, h, 0.8, u, soft=False).soft is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@torch.inference_mode()
+def test_tempered_logits_blocks_and_soft_cap(ckpt_factory, dtype):
+    """Blocked LM head == one block, and the sigmoid form of the soft-cap == the tanh form (to rounding:
+    an absolute error of a few ``cap * eps / T``, what tanh's own rounding gives at the cap)."""
+    model = dgemma.load(ckpt_factory("odd"), dtype=dtype).model
+    h, _ = _hidden(model)
+    flat, weight, cap = h.reshape(-1, h.shape[-1]), model.embed_tokens.weight, model.cfg.final_logit_softcapping
+    for temperature in (1.0, 0.05):
+        tol = dict(rtol=0, atol=8 * cap / temperature * torch.finfo().eps)
+        whole = denoise.tempered_logits(flat, weight, cap, temperature)
+        torch.testing.assert_close(denoise.tempered_logits(flat, weight, cap, temperature, block=64), whole, **tol)
+        ref = model.logits(flat) / temperature  # tanh soft-cap
+        assert ref.abs().max() > 0.5 * cap / temperature  # the cap is reached: both ends of tanh are tested
+        torch.testing.assert_close(whole, ref, **tol)
+        assert torch.equal(denoise.tempered_logits(flat, weight, None, temperature),
+                           F.linear(flat, weight).float() / temperature)
+
+
+@torch.inference_mode()
+def test_fused_entropy_of_peaked_rows():
+    """From flat rows to one-hot ones (entropy 5 nats down to 1e-34), the fused formula's error against
+    an fp64 computation is the reference formula's, to 1e-5 relative: thresholds such as 1e-12 nats see
+    the same entropies on both paths."""
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(64, 1000, generator=g) * torch.logspace(0, 2.5, 64)[:, None]
+    logp = torch.log_softmax(z.double(), -1)
+    exact = -(logp.exp() * logp).sum(-1)
+    p = torch.softmax(z, -1)
+    top = z.argmax(-1, keepdim=True)
+    fused = ((p * (z.gather(1, top) - z)).sum(-1) - torch.log(p.gather(1, top)).view(-1)).double()
+    reference = denoise.token_entropy(torch.log_softmax(z, -1)).double()
+    assert exact.min() < 1e-30 and exact.max() > 5
+    seen = exact > 1e-35  # below, fp32 probabilities underflow on both paths
+    err_fused, err_ref = ((fused - exact).abs() / exact)[seen], ((reference - exact).abs() / exact)[seen]
+    assert (err_fused <= err_ref + 1e-5).all()
+    assert err_fused.median() < 1e-6
 
 
 @torch.inference_mode()
