@@ -9,6 +9,8 @@ inverse-CDF sample, and the self-conditioning soft embedding that the next step 
 * :func:`step_fused`: walks the flattened positions in chunks whose ``[m, V]`` logits fit in cache (CPU)
   or in a bounded buffer (GPU), computing all four results from one set of logits, with the softmax shared
   between entropy, sampling and the soft embedding. Never holds more than one chunk of vocab-sized rows.
+  Its logits come from :func:`tempered_logits` (the LM head in vocabulary blocks on a CPU, the soft-cap
+  as a sigmoid) and its entropy from the probabilities, without log-probabilities.
 
 Tests compare the two. The soft embedding follows the reference's rounding: in a low-precision model the
 tempered logits are cast to the model dtype before their softmax.
@@ -125,9 +127,9 @@ def step_fused(model, h: torch.Tensor, temperature: float, u: torch.Tensor, soft
         z = tempered_logits(flat[lo:hi], weight, cap, temperature, block)  # [m, V] fp32
         top = z.argmax(-1, keepdim=True)  # [m, 1]
         argmax[lo:hi] = top.view(-1)
-        # Not exp(log_softmax(z)): exp of inputs below -87 (results under FLT_MIN) takes a 10x slower path
-        # on x86, and most of a peaked row is down there; softmax's own kernel does not (a 2-core CPU,
-        # vocab 32000: 8.5 ms against 35 ms per 256 rows). The two agree to a float rounding.
+        # softmax's own kernel, not exp(z - logsumexp): exp of inputs below -87 (results under FLT_MIN)
+        # takes a 10x slower path on x86, and most of a peaked row is down there; softmax's kernel does not
+        # (a 2-core CPU, vocab 32000: 8.5 ms against 35 ms per 256 rows).
         p = torch.softmax(z, dim=-1)
         sampled[lo:hi] = sample_inverse_cdf(p, u[lo:hi])
         if soft:
