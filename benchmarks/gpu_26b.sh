@@ -12,6 +12,8 @@
 #    measured copy rate;
 # 2. where a decoder pass spends its time, eager and replayed from a CUDA graph (gpu_profile.py);
 # 2b. where a whole canvas spends its time with graphs on (gpu_step_profile.py);
+# 2c. with BASE_DENOISE=FILE (written here by `git show REV:dgemma/denoise.py > FILE` inside the tree, as the
+#     machine gets the tree without .git): the fused step of that revision against now (step_ab.py);
 # with FULL=1 also (measured 2026-11-26, unchanged since):
 # 3. the same dgemma run with the per-expert loop instead of the grouped GEMM (what the GEMM is worth);
 # 4. the largest power-of-two batch whose prefill plus one canvas fits (transformers and AR skipped).
@@ -61,6 +63,10 @@ timeout 300 $py -m dgemma bench "${common[@]}" --new-tokens 512 --cuda-graphs \
     --json "$out/26b-a4b-gpu.json" --plot "$out/26b-a4b-gpu.png" 2>&1 | tee "$out/bench.log" | grep -v "Loading weights"
 timeout 90 $py benchmarks/gpu_profile.py 2>&1 | tee "$out/profile.log"
 timeout 100 $py benchmarks/gpu_step_profile.py 2>&1 | tee "$out/step-profile.log"
+if [ -n "${BASE_DENOISE:-}" ]; then
+    timeout 120 $py benchmarks/step_ab.py --base "$BASE_DENOISE" --preset 26b-a4b --device cuda --dtype bfloat16 \
+        --batch 1 4 --rounds 4 2>&1 | tee "$out/step-ab.log"
+fi
 [ "${FULL:-0}" = 1 ] || exit 0
 timeout 120 $py -m dgemma bench "${common[@]}" --new-tokens 256 --no-transformers --no-ar --moe loop \
     --json "$out/26b-a4b-gpu-loop.json" 2>&1 | tee "$out/bench-loop.log"
