@@ -92,6 +92,18 @@ def tempered_logits(x: torch.Tensor, weight: torch.Tensor, cap: float | None, te
     return z
 
 
+def entropy_from_softmax(p: torch.Tensor, z: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+    """Entropy ``[m]`` of ``p = softmax(z)`` (``[m, V]``, argmax ``top [m, 1]``), without log-probabilities.
+
+    ``log p_i = (z_i - z_max) - log S`` and ``p_max = 1 / S``, so ``H = sum_i p_i (z_max - z_i) - log p_max``.
+    Every term is non-negative (no cancellation for peaked rows), and it spares ``log_softmax``'s pass over
+    ``[m, V]`` and its buffer. Overwrites ``z`` with ``z_max - z``.
+    """
+    p_top = p.gather(1, top)  # [m, 1]
+    torch.sub(z.gather(1, top), z, out=z)
+    return (p.unsqueeze(1) @ z.unsqueeze(2)).view(-1) - torch.log(p_top).view(-1)
+
+
 def vocab_block(weight: torch.Tensor) -> int | None:
     """Columns per block of :func:`tempered_logits` on this device: about 4 MB of the weight on a CPU
     (2048 rows at d = 512 in fp32; 1024 and 2048 measured alike, 3200 and 4096 slower), None (one block)
@@ -136,12 +148,7 @@ def step_fused(model, h: torch.Tensor, temperature: float, u: torch.Tensor, soft
             # The reference feeds back the logits in the model dtype; in fp32 that is p itself.
             q = p if model.dtype == torch.float32 else F.softmax(z.to(model.dtype), -1, dtype=torch.float32)
             out_soft[lo:hi] = (q.to(model.dtype) @ weight) * scale
-        # Entropy without log-probabilities: log p_i = (z_i - z_max) - log S and p_max = 1 / S, so
-        # H = sum_i p_i (z_max - z_i) - log p_max. Every term is non-negative (no cancellation for peaked
-        # rows), and it spares log_softmax's pass over [m, V]. z becomes z_max - z in place.
-        p_top = p.gather(1, top)  # [m, 1]
-        torch.sub(z.gather(1, top), z, out=z)
-        entropy[lo:hi] = (p.unsqueeze(1) @ z.unsqueeze(2)).view(-1) - torch.log(p_top).view(-1)
+        entropy[lo:hi] = entropy_from_softmax(p, z, top)  # last: it overwrites z
     return StepStats(
         entropy=entropy.view(n, c), argmax=argmax.view(n, c), sampled=sampled.view(n, c),
         soft=out_soft.view(n, c, d) if soft else None,
