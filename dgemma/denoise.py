@@ -64,6 +64,7 @@ def step_reference(model, h: torch.Tensor, temperature: float, u: torch.Tensor, 
     )
 
 
+@torch.no_grad()
 def tempered_logits(x: torch.Tensor, weight: torch.Tensor, cap: float | None, temperature: float,
                     block: int | None = None) -> torch.Tensor:
     """``[m, V]`` fp32 ``softcap(x @ weight.T) / temperature`` for ``x [m, d]``, ``weight [V, d]``.
@@ -74,14 +75,15 @@ def tempered_logits(x: torch.Tensor, weight: torch.Tensor, cap: float | None, te
     the product is written ``block`` vocabulary columns at a time, each followed by its element-wise work,
     so that the weight's block and the output's block stay in cache: on a 2-core CPU that took the
     ``[256, 512] x [512, 32000]`` product from 89 to 70 ms (bitwise the same products there; in general
-    the GEMM may pick other kernels for other widths, which round differently).
+    the GEMM may pick other kernels for other widths, which round differently). For sampling only: no
+    autograd graph (the blocks are written in place).
     """
     m, vocab = x.shape[0], weight.shape[0]
     block = block or vocab
     z = torch.empty(m, vocab, device=x.device)
     for lo in range(0, vocab, block):
         part = z[:, lo:lo + block]  # [m, b] view, row stride V
-        if weight.dtype == x.dtype == torch.float32 and not (torch.is_grad_enabled() and weight.requires_grad):
+        if weight.dtype == x.dtype == torch.float32:
             torch.mm(x, weight[lo:lo + block].t(), out=part)
         else:
             part.copy_(F.linear(x, weight[lo:lo + block]))
