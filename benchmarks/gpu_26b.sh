@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Issue 3, section 3: the full 26B-A4B config with random bf16 weights on one GPU (H100 / H200).
+# The GPU check: the full 26B-A4B config with random bf16 weights on one GPU (H100 / H200).
 # Needs torch with CUDA and transformers 5.23 (pip install -e ".[bench]"); writes JSON, PNG and logs to $1.
 #
 # 0. the CUDA tests of the suite (tests/test_graphs.py, tests/test_layers.py: graphs give the eager tokens);
+# 00. CUDA graphs against eager decoding on the 26B-A4B config itself (bf16): one pass compared bitwise and
+#     generation compared token by token, with and without deterministic algorithms (gpu_graphs_check.py);
 # 0a. preflight: the grouped-GEMM expert path against the per-expert loop on this GPU, in bf16;
 # 0b. CUDA graphs against eager decoding, and eager against itself, pass by pass and token by token, on a
 #     small random model in bf16 and fp32 (gpu_graphs_check.py);
@@ -18,12 +20,14 @@
 # 3. the same dgemma run with the per-expert loop instead of the grouped GEMM (what the GEMM is worth);
 # 4. the largest power-of-two batch whose prefill plus one canvas fits (transformers and AR skipped).
 # The 26B weights (52 GB in bf16) are allocated directly on the GPU; transformers shares them.
-# Each stage has its own time limit, so a slow or failing stage leaves the others' figures. About 7 minutes.
+# Each stage has its own time limit, so a slow or failing stage leaves the others' figures. About 8-9 minutes.
 set -uo pipefail
 out="${1:-.}"
 py="${PYTHON:-python3}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 timeout 90 $py -m pytest -q -p no:cacheprovider tests/test_graphs.py tests/test_layers.py 2>&1 | tee "$out/pytest.log"
+CUBLAS_WORKSPACE_CONFIG=:4096:8 timeout 240 $py benchmarks/gpu_graphs_check.py --preset 26b-a4b --dtypes bfloat16 \
+    2>&1 | tee "$out/graphs-check-26b.log"
 $py - <<'EOF'
 import torch
 from dgemma.model.moe import Experts

@@ -1,6 +1,7 @@
-"""Do CUDA graphs change what the decoder computes, or only the run-to-run noise of the eager path? (issue 3)
+"""Do CUDA graphs change what the decoder computes, or only the run-to-run noise of the eager path?
 
-On a small random model on the GPU, for bf16 and fp32, with and without deterministic algorithms:
+On a random model of a preset (default ``small``; ``26b-a4b`` is the released config) on the GPU, for each
+dtype asked for, with and without deterministic algorithms:
 * the hidden states of one decoder pass: eager twice (the eager path's own spread), then replayed from a
   graph, each against the first eager pass (max abs difference, 0 = bitwise equal);
 * the same pass over the length-free K/V of a reused graph (``StaticDecoderKV``) eagerly, and replayed
@@ -9,9 +10,14 @@ On a small random model on the GPU, for bf16 and fp32, with and without determin
   the first eager run's.
 
     CUBLAS_WORKSPACE_CONFIG=:4096:8 python benchmarks/gpu_graphs_check.py
+    CUBLAS_WORKSPACE_CONFIG=:4096:8 python benchmarks/gpu_graphs_check.py --preset 26b-a4b --dtypes bfloat16
+    python benchmarks/gpu_graphs_check.py --preset tiny        # off CUDA: a dry run of the code
 """
 
 from __future__ import annotations
+
+import argparse
+import gc
 
 import torch
 
@@ -25,9 +31,9 @@ from dgemma.model.diffusion_gemma import StaticDecoderKV
 DEV = "cuda" if torch.cuda.is_available() else "cpu"  # off CUDA: a dry run of the code
 
 
-def check(dtype: torch.dtype, deterministic: bool) -> None:
+def check(preset: str, dtype: torch.dtype, deterministic: bool) -> None:
     torch.use_deterministic_algorithms(deterministic)
-    model = build_model(preset_config("small"), device=DEV, dtype=dtype, seed=0, embed_std=1.0)
+    model = build_model(preset_config(preset), device=DEV, dtype=dtype, seed=0, embed_std=1.0)
     cfg = model.cfg
     with torch.inference_mode():
         cache = KVCache(cfg, 3, 64 + cfg.canvas_length, device=DEV, dtype=dtype)
@@ -54,7 +60,7 @@ def check(dtype: torch.dtype, deterministic: bool) -> None:
     kw = dict(max_new_tokens=512, eos_token_id=(), seed=1, confidence_threshold=0.0, max_denoising_steps=8)
     a, b, c, d = (e.generate(prompts, **kw) for e in (eager, eager, graphs, reuse))
     same = lambda x, y: sum(r.token_ids == s.token_ids for r, s in zip(x, y))  # noqa: E731
-    print(f"{str(dtype):15} deterministic {deterministic!s:5}: one pass, max |diff| vs eager: eager again "
+    print(f"{preset} {str(dtype):15} deterministic {deterministic!s:5}: one pass, max |diff| vs eager: eager again "
           f"{diffs[0]:.2e}, graph {diffs[1]:.2e}, replay {diffs[2]:.2e}, length-free eager {diffs[3]:.2e} "
           f"(reused graph vs it {diffs[4]:.2e}); generate, rows equal to eager: eager again {same(a, b)}/3, "
           f"graphs {same(a, c)}/3 ({graphs.runner.captures} captures, disabled: {graphs.runner.disabled}), "
@@ -63,9 +69,16 @@ def check(dtype: torch.dtype, deterministic: bool) -> None:
 
 
 if __name__ == "__main__":
-    for dtype in (torch.bfloat16, torch.float32)[: 2 if DEV == "cuda" else 1]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="small", help="model config (default small; 26b-a4b: the released one)")
+    ap.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"] if DEV == "cuda" else ["bfloat16"])
+    args = ap.parse_args()
+    for dtype in (getattr(torch, name) for name in args.dtypes):
         for deterministic in (False, True):
             try:
-                check(dtype, deterministic)
+                check(args.preset, dtype, deterministic)
             except RuntimeError as e:  # an op with no deterministic implementation names itself
-                print(f"{dtype} deterministic {deterministic}: {str(e).splitlines()[0]}")
+                print(f"{args.preset} {dtype} deterministic {deterministic}: {str(e).splitlines()[0]}")
+            gc.collect()  # one model at a time: the 26B config holds 52 GB in bf16
+            if DEV == "cuda":
+                torch.cuda.empty_cache()
