@@ -1,4 +1,4 @@
-"""Where one denoising step of a random-weight model spends its time on the CPU (issue 3).
+"""Where one denoising step of a random-weight model spends its time on the CPU.
 
 Builds the model (preset ``small`` by default, fp32), prefills a prompt, then profiles with torch.profiler
 one decoder pass with self-conditioning input and one fused step (LM head, entropy, argmax, sample and

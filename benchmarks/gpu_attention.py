@@ -1,4 +1,4 @@
-"""Attention of one 26B-A4B decoder pass, SDPA's grouped mode against folded query groups (issue 3).
+"""Attention of one 26B-A4B decoder pass, SDPA's grouped mode against folded query groups.
 
 The decoder attends a 256-token canvas over the cache: full layers have 16 query heads over 2 K/V heads of
 width 512, sliding layers 16 over 8 of width 256. With ``enable_gqa`` SDPA on CUDA has no fused kernel for

@@ -1,4 +1,4 @@
-"""Where one decoder pass of the 26B-A4B config spends its time on a GPU (issue 3, next steps).
+"""Where one decoder pass of the 26B-A4B config spends its time on a GPU.
 
 Builds the random bf16 model on the GPU, prefills a 4096-token prompt, then:
 1. times one decoder pass (256-token canvas) with CUDA events, eagerly, and with self-conditioning input

@@ -1,4 +1,4 @@
-"""Where a whole canvas of generation spends its time with CUDA graphs on (issue 3, next steps).
+"""Where a whole canvas of generation spends its time with CUDA graphs on.
 
 Builds the random bf16 26B-A4B model on the GPU, runs the Engine (graphs on, the CUDA default) over a
 4096-token prompt for one 256-token canvas at 16 fixed steps: once to warm up, once timed, once under

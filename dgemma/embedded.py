@@ -1,6 +1,6 @@
 """The model that ships inside the package, used when a command names no model.
 
-It is the Sudoku model trained by ``dgemma sudoku train`` (issue 5), stored in ``dgemma/models/sudoku``
+It is the Sudoku model trained by ``dgemma sudoku train``, stored in ``dgemma/models/sudoku``
 in the release format with its tokenizer and a model card, so a fresh install works offline.
 """
 

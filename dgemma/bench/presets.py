@@ -1,7 +1,7 @@
 """Named model configurations for benchmarks and tests, as transformers-style ``config.json`` dicts.
 
 * ``tiny``: a few hundred thousand parameters, for tests of the harness itself.
-* ``small``: the CPU speed target of issue 3 (vocab 32000, hidden 512, 8 layers, 16 experts top-4).
+* ``small``: the CPU speed benchmark (vocab 32000, hidden 512, 8 layers, 16 experts top-4).
 * ``26b-a4b``: the released google/diffusiongemma-26B-A4B-it text stack (spec section 2.2), for GPUs.
 
 Each preset is a function returning a fresh dict, so callers may edit it freely.
