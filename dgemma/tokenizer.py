@@ -23,8 +23,9 @@ from tokenizers import Tokenizer as _HFTokenizer
 
 from dgemma.fileio import atomic_write_text
 
-__all__ = ["ChatTemplateError", "Tokenizer", "split_thinking", "build_byte_tokenizer",
-           "write_test_tokenizer", "GEMMA_SPECIAL_TOKENS", "GEMMA_MARKERS", "GEMMA_LIKE_TEMPLATE"]
+__all__ = ["ChatTemplateError", "Tokenizer", "split_thinking", "build_byte_tokenizer", "byte_tokenizer",
+           "write_test_tokenizer", "BYTE_TOKENIZER", "GEMMA_SPECIAL_TOKENS", "GEMMA_MARKERS",
+           "GEMMA_LIKE_TEMPLATE"]
 
 # Gemma 4 special tokens at their real ids (also used by the byte test tokenizer).
 GEMMA_SPECIAL_TOKENS: dict[str, int] = {
@@ -200,12 +201,17 @@ class Tokenizer:
     def pad_token(self) -> str | None:
         return self._config_token("pad_token", "<pad>")
 
+    @property
+    def unk_token(self) -> str | None:
+        return self._config_token("unk_token", "<unk>")
+
     def _id_of(self, token: str | None) -> int | None:
         return None if token is None else self.token_to_id(token)
 
     bos_id = property(lambda self: self._id_of(self.bos_token), doc="id of bos_token or None")
     eos_id = property(lambda self: self._id_of(self.eos_token), doc="id of eos_token or None")
     pad_id = property(lambda self: self._id_of(self.pad_token), doc="id of pad_token or None")
+    unk_id = property(lambda self: self._id_of(self.unk_token), doc="id of unk_token (unknown text) or None")
 
     @property
     def stop_ids(self) -> set[int]:
@@ -327,10 +333,21 @@ def build_byte_tokenizer(vocab_size: int,
     return tok
 
 
+# ``model.tokenizer = "bytes"`` in a training config: the byte-level tokenizer below, built in memory.
+BYTE_TOKENIZER = "bytes"
+BYTE_VOCAB = 272  # 11 Gemma specials (ids up to 106) + 256 bytes, rounded up to a multiple of 16
+
+
+def byte_tokenizer(vocab_size: int = BYTE_VOCAB, chat_template: str | None = GEMMA_LIKE_TEMPLATE) -> Tokenizer:
+    """A byte-level tokenizer with the Gemma special tokens and a compact Gemma-style chat template: any
+    UTF-8 text encodes without an unknown token, and no file or download is needed."""
+    config = {"bos_token": "<bos>", "eos_token": "<turn|>", "pad_token": "<pad>",
+              "unk_token": "<unk>"}
+    return Tokenizer(build_byte_tokenizer(vocab_size), config, chat_template)
+
+
 def write_test_tokenizer(path: str | os.PathLike, vocab_size: int,
                          chat_template: str | None = GEMMA_LIKE_TEMPLATE) -> Path:
     """Write tokenizer.json + tokenizer_config.json for a byte tokenizer into ``path``."""
-    config = {"bos_token": "<bos>", "eos_token": "<turn|>", "pad_token": "<pad>",
-              "unk_token": "<unk>"}
-    Tokenizer(build_byte_tokenizer(vocab_size), config, chat_template).save(path, write_jinja=False)
+    byte_tokenizer(vocab_size, chat_template).save(path, write_jinja=False)
     return Path(path)

@@ -38,25 +38,26 @@ def run(parser, args) -> int:
 
 
 def _train(args) -> int:
-    from dgemma.train import config, dist
-    from dgemma.train.trainer import Trainer
+    from dgemma.train import config, dist, launch
 
     overrides = list(args.overrides) + ([f"train.out={json.dumps(args.out)}"] if args.out else [])
     cfg = config.load(args.config, overrides)
+    words = ["train", *([args.config] if args.config else []), *[w for o in args.overrides for w in ("--set", o)],
+             *(["--out", args.out] if args.out else []), *(["--no-progress"] if args.progress is False else [])]
     env = dist.setup(cfg.train.device)
     try:
-        result = Trainer(cfg, env, show_progress=args.progress).run(resume=args.resume)
+        result, status = launch.train(cfg, env, args.resume, words, show_progress=args.progress)
     finally:
         dist.teardown()
-    if env.main:
+    if env.main and result is not None:
         last = result.history[-1] if result.history else {}
         summary = {"out": str(result.out), "final": str(result.final) if result.final else None,
-                   "adapter": str(result.adapter) if result.adapter else None, "step": last.get("step"),
+                   "adapter": str(result.adapter) if result.adapter else None, "step": result.step,
                    "loss": last.get("loss"), "eval": result.evals[-1] if result.evals else None,
                    "trainable_parameters": result.trainable_parameters,
                    "peak_memory_bytes": result.peak_memory_bytes}
         print(json.dumps(summary))
-    return 0
+    return status
 
 
 def _merge(args) -> int:

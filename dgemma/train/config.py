@@ -17,7 +17,7 @@ from typing import Any
 
 from dgemma.errors import DgemmaError
 from dgemma.train.data import OVERLONG, TEMPLATES
-from dgemma.train.objective import ObjectiveConfig
+from dgemma.train.objective import OBJECTIVES, ObjectiveConfig
 
 # LoRA targets of the reference recipe: attention and dense-MLP projections of every layer.
 LORA_TARGETS = (r".*layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)",)
@@ -33,7 +33,7 @@ class ModelSection:
     init: str | None = None  # checkpoint directory or Hub id to fine-tune
     config: str | None = None  # from scratch: a config.json (or a directory holding one)
     preset: str | None = None  # from scratch: a dgemma bench preset, with the tokenizer's vocabulary
-    tokenizer: str | None = None  # tokenizer directory (default: the init checkpoint's)
+    tokenizer: str | None = None  # tokenizer directory (default: the init checkpoint's), or "bytes" (byte-level)
     freeze_router: bool | None = None  # default: frozen when fine-tuning, trained from scratch
 
 
@@ -44,6 +44,7 @@ class DataSection:
     max_length: int = 1024
     overlong: str = "skip"  # "skip" | "truncate" (to whole canvas blocks)
     template: str = "auto"  # "auto" | "chat" | "raw"
+    allow_unknown: bool = False  # train even when the tokenizer maps much of the data to its unknown token
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,9 @@ class TrainSection:
     lr: float = 1.5e-4
     min_lr: float = 1.5e-5
     warmup: int = 25
+    # Steps the warm-up + cosine schedule spans (lr reaches min_lr there and stays). 0: train.steps of the
+    # run's first start, kept on --resume, so that raising train.steps continues at min_lr without a jump.
+    schedule_steps: int = 0
     betas: tuple[float, float] = (0.95, 0.99)
     adam_eps: float = 1e-8
     weight_decay: float = 1e-4
@@ -191,7 +195,8 @@ def validate(cfg: TrainConfig) -> None:
         raise TrainConfigError("set exactly one of model.init (fine-tune a checkpoint), model.config or "
                                f"model.preset (train from scratch); got {sources or 'none'}")
     if not m.init and not m.tokenizer:
-        raise TrainConfigError("training from scratch needs model.tokenizer (a directory with tokenizer.json)")
+        raise TrainConfigError("training from scratch needs model.tokenizer: a directory with tokenizer.json, "
+                               "or \"bytes\" for a byte-level tokenizer built on the spot")
     if cfg.lora.enabled and not m.init:
         raise TrainConfigError("LoRA adapts a trained model: set model.init (LoRA on a random model would "
                                "leave an adapter without a usable base)")
@@ -207,6 +212,8 @@ def validate(cfg: TrainConfig) -> None:
         (t.batch_size % t.micro_batch == 0, "train.batch_size must be a multiple of train.micro_batch"),
         (t.lr > 0 and 0 <= t.min_lr <= t.lr, "need train.lr > 0 and 0 <= train.min_lr <= train.lr"),
         (t.warmup >= 0 and t.clip >= 0 and t.weight_decay >= 0, "train.warmup, clip and weight_decay must be >= 0"),
+        (t.schedule_steps >= 0, "train.schedule_steps must be >= 0 (0: train.steps of the first start)"),
+        (o.kind in OBJECTIVES, f"objective.kind must be one of {OBJECTIVES}"),
         (len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas must be two numbers in [0, 1)"),
         (t.save_every >= 0 and t.eval_every >= 0 and t.sample_every >= 0 and t.log_every > 0,
          "train.save_every, eval_every and sample_every must be >= 0, log_every > 0"),

@@ -7,8 +7,10 @@ one (or ``template = "raw"``) prompt and completion are plain text, BOS first, E
 
 The supervised response is the answer's tokens up to and including its closing EOS, then EOS fill to a
 multiple of the canvas length (the fill is supervised too). Examples longer than ``max_length`` are
-skipped or cut to whole blocks, as the caller chooses, and counted. The order of examples in training is
-a pure function of (seed, step): see :class:`DataStream`; nothing about it needs saving to resume.
+skipped or cut to whole blocks, as the caller chooses, and counted; so are the tokens that the tokenizer
+maps to its unknown token (:meth:`DataStats.unknown_problem` says when the data does not suit it). The
+order of examples in training is a pure function of (seed, step): see :class:`DataStream`; nothing about
+it needs saving to resume.
 """
 
 from __future__ import annotations
@@ -27,6 +29,10 @@ from dgemma.tokenizer import Tokenizer
 
 OVERLONG = ("skip", "truncate")
 TEMPLATES = ("auto", "chat", "raw")
+# Data whose tokens are more than this share unknown (or with any record more than MOSTLY_UNKNOWN unknown)
+# does not suit the tokenizer: e.g. letters through a digits-only tokenizer all become one <unk> id.
+UNKNOWN_SHARE = 0.05
+MOSTLY_UNKNOWN = 0.5
 
 
 class DataError(DgemmaError, ValueError):
@@ -53,11 +59,37 @@ class DataStats:
     skipped_overlong: int = 0
     truncated: int = 0
     tokens: int = 0
+    text_tokens: int = 0  # tokens of the records' text (prompt + response, before the EOS fill)
+    unknown: int = 0  # of those, the tokenizer's unknown token
+    mostly_unknown: int = 0  # records whose tokens are more than half unknown
+    first_unknown: str = ""  # "file:line" of the first record with an unknown token
     notes: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
+        unk = f"; {self.unknown} unknown tokens ({self.unknown_share:.1%})" if self.unknown else ""
         return (f"{self.kept} examples from {self.records} records ({self.tokens} tokens); "
-                f"{self.skipped_overlong} skipped as too long, {self.truncated} cut to fit")
+                f"{self.skipped_overlong} skipped as too long, {self.truncated} cut to fit{unk}")
+
+    @property
+    def unknown_share(self) -> float:
+        return self.unknown / self.text_tokens if self.text_tokens else 0.0
+
+    def count_unknown(self, ids: list[int], unk_id: int | None, where: str) -> None:
+        self.text_tokens += len(ids)
+        n = sum(1 for i in ids if i == unk_id) if unk_id is not None else 0
+        self.unknown += n
+        self.mostly_unknown += n > len(ids) * MOSTLY_UNKNOWN
+        if n and not self.first_unknown:
+            self.first_unknown = where
+
+    def unknown_problem(self) -> str | None:
+        """One line saying that the tokenizer does not cover the data, or None when it does: more than
+        ``UNKNOWN_SHARE`` of the tokens unknown, or any record mostly unknown."""
+        if self.unknown_share <= UNKNOWN_SHARE and not self.mostly_unknown:
+            return None
+        return (f"{self.unknown_share:.1%} of the data's tokens ({self.unknown} of {self.text_tokens}) are the "
+                f"tokenizer's unknown token, {self.mostly_unknown} of {self.records} records mostly so (first at "
+                f"{self.first_unknown}): the model cannot learn text it cannot see")
 
 
 def read_jsonl(path: str | Path) -> Iterable[tuple[int, dict[str, Any]]]:
@@ -129,6 +161,7 @@ class ExampleBuilder:
             raise DataError("the tokenizer names no eos_token, and no eos id was given: the response "
                             "fill needs one")
         self.bos = bos_id if bos_id is not None else tokenizer.bos_id
+        self.unk = tokenizer.unk_id
         self.turn_end = {self.eos} | {i for i in (tokenizer.token_to_id("<turn|>"),) if i is not None}
 
     def prompt_and_response(self, record: dict[str, Any], where: str) -> tuple[list[int], list[int]]:
@@ -160,6 +193,7 @@ class ExampleBuilder:
     def build(self, record: dict[str, Any], where: str, stats: DataStats) -> Example | None:
         stats.records += 1
         prompt, response = self.prompt_and_response(record, where)
+        stats.count_unknown(prompt + response, self.unk, where)
         n_blocks = max(1, math.ceil(len(response) / self.block))
         fits = (self.max_length - len(prompt)) // self.block
         if fits < 1 or (n_blocks > fits and self.overlong == "skip"):

@@ -18,7 +18,7 @@ from dgemma.config import ModelConfig
 from dgemma.errors import DgemmaError
 from dgemma.loading import (meta_model, build_model, load_weights, read_config, read_generation_config, read_json,
                             read_state_dict, resolve_source, save_checkpoint)
-from dgemma.tokenizer import Tokenizer
+from dgemma.tokenizer import BYTE_TOKENIZER, Tokenizer, byte_tokenizer
 from dgemma.train import lora
 from dgemma.train.config import TrainConfig
 
@@ -47,6 +47,8 @@ def fill_eos(tokenizer: Tokenizer, model_cfg: ModelConfig) -> int | None:
 
 
 def _tokenizer(path: str | Path) -> Tokenizer:
+    if str(path) == BYTE_TOKENIZER:  # model.tokenizer = "bytes": a byte-level tokenizer, no file needed
+        return byte_tokenizer()
     try:
         return Tokenizer.from_dir(path)
     except FileNotFoundError as e:

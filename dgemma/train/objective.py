@@ -9,6 +9,9 @@ bidirectionally. Self-conditioning is the two-pass scheme: a no-grad pass withou
 whose coin came up (p = 0.5), the softmax of those logits as the signal of the graded pass. The loss sums
 cross-entropy over every supervised canvas position, corrupted or not, with no 1/t weight.
 
+``kind = "ar"`` (not in the spec) trains only the encoder's next-token loss and never runs the decoder: an
+autoregressive model of the same architecture, as a baseline trained on the same data and budget.
+
 ``noise_power = p`` (not in the spec; default 1) skews the noise level: ``t = eps + (1 - eps) u^(1/p)``.
 
 ``draws_per_example = K > 1`` (not in the spec; default 1) gives each example K independent corruptions that
@@ -40,10 +43,14 @@ from torch import nn
 from dgemma.train.data import Batch, Example
 
 TRAIN_STREAM, EVAL_STREAM = 0, 1
+OBJECTIVES = ("diffusion", "ar")
 
 
 @dataclass(frozen=True)
 class ObjectiveConfig:
+    # "diffusion": spec section 4 (+ the encoder's next-token co-loss). "ar" (not in the spec): only the
+    # encoder's next-token loss, no decoder pass: an autoregressive baseline of the same architecture.
+    kind: str = "diffusion"
     eps: float = 1e-3  # t ~ U(eps, 1)
     # Not in the spec (default 1, the spec's uniform t): t = eps + (1 - eps) * u ** (1 / noise_power), u ~ U(0, 1).
     # Above 1 it draws heavier noise more often (2: density rising linearly toward full noise).
@@ -155,7 +162,8 @@ def lm_loss_sum(model, h: torch.Tensor, targets: torch.Tensor, chunk_rows: int) 
 class Objective(nn.Module):
     """``forward(batch, draws) -> (diffusion CE sum, AR CE sum)`` for one micro-batch.
 
-    ``draws``: K per example of the batch, example-major (``len(draws) = K * B``).
+    ``draws``: K per example of the batch, example-major (``len(draws) = K * B``); ignored, and the
+    diffusion sum a zero, with ``kind = "ar"``.
 
     ``net`` is what is trained and saved: the DiffusionGemma itself, or a peft model around it.
     """
@@ -184,6 +192,8 @@ class Objective(nn.Module):
         h = m.run_layers(m.embed(ids), positions, enc, encoder=True, checkpoint=self.checkpoint)  # [B, S, d]
         pairs = torch.arange(s - 1, device=dev)[None, :] < (batch.lengths - 1)[:, None]  # [B, S-1]
         ar = lm_loss_sum(m, h[:, :-1][pairs], ids[:, 1:][pairs], self.cfg.loss_chunk_rows)
+        if self.cfg.kind == "ar":  # no decoder pass at all
+            return torch.zeros((), dtype=ar.dtype, device=dev), ar
 
         # Decoder: the chosen block of each canvas, corrupted, at its absolute positions. K draws per
         # example make B * K canvases, example-major; `src` maps each canvas to its example's row.

@@ -4,7 +4,10 @@ One optimiser step takes ``train.batch_size`` examples (over all processes), in 
 ``train.micro_batch``; losses are divided by the step's global token counts (spec 4.5), so the result
 does not depend on how the batch is split. AdamW with linear warm-up and cosine decay, gradient clipping,
 bf16 autocast where the hardware has it, activation checkpointing. Checkpoints are atomic and resumable
-(``dgemma.train.checkpoint``); a resumed run continues the same loss curve.
+(``dgemma.train.checkpoint``); a resumed run continues the same loss curve, and the learning-rate schedule
+keeps the length it had when the run started (``train.schedule_steps`` changes it). ``objective.kind = "ar"``
+trains only the encoder's next-token loss (no decoder pass). What the output directory allows (a new run
+only in an empty one; nothing to do for a finished one) is ``dgemma.train.rundir``.
 """
 
 from __future__ import annotations
@@ -23,14 +26,13 @@ import torch
 from dgemma.bench.measure import PeakMemory
 from dgemma.errors import DgemmaError
 from dgemma.fileio import atomic_write_text
-from dgemma.train import checkpoint, dist, lora
+from dgemma.train import checkpoint, dist, lora, rundir
 from dgemma.train.config import TrainConfig
 from dgemma.train.data import DataStats, DataStream, ExampleBuilder, collate
 from dgemma.train.model_setup import ModelSetup, build, fill_eos, initial_state, merge_adapter, plan
 from dgemma.train.objective import EVAL_STREAM, Objective, draw, draws, token_counts
 from dgemma.train.progress import Progress
-
-LOG_FILE = "log.jsonl"
+from dgemma.train.rundir import LOG_FILE
 
 
 @dataclass
@@ -44,14 +46,17 @@ class TrainResult:
     peak_memory_bytes: int = 0
     peak_memory_kind: str = ""
     data: DataStats | None = None
+    step: int = 0  # the step the run is at when this call returns
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up to ``lr`` over ``warmup`` steps, then cosine decay to ``min_lr`` at ``steps``."""
+def lr_at(step: int, cfg: TrainConfig, schedule_steps: int | None = None) -> float:
+    """Linear warm-up to ``lr`` over ``warmup`` steps, then cosine decay to ``min_lr`` at ``schedule_steps``
+    (default ``train.schedule_steps``, or ``train.steps`` when that is 0), and ``min_lr`` after it."""
     t = cfg.train
+    end = schedule_steps or t.schedule_steps or t.steps
     if step < t.warmup:
         return t.lr * (step + 1) / (t.warmup + 1)
-    progress = (step - t.warmup) / max(1, t.steps - t.warmup)
+    progress = (step - t.warmup) / max(1, end - t.warmup)
     return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
@@ -75,6 +80,9 @@ class Trainer:
         self.out = Path(self.t.out)
         self.say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self.show_progress = show_progress
+        self.done = 0  # optimiser steps completed (read after an interrupt)
+        self.schedule_steps = self.t.schedule_steps or self.t.steps  # on resume: the checkpoint's, unless set
+        self.ar_only = cfg.objective.kind == "ar"
         self.autocast = resolve_precision(self.t.precision, self.env.device)
         per_step = self.t.micro_batch * self.env.world
         if self.t.batch_size % per_step:
@@ -124,6 +132,13 @@ class Trainer:
             self.say(f"data: {self.stats.summary()}; end-of-answer fill id {eos}")
             if d.eval:
                 self.say(f"eval data: {eval_stats.summary()}")
+        for path, stats in ((d.train, self.stats), (d.eval, eval_stats)):
+            problem = stats.unknown_problem()
+            if problem and not d.allow_unknown:
+                raise DgemmaError(f"{path}: {problem}. Use a tokenizer that covers it (from scratch, "
+                                  "model.tokenizer = \"bytes\" builds a byte-level one) or set data.allow_unknown = true")
+            if problem and self.env.main:
+                self.say(f"warning: {path}: {problem}")
             if self.t.sample_prompts and self.t.sample_every and self.env.sharded:
                 self.say("note: sample generation runs only in single-process training; skipped under torchrun")
 
@@ -151,9 +166,11 @@ class Trainer:
         n_sup, n_pairs = token_counts(exs, self.cfg.objective.draws_per_example)
         vocab = self.setup.model.cfg.vocab_size
         torch.manual_seed((self.t.seed * 1_000_003 + step) * 1024 + self.env.rank)  # LoRA dropout, if any
-        weight = self.cfg.objective.encoder_loss_weight
+        # AR only: the diffusion sum is a zero and the loss is the mean next-token loss.
+        weight = 1.0 if self.ar_only else self.cfg.objective.encoder_loss_weight
         sums = [0.0, 0.0]
-        per_ex = [draws(ex, self.t.seed, step, slot, vocab, self.cfg.objective) for slot, ex in enumerate(exs)]
+        per_ex = [[] if self.ar_only else draws(ex, self.t.seed, step, slot, vocab, self.cfg.objective)
+                  for slot, ex in enumerate(exs)]
         flat = [d for ds in per_ex for d in ds]  # example-major, K per example
         for i in range(self.accum):
             slots = self._micro_slots(i, len(exs))
@@ -169,7 +186,7 @@ class Trainer:
         diff_sum, ar_sum = dist.all_sum(sums, self.env)
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.t.clip if self.t.clip > 0 else float("inf"))
         norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-        lr = lr_at(step, self.cfg)
+        lr = lr_at(step, self.cfg, self.schedule_steps)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         if not math.isfinite(diff_sum + ar_sum + norm):
@@ -178,8 +195,9 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         diff_m, ar_m = diff_sum / n_sup, ar_sum / n_pairs
-        return {"loss": diff_m + weight * ar_m, "diffusion_loss": diff_m, "ar_loss": ar_m, "grad_norm": norm,
-                "lr": lr, "tokens": sum(len(e.ids) for e in exs)}
+        losses = {"ar_loss": ar_m} if self.ar_only else {"diffusion_loss": diff_m, "ar_loss": ar_m}
+        return {"loss": diff_m + weight * ar_m, **losses, "grad_norm": norm, "lr": lr,
+                "tokens": sum(len(e.ids) for e in exs)}
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float] | None:
@@ -202,7 +220,8 @@ class Trainer:
             real = bool(slots)
             slots = slots or [0]  # every process must run the same number of (sharded) forward passes
             chosen = [exs[k] for k in slots]
-            ds = [draw(exs[k], self.t.seed, 0, k, vocab, self.cfg.objective, EVAL_STREAM) for k in slots]
+            ds = [] if self.ar_only else [draw(exs[k], self.t.seed, 0, k, vocab, self.cfg.objective, EVAL_STREAM)
+                                          for k in slots]
             first = self.env.sharded and self.cfg.objective.self_conditioning_p > 0 or None
             with self._amp():
                 diff, ar = self.objective(collate(chosen, self.setup.pad_id).to(self.env.device), ds, first)
@@ -210,6 +229,8 @@ class Trainer:
                 n_sup, n_pairs = token_counts(chosen)
                 sums = [sums[0] + float(diff), sums[1] + float(ar), sums[2] + n_sup, sums[3] + n_pairs]
         diff_s, ar_s, n_sup, n_pairs = dist.all_sum(sums, self.env)
+        if self.ar_only:
+            return {"eval_loss": ar_s / n_pairs, "eval_ar_loss": ar_s / n_pairs}
         w = self.cfg.objective.encoder_loss_weight
         return {"eval_loss": diff_s / n_sup + w * ar_s / n_pairs, "eval_diffusion_loss": diff_s / n_sup,
                 "eval_ar_loss": ar_s / n_pairs}
@@ -238,7 +259,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ run
     def _meta(self) -> dict[str, Any]:
-        return {"config": self.cfg.to_dict(), "world_size": self.env.world, "saved_at": time.time()}
+        return {"config": self.cfg.to_dict(), "world_size": self.env.world, "saved_at": time.time(),
+                "schedule_steps": self.schedule_steps}
 
     def _save(self, step: int) -> None:
         s = self.setup
@@ -247,11 +269,8 @@ class Trainer:
                         keep=self.t.keep_checkpoints)
 
     def _start(self, resume: bool) -> int:
-        found = checkpoint.latest(self.out)
-        if found is None or not resume:
-            if found is not None:
-                raise DgemmaError(f"{self.out} already holds checkpoints ({found.name}); pass --resume to "
-                                  "continue that run, or set train.out to a new directory")
+        found = checkpoint.latest(self.out) if resume else None
+        if found is None:
             if resume and self.env.main:
                 self.say(f"note: --resume, but {self.out} holds no complete checkpoint; starting a new run")
             if self.env.main:
@@ -261,14 +280,27 @@ class Trainer:
             return 0
         meta = checkpoint.load(found, self.env, self.objective, self.optimizer, self.setup.peft_model is not None)
         step = int(meta["step"])
+        old = meta.get("config", {})
+        was = old.get("train", {})
+        kept = meta.get("schedule_steps") or was.get("schedule_steps") or was.get("steps") or self.schedule_steps
+        if not self.t.schedule_steps:
+            self.schedule_steps = kept
         if self.env.main:
             self.say(f"resuming from {found} (step {step})")
-            changed = _changed_keys(meta.get("config", {}), self.cfg.to_dict())
+            changed = rundir.changed_keys(old, self.cfg.to_dict())
             if changed:
                 self.say(f"note: the config differs from the checkpoint's in {', '.join(changed)}; the run "
                          "continues with the new values (optimizer hyper-parameters come from the checkpoint)")
+            if self.schedule_steps != kept:
+                self.say(f"note: train.schedule_steps = {self.schedule_steps} replaces the run's schedule of {kept} "
+                         f"steps: the learning rate goes from {lr_at(step, self.cfg, kept):.3g} to "
+                         f"{lr_at(step, self.cfg, self.schedule_steps):.3g} at step {step + 1}")
+            elif self.t.steps > kept:
+                self.say(f"note: train.steps = {self.t.steps} goes past the schedule's {kept} steps: the learning rate "
+                         f"stays at train.min_lr ({self.t.min_lr:.3g}) from step {kept + 1} (set train.schedule_steps "
+                         "to decay over a new length instead)")
             lines = (self.out / LOG_FILE).read_text().splitlines() if (self.out / LOG_FILE).exists() else []
-            atomic_write_text(self.out / LOG_FILE, "".join(ln + "\n" for ln in _log_until(lines, step)))
+            atomic_write_text(self.out / LOG_FILE, "".join(ln + "\n" for ln in rundir.log_until(lines, step)))
         return step
 
     def _log(self, entry: dict[str, Any]) -> None:
@@ -277,15 +309,24 @@ class Trainer:
                 f.write(json.dumps(entry) + "\n")
 
     def run(self, resume: bool = False) -> TrainResult:
-        start = self._start(resume)
-        result = TrainResult(self.out, None, None, trainable_parameters=self.trainable, data=self.stats)
         t = self.t
+        at = rundir.check(self.out, resume)  # a new run only in an empty directory
+        result = TrainResult(self.out, None, None, trainable_parameters=self.trainable, data=self.stats, step=at or 0)
+        if at is not None and at >= t.steps:  # finished: leave it as it is
+            if self.env.main:
+                self.say(rundir.already_done(self.out, at, t.steps))
+            last = rundir.last_logged(self.out)
+            result.final, result.adapter = rundir.outputs(self.out)
+            result.history = [last] if last else []
+            return result
+        dist.barrier(self.env)  # every process has checked the directory before the first one writes to it
+        start = self.done = result.step = self._start(resume)
         bar = Progress(t.steps, start, enabled=self.env.main, live=self.show_progress, say=self.say)
         window_tokens, window_start = 0, time.perf_counter()
         with PeakMemory(self.env.device) as peak, bar:
             for step in range(start, t.steps):
                 m = self.train_step(step)
-                done = step + 1
+                done = self.done = result.step = step + 1
                 window_tokens += m["tokens"]
                 elapsed = time.perf_counter() - window_start
                 m["tokens_per_s"] = window_tokens / elapsed if elapsed > 0 else 0.0
@@ -318,44 +359,18 @@ class Trainer:
         final = adapter = None
         if self.env.main:
             if s.peft_model is None:
-                final = self.out / "final"
+                final = self.out / rundir.FINAL
                 cast = {k: v.to(s.save_dtype) if v.is_floating_point() else v for k, v in state.items()}
                 checkpoint.write_weights(final, self.objective, cast, None, s.tokenizer, s.generation_config)
             else:
-                adapter = self.out / "adapter"
+                adapter = self.out / rundir.ADAPTER
                 lora.save_adapter(s.peft_model, adapter, state={k.removeprefix("net."): v for k, v in state.items()})
                 s.tokenizer.save(adapter)
         del state
         dist.barrier(self.env)  # the other processes may leave now; rank 0 merges on its own time
         if self.env.main and adapter is not None and self.cfg.lora.merge_at_end and s.base_source is not None:
-            final = merge_adapter(s.base_source, adapter, self.out / "final")
+            final = merge_adapter(s.base_source, adapter, self.out / rundir.FINAL)
         if self.env.main:
             self.say(f"saved {final or adapter}")
         return final, adapter
 
-
-def _changed_keys(old: dict, new: dict) -> list[str]:
-    """Config keys (``section.key``) whose values differ, ignoring ones that may change on resume."""
-    free = {"train.steps", "train.log_every", "train.save_every", "train.keep_checkpoints", "train.eval_every",
-            "train.sample_every", "train.sample_prompts", "train.sample_max_new_tokens", "train.out",
-            "train.micro_batch", "train.device"}
-    keys = []
-    for section, values in new.items():
-        for key, value in values.items():
-            was = old.get(section, {}).get(key)
-            if f"{section}.{key}" not in free and json.dumps(was) != json.dumps(value):
-                keys.append(f"{section}.{key}")
-    return keys
-
-
-def _log_until(lines: list[str], step: int) -> list[str]:
-    """Log lines up to ``step``; a line cut short by a crash is dropped."""
-    kept = []
-    for ln in lines:
-        try:
-            entry = json.loads(ln)
-        except json.JSONDecodeError:
-            continue
-        if entry.get("step", 0) <= step:
-            kept.append(ln)
-    return kept
