@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from dgemma import loading, sampler
+from dgemma import genconfig, loading, sampler
 from dgemma.config import ModelConfig
 from dgemma.errors import LoadError
 from dgemma.graphs import GraphedDecoder
@@ -79,7 +79,11 @@ class Engine:
             cuda_graphs = self.model.device.type == "cuda"
         self.runner = GraphedDecoder(self.model) if cuda_graphs else self.model
         self.tokenizer = tokenizer
+        # The checkpoint's sampling defaults as one flat dict (dgemma.genconfig's merged view); with ``defaults``
+        # given, they are folded in, so that save_pretrained writes what this engine samples with.
         self.generation_config = dict(generation_config or {})
+        if defaults is not None:
+            self.generation_config = genconfig.with_params(self.generation_config, defaults)
         self.defaults = defaults or SamplingParams.from_generation_config(self.generation_config)
         if self.defaults.eos_token_id is None:
             self.defaults = self.defaults.replace(eos_token_id=model.cfg.eos_token_id)
@@ -206,7 +210,8 @@ class Engine:
 
     # ------------------------------------------------------------------ persistence
     def save_pretrained(self, path) -> Path:
-        """Write a transformers-loadable checkpoint directory (weights, configs, tokenizer)."""
+        """Write a transformers-loadable checkpoint directory (weights, configs, tokenizer); the sampling
+        defaults go to generation_config.json and, what transformers refuses, to dgemma_generation.json."""
         path = loading.save_checkpoint(self.model, path, self.generation_config)
         if self.tokenizer is not None:
             self.tokenizer.save(path)
@@ -243,5 +248,5 @@ def load(source, device: str | torch.device | None = None, dtype: torch.dtype | 
     try:
         defaults = SamplingParams.from_generation_config(gen)
     except ValueError as e:
-        raise LoadError(f"{ckpt / 'generation_config.json'}: {e}") from None
+        raise LoadError(f"{ckpt / genconfig.GENERATION_FILE} (with {genconfig.DGEMMA_FILE}): {e}") from None
     return Engine(model, tokenizer, defaults=defaults, generation_config=gen, cuda_graphs=cuda_graphs)

@@ -1,18 +1,21 @@
 """Checkpoint I/O: the only file that knows the checkpoint's tensor names.
 
 Reads a directory written by transformers' ``save_pretrained`` (or a Hub snapshot of one): config.json,
-generation_config.json, single or sharded safetensors. The model is built on the meta device and the
-memory-mapped tensors are assigned to it, so no second copy is made when dtype and device already match.
-Loading is strict: a missing, unexpected or wrongly shaped tensor is named in the error. Writes the same
-format back (``save_checkpoint``), loadable by ``DiffusionGemmaForBlockDiffusion.from_pretrained``.
+generation_config.json (plus dgemma's own dgemma_generation.json, see ``dgemma.genconfig``), single or sharded
+safetensors. The model is built on the meta device and the memory-mapped tensors are assigned to it, so no
+second copy is made when dtype and device already match. Loading is strict: a missing, unexpected or wrongly
+shaped tensor is named in the error. Writes the same format back (``save_checkpoint``), loadable by
+``DiffusionGemmaForBlockDiffusion.from_pretrained``.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +23,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from dgemma import genconfig
 from dgemma.config import ModelConfig
 from dgemma.errors import ConfigError, LoadError
 from dgemma.fileio import atomic_write
@@ -39,7 +43,7 @@ _HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt"]
 def resolve_source(source: str | os.PathLike, configs_only: bool = False) -> Path:
     """A local checkpoint directory, or a Hub repo id fetched with huggingface_hub (cache and offline aware).
 
-    ``configs_only`` fetches only config.json and generation_config.json from the Hub (``dgemma info``).
+    ``configs_only`` fetches only the config files from the Hub (``dgemma info``).
     """
     path = Path(source).expanduser()
     if path.is_dir():
@@ -49,7 +53,8 @@ def resolve_source(source: str | os.PathLike, configs_only: bool = False) -> Pat
         raise LoadError(f"{text} is a file; pass the checkpoint directory that contains it")
     if text.startswith((".", "/", "~")) or text.count("/") != 1 or not re.fullmatch(r"[\w.\-]+/[\w.\-]+", text):
         raise LoadError(f"no checkpoint directory at {text} (and it is not a Hub repo id like owner/name)")
-    return _download(text, ["config.json", "generation_config.json"] if configs_only else _HUB_PATTERNS)
+    configs = ["config.json", genconfig.GENERATION_FILE, genconfig.DGEMMA_FILE]
+    return _download(text, configs if configs_only else _HUB_PATTERNS)
 
 
 def _download(repo_id: str, patterns: list[str]) -> Path:
@@ -92,8 +97,26 @@ def read_config(ckpt: Path) -> ModelConfig:
 
 
 def read_generation_config(ckpt: Path) -> dict[str, Any]:
-    path = ckpt / "generation_config.json"
-    return read_json(path) if path.is_file() else {}
+    """The checkpoint's sampling defaults as one flat dict: generation_config.json with dgemma_generation.json
+    laid over it (``genconfig.merge``); {} when it has neither."""
+    hf, own = (ckpt / genconfig.GENERATION_FILE, ckpt / genconfig.DGEMMA_FILE)
+    return genconfig.merge(read_json(hf) if hf.is_file() else {}, read_json(own) if own.is_file() else {},
+                           source=str(hf))
+
+
+def write_generation_config(path: Path, generation_config: dict[str, Any] | None) -> None:
+    """Write ``generation_config`` (a merged view) as generation_config.json, which transformers loads, and
+    dgemma_generation.json for the rest (removed when there is no rest), each atomically."""
+    hf, own = genconfig.split(generation_config or {})
+    _write_json(path / genconfig.GENERATION_FILE, hf)
+    if own:
+        _write_json(path / genconfig.DGEMMA_FILE, own)
+    else:  # a stale one would override what was just written
+        (path / genconfig.DGEMMA_FILE).unlink(missing_ok=True)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    atomic_write(path, lambda p: p.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8"))
 
 
 # ---------------------------------------------------------------------------------------------- tensors
@@ -224,16 +247,65 @@ def init_weights(model: DiffusionGemma, std: float = 0.02, generator: torch.Gene
                 buf.fill_(1.0)
 
 
+_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+_PROBE_SIZE = 128  # the probe's square matmul: 4 MFLOP, well under a millisecond in fp32
+_PROBE_SLOWDOWN = 2.0  # bf16 slower than fp32 by more than this: emulated (hardware bf16 is ~1x or faster)
+
+
 def cpu_has_fast_bf16() -> bool:
-    """Whether this CPU multiplies bf16 matrices in hardware (AVX-512 BF16 / AMX).
+    """Whether this CPU multiplies bf16 matrices in hardware (x86: AVX-512 BF16 or AMX).
 
     Without it PyTorch emulates bf16 matmuls, about 100x slower than fp32 (measured on an AVX2 EPYC:
-    1.5 vs 112 GFLOP/s), so a bf16 checkpoint is better run in fp32 there.
+    1.5 vs 112 GFLOP/s), so a bf16 checkpoint is better run in fp32 there. On x86 Linux the answer is the
+    ``avx512_bf16`` / ``amx_bf16`` flags of /proc/cpuinfo (an AVX-512 CPU without them emulates bf16 too);
+    elsewhere a one-off timed matmul decides (``_bf16_probe``).
     """
+    flags = _cpu_flags()
+    if flags is not None:
+        return bool(flags & _BF16_FLAGS)
+    return _bf16_probe()
+
+
+@functools.cache
+def _cpu_flags() -> frozenset[str] | None:
+    """The x86 feature flags of /proc/cpuinfo's first ``flags`` line; None where there is none (not Linux,
+    or not x86: ARM lists ``Features`` instead)."""
     try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return "AVX512" in torch.backends.cpu.get_cpu_capability() or "AMX" in torch.backends.cpu.get_cpu_capability()
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "flags":
+                    return frozenset(value.split())
+    except OSError:
+        return None
+    return None
+
+
+@functools.cache
+def _bf16_probe() -> bool:
+    """Time a bf16 and an fp32 ``_PROBE_SIZE``-square matmul on one thread (best of 5 after a warm-up; one
+    thread, because threads that wait for a busy core make the timings noise): bf16 is fast unless it is more
+    than ``_PROBE_SLOWDOWN`` times slower (emulated it is 20-30x slower at this size: an AVX2 EPYC, torch
+    2.13, one thread). Runs once per process, in about 10-60 ms where bf16 is emulated."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(_PROBE_SIZE, _PROBE_SIZE, generator=g)  # (N, N) fp32
+
+    def best(x: torch.Tensor) -> float:
+        x @ x  # warm-up: kernel selection, first-touch allocation
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            x @ x
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.inference_mode():
+            return best(a.bfloat16()) <= _PROBE_SLOWDOWN * best(a)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def default_dtype(device) -> torch.dtype | None:
@@ -284,7 +356,8 @@ def export_state_dict(model: DiffusionGemma, to_cpu: bool = True,
 
 def save_checkpoint(model: DiffusionGemma, path, generation_config: dict[str, Any] | None = None,
                     state: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write config.json, generation_config.json and model.safetensors in the release format.
+    """Write config.json, the generation config files (``write_generation_config``) and model.safetensors in
+    the release format.
 
     ``state`` (dgemma names, e.g. gathered from FSDP shards) is written instead of the model's own tensors.
     """
@@ -296,6 +369,6 @@ def save_checkpoint(model: DiffusionGemma, path, generation_config: dict[str, An
     dtype = tensors[DECODER + "embed_tokens.weight"].dtype
     config["dtype"] = str(dtype).removeprefix("torch.")  # what the weights below are stored in
     atomic_write(path / "model.safetensors", lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
-    for name, data in (("config.json", config), ("generation_config.json", generation_config or {})):
-        atomic_write(path / name, lambda p, d=data: p.write_text(json.dumps(d, indent=2, sort_keys=True) + "\n"))
+    _write_json(path / "config.json", config)
+    write_generation_config(path, generation_config)
     return path

@@ -13,6 +13,9 @@ import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+# Fields that belong to one call, never to a checkpoint: a generation config's values for them are ignored.
+PER_CALL = ("seed", "initial_canvas", "pinned_canvas")
+
 
 def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
@@ -81,11 +84,16 @@ class SamplingParams:
 
     @classmethod
     def from_generation_config(cls, gen: dict[str, Any] | None, **overrides) -> "SamplingParams":
-        """Defaults <- ``generation_config.json`` values (nulls ignored) <- ``overrides``."""
+        """Defaults <- a generation config's values (nulls ignored) <- ``overrides``.
+
+        ``gen`` is a ``generation_config.json`` or dgemma's merged view of a checkpoint's two files
+        (``dgemma.genconfig``): the entropy bound as transformers' ``sampler_config`` (its serialised dict, which
+        wins) or as a flat ``entropy_bound``; keys that are not fields (``transformers_version``, ...) are ignored.
+        """
         values: dict[str, Any] = {}
         gen = gen or {}
         for f in dataclasses.fields(cls):
-            if gen.get(f.name) is not None and f.name not in ("seed", "initial_canvas", "pinned_canvas"):
+            if gen.get(f.name) is not None and f.name not in PER_CALL:
                 values[f.name] = gen[f.name]
         sampler = gen.get("sampler_config")
         if isinstance(sampler, dict) and sampler.get("entropy_bound") is not None:

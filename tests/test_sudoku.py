@@ -209,10 +209,11 @@ def test_default_model_is_the_embedded_checkpoint_or_a_clear_error(tmp_path, mon
 def test_embedded_generation_config_holds_the_solve_defaults():
     """`dgemma generate` on the embedded model samples as `dgemma sudoku solve` does (restarts included)."""
     from dgemma.embedded import default_model
+    from dgemma.loading import read_generation_config
     from dgemma.params import SamplingParams
     from dgemma.sudoku.cli import SOLVE_DEFAULTS
 
-    gen = json.loads((default_model() / "generation_config.json").read_text())
+    gen = read_generation_config(default_model())  # generation_config.json + dgemma_generation.json
     params = SamplingParams.from_generation_config(gen)  # (takes no seed from a file: a seed is per call)
     assert {k: getattr(params, k) for k in SOLVE_DEFAULTS if k != "seed"} == \
         {k: v for k, v in SOLVE_DEFAULTS.items() if k != "seed"}

@@ -132,6 +132,7 @@ def train_recipe(out: Path, steps: int, seed: int) -> dict:
 
 
 def _train(args) -> int:
+    from dgemma import loading
     from dgemma.train import config, dist
     from dgemma.train.trainer import Trainer
 
@@ -161,8 +162,8 @@ def _train(args) -> int:
     finally:
         dist.teardown()
     if env.main and result.final is not None:
-        gen = result.final / "generation_config.json"
-        gen.write_text(json.dumps({**json.loads(gen.read_text()), **SOLVE_DEFAULTS}, indent=2) + "\n")
+        gen = loading.read_generation_config(result.final)  # split into the two files again on writing
+        loading.write_generation_config(result.final, {**gen, **SOLVE_DEFAULTS})
         print(json.dumps({"model": str(result.final), "seconds": round(time.perf_counter() - t0, 1),
                           "last": result.history[-1] if result.history else None}))
     return 0
