@@ -104,9 +104,11 @@ def test_answer_parsing_and_scores_on_known_boards():
     assert out["clue_preservation"] == pytest.approx((2 * 32 - 1) / (2 * 32))
 
 
-def _cli(*args, stdin=None):
-    return subprocess.run([sys.executable, "-m", "dgemma", "sudoku", *args], cwd=ROOT, capture_output=True,
-                          text=True, input=stdin, timeout=600)
+def _cli(*args, stdin=None, merged=False):
+    """``dgemma sudoku ARGS`` in a subprocess; ``merged``: stderr into stdout, as ``2>&1`` does."""
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT} if merged else {"capture_output": True}
+    return subprocess.run([sys.executable, "-m", "dgemma", "sudoku", *args], cwd=ROOT, text=True, input=stdin,
+                          timeout=600, **pipes)
 
 
 def test_generate_command():
@@ -140,7 +142,11 @@ def test_solve_prints_one_answer_per_puzzle_in_order(trained, tmp_path):
     once = ("--restarts", "1")  # the untrained model never settles: keep the 8 default attempts out of an I/O test
     proc = _cli("solve", str(tmp_path / "in.txt"), "--model", str(trained), *once)
     answers = proc.stdout.splitlines()
-    assert proc.returncode == 0 and len(answers) == 3
+    assert len(answers) == 3
+    # the untrained model's answers are no solutions: each is named (with its input line), then a summary
+    invalid = [line for line in proc.stderr.splitlines() if "is not a solution" in line]
+    assert proc.returncode == 1 and len(invalid) == 3 and f"answer 3 ({tmp_path / 'in.txt'}:3)" in invalid[2]
+    assert proc.stderr.splitlines()[-1] == "dgemma: 0 solved, 3 invalid"
     assert all(len(a) == 81 and a.isdigit() for a in answers)
     assert answers[0] == answers[1]  # '.' and '0' are the same blank
     stdin = _cli("solve", "-", "--model", str(trained), *once, stdin="\n".join(puzzles[:2]))
@@ -154,13 +160,14 @@ def test_eval_reports_both_decoders(trained):
                 "--restarts", "0")
     assert proc.returncode == 0, proc.stderr[-2000:]
     row = json.loads(proc.stdout)["medium"]
-    for mode in ("diffusion", "diffusion-restarts0", "diffusion-pinned", "autoregressive"):
+    for mode in ("diffusion", "spec-sampler", "diffusion-pinned", "autoregressive"):
         r = row[mode]
         assert r["puzzles"] == 3 and 0 <= r["exact"] <= 1 and 0 <= r["cell_accuracy"] <= 1
         assert 0 <= r["clue_preservation"] <= 1 and r["seconds_per_puzzle"] > 0
-    assert row["diffusion-restarts0"]["mean_steps"] >= 1
+    assert row["spec-sampler"]["mean_steps"] >= 1
     # The solve defaults restart unsure boards, and every attempt's steps count.
-    assert row["diffusion"]["mean_steps"] >= row["diffusion-restarts0"]["mean_steps"]
+    assert row["diffusion"]["mean_steps"] >= row["spec-sampler"]["mean_steps"]
+    assert "medium: generating 3 puzzles" in proc.stderr  # said before the slow part starts
     one = _cli("eval", "--model", str(trained), "-n", "2", "--buckets", "medium", "--json", "--no-ar",
                "--restarts", "1", "--restart-entropy", "1e-30")
     assert "diffusion-restarts1-below1e-30" in json.loads(one.stdout)["medium"]
@@ -174,9 +181,14 @@ def test_solve_show_draws_boards_and_gives_the_same_answers(trained, tmp_path):
     once = ("--restarts", "1")
     plain = _cli("solve", str(tmp_path / "in.txt"), "--model", str(trained), *once)
     shown = _cli("solve", str(tmp_path / "in.txt"), "--model", str(trained), "--show", *once)
-    assert shown.returncode == 0 and shown.stdout == plain.stdout  # stdout stays one answer per line
-    assert "done:" in shown.stderr and "------+-------+------" in shown.stderr
-    assert "done: 64 steps" in shown.stderr  # the untrained model never settles: 2 attempts of 32 steps
+    assert shown.returncode == plain.returncode == 1  # the untrained model's answer is no solution
+    assert shown.stdout == plain.stdout and len(plain.stdout.split()) == 1  # stdout: one answer per line
+    assert "------+-------+------" in shown.stderr
+    # the untrained model never settles: 2 attempts of 32 steps; the status line ends with a newline even
+    # when stderr is not a terminal, so `2>&1` keeps the answer on a line of its own
+    merged = _cli("solve", str(tmp_path / "in.txt"), "--model", str(trained), "--show", *once, merged=True)
+    lines = merged.stdout.splitlines()
+    assert "done: 64 steps" in lines and plain.stdout.strip() in lines
 
 
 def test_render_marks_clues_and_changes():
@@ -251,3 +263,99 @@ def test_commands_use_the_embedded_model_without_model_option():
     gen = subprocess.run([sys.executable, "-m", "dgemma", "generate", puzzle], capture_output=True, text=True,
                          cwd=ROOT, timeout=300)
     assert gen.returncode == 0 and len(gen.stdout.strip()) == 81 and gen.stdout.strip().isdigit()
+
+
+def test_problems_name_the_broken_rules():
+    p, s = sb.parse(PUZZLE), sb.parse(SOLUTION)
+    assert sb.problems(s, p) == [] and sb.problems(s) == []
+    swapped = list(s)
+    swapped[0], swapped[1] = swapped[1], swapped[0]  # 4 and 8 trade places in row 1: two columns break
+    assert sb.problems(tuple(swapped), p) == ["8 twice in column 1", "4 twice in column 2"]
+    bad = list(s)
+    bad[2] = 4  # the clue 3 at r1c3 overwritten with the 4 of r1c1
+    bad[80] = 0
+    assert sb.problems(tuple(bad), p) == ["1 cell not filled", "4 twice in row 1", "4 twice in column 3",
+                                          "4 twice in box 1", "clue 3 at r1c3 changed to 4"]
+    assert sb.problems((5,) * 81)[0] == "5 9 times in row 1"
+
+
+def test_eval_buckets_share_no_puzzle_and_no_solution_grid():
+    from dgemma.sudoku.cli import EVAL_SEED
+
+    names = ("unsloth", "medium", "hard")
+    drawn = {b: list(task.bucket_puzzles(12, b, EVAL_SEED)) for b in names}
+    for i, a in enumerate(names):
+        assert all(sb.BUCKETS[a][0] <= sb.clues(p) <= sb.BUCKETS[a][1] for p, _ in drawn[a])
+        for b in names[i + 1:]:
+            assert not {p for p, _ in drawn[a]} & {p for p, _ in drawn[b]}
+            assert not {s for _, s in drawn[a]} & {s for _, s in drawn[b]}, (a, b)
+    # why each bucket needs its own seed: from one seed, puzzle k of every bucket starts from one grid
+    shared = [s for _, s in task.puzzles(12, sb.BUCKETS["medium"], EVAL_SEED)]
+    assert len(set(shared) & {s for _, s in drawn["unsloth"]}) >= 6
+    assert drawn["unsloth"] == list(task.puzzles(12, sb.BUCKETS["unsloth"], EVAL_SEED))  # offset 0
+
+
+def test_eval_generation_shows_a_progress_bar_on_a_terminal(monkeypatch):
+    import io
+
+    from dgemma.sudoku import cli
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    err = Terminal()
+    monkeypatch.setattr(sys, "stderr", err)
+    monkeypatch.delenv("TERM", raising=False)
+    pairs = cli.bucket_pairs("medium", 5, seed=11)
+    assert pairs == list(task.bucket_puzzles(5, "medium", 11))
+    assert "medium: generating 5 puzzles" in err.getvalue() and "100%" in err.getvalue()  # rich's bar, filled
+
+
+def test_eval_help_explains_every_option_and_its_default():
+    text = _cli("eval", "--help").stdout
+    blocks = {}
+    for line in text.split("options:")[1].splitlines():
+        if line.startswith("  -"):
+            name = line.split()[0].rstrip(",")
+            blocks[name] = line
+        elif line.strip():
+            blocks[name] += " " + line.strip()
+    for option in ("-n", "--buckets", "--seed", "--batch", "--no-ar", "--pin", "--restarts", "--restart-entropy",
+                   "--json", "--model", "--device", "--dtype"):
+        assert "default" in blocks[option], blocks[option]
+    assert "(default 1000)" in blocks["-n"] and "spec-sampler" in blocks["--restarts"].replace("- ", "-")
+
+
+def test_solve_takes_puzzle_arguments_files_and_stdin(trained, tmp_path):
+    other = sb.format_board(sb.generate(40, random.Random(1))[0])
+    (tmp_path / "in.txt").write_text(other + "\n")
+    once = ("--model", str(trained), "--restarts", "1")
+    mixed = _cli("solve", PUZZLE, str(tmp_path / "in.txt"), "-", *once, stdin=PUZZLE.replace("0", ".") + "\n")
+    answers = mixed.stdout.splitlines()
+    assert len(answers) == 3 and answers[0] == answers[2]  # each row is its solo run; '.' and '0' are blanks
+    assert answers[1:2] == _cli("solve", str(tmp_path / "in.txt"), *once).stdout.splitlines()
+    assert "answer 1 (argument 1)" in mixed.stderr and f"answer 3 (<stdin>:1)" in mixed.stderr
+    for bad in ("no-such-file.txt", PUZZLE[:-1], str(tmp_path)):
+        proc = _cli("solve", bad, *once)
+        assert proc.returncode == 2 and proc.stdout == "", bad
+        assert proc.stderr.count("\n") == 1 and "neither a file nor a puzzle" in proc.stderr, proc.stderr
+    assert "got 80 characters" in _cli("solve", PUZZLE[:-1], *once).stderr
+
+
+def test_solve_names_invalid_answers_and_exits_1():
+    """A puzzle with two 1s in its first row has no solution: whatever the model answers breaks a rule or a
+    clue. The embedded model solves the other one. Also checks --device / --dtype."""
+    good = "300281450150030060280000003070012046043967502601058739000090000015000620000005970"
+    clash = "11" + good[2:]
+    proc = _cli("solve", good, clash, "--restarts", "0", "--device", "cpu", "--dtype", "float32")
+    answers = [sb.parse(a) for a in proc.stdout.splitlines()]
+    assert proc.returncode == 1 and len(answers) == 2
+    assert sb.is_solution(answers[0], sb.parse(good)) and not sb.is_solution(answers[1], sb.parse(clash))
+    err = proc.stderr.splitlines()
+    named = [line for line in err if "is not a solution" in line]
+    assert len(named) == 1 and named[0].startswith("dgemma: answer 2 (argument 2) is not a solution: ")
+    assert "in row 1" in named[0] or "clue 1 at r1c" in named[0]
+    assert err[-1] == "dgemma: 1 solved, 1 invalid"
+    bad = _cli("solve", good, "--dtype", "int8")
+    assert bad.returncode == 2 and "--dtype" in bad.stderr and "Traceback" not in bad.stderr

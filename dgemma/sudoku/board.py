@@ -1,4 +1,5 @@
-"""Sudoku boards: parsing, checking, solving (counting solutions) and generating unique puzzles.
+"""Sudoku boards: parsing, checking (and naming what an answer breaks), solving (counting solutions) and
+generating unique puzzles.
 
 A board is a tuple of 81 ints, row-major, 0 for a blank. The solver is a bitmask backtracking search that
 always branches on the cell with the fewest candidates; ``count_solutions(board, limit=2)`` is the
@@ -57,6 +58,28 @@ def is_consistent(board: Board) -> bool:
                     return False
                 seen.add(key)
     return True
+
+
+def problems(board: Board, puzzle: Board | None = None) -> list[str]:
+    """What keeps ``board`` from being a solution (of ``puzzle``, when given), in words; empty if it is one.
+
+    Rows, columns and boxes are numbered from 1 (boxes row by row), cells as ``r2c5``.
+    """
+    out = []
+    blank = sum(1 for v in board if not 1 <= v <= 9)
+    if blank:
+        out.append(f"{blank} cell{'s' if blank > 1 else ''} not filled")
+    for kind, unit in (("row", _ROW), ("column", _COL), ("box", _BOX)):
+        for u in range(9):
+            values = [v for i, v in enumerate(board) if unit[i] == u and 1 <= v <= 9]
+            for d in sorted({v for v in values if values.count(v) > 1}):
+                times = "twice" if values.count(d) == 2 else f"{values.count(d)} times"
+                out.append(f"{d} {times} in {kind} {u + 1}")
+    if puzzle is not None:
+        for i, (p, b) in enumerate(zip(puzzle, board)):
+            if p and p != b:
+                out.append(f"clue {p} at r{_ROW[i] + 1}c{_COL[i] + 1} changed to {b or 'a blank'}")
+    return out
 
 
 def is_solution(board: Board, puzzle: Board | None = None) -> bool:

@@ -18,12 +18,14 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from dgemma.cli import options
 from dgemma.errors import DgemmaError
 from dgemma.fileio import atomic_write_text
 from dgemma.sudoku import board as sb
 from dgemma.sudoku import task
 
 EVAL_SEED = 1_000_003  # differs from every training seed the commands use by default
+SPEC_SAMPLER = "spec-sampler"  # the eval row with no restarts: the sampler exactly as the spec has it
 SOLVE_DEFAULTS = {"max_new_tokens": task.CANVAS, "max_denoising_steps": 32, "t_max": 0.2, "t_min": 0.05,
                   "stability_threshold": 1, "confidence_threshold": 0.005, "entropy_bound": 0.1,
                   # A board that does not settle, or settles less sure than 1e-12 nats per cell, is solved again
@@ -70,26 +72,39 @@ def add_parsers(sub) -> None:
     t.add_argument("--resume", action="store_true")
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     e = s.add_parser("eval", help="accuracy per bucket, diffusion against autoregressive decoding")
-    e.add_argument("--model", help="checkpoint (default: the embedded Sudoku model)")
-    e.add_argument("-n", type=int, default=1000, help="puzzles per bucket")
-    e.add_argument("--buckets", default="unsloth,medium,hard")
-    e.add_argument("--seed", type=int, default=EVAL_SEED)
-    e.add_argument("--batch", type=int, default=32)
-    e.add_argument("--no-ar", dest="ar", action="store_false")
+    options.add_model_options(e)
+    e.add_argument("-n", type=int, default=1000, help="puzzles per bucket (default %(default)s)")
+    e.add_argument("--buckets", default="unsloth,medium,hard",
+                   help=f"comma-separated, from {', '.join(sb.BUCKETS)} (default %(default)s)")
+    e.add_argument("--seed", type=int, default=EVAL_SEED,
+                   help="puzzle seed; each bucket draws from SEED plus its own offset ("
+                        + ", ".join(f"{b} +{o}" for b, o in task.BUCKET_SEED_OFFSETS.items())
+                        + "), so the buckets do not share solution grids (default %(default)s)")
+    e.add_argument("--batch", type=int, default=32, help="puzzles decoded together (default %(default)s)")
+    e.add_argument("--no-ar", dest="ar", action="store_false",
+                   help="skip greedy autoregressive decoding of the same weights (default: score it too)")
     e.add_argument("--pin", action="store_true",
-                   help="also decode with the clues pinned in the canvas (they cannot change), side by side")
+                   help="also decode with the clues pinned in the canvas (they cannot change), side by side "
+                        "(default: off)")
     e.add_argument("--restarts", type=int, metavar="N",
                    help="also score diffusion with up to N restarts of boards that do not settle (or are not "
-                        "sure enough, see --restart-entropy), side by side with the solve defaults")
+                        "sure enough, see --restart-entropy), side by side with the solve defaults; N = 0 is "
+                        f"the spec's sampler, row '{SPEC_SAMPLER}' (default: no such row)")
     e.add_argument("--restart-entropy", type=float, metavar="H",
                    help="in that row, also restart a board that settles with a mean entropy of H or more "
                         f"(default {SOLVE_DEFAULTS['restart_entropy']}; with no --restarts, "
                         f"{SOLVE_DEFAULTS['restarts']} restarts)")
-    e.add_argument("--json", action="store_true")
-    v = s.add_parser("solve", help="solve puzzles: one per line from FILE or stdin")
-    v.add_argument("file", nargs="?", default="-")
-    v.add_argument("--model", help="checkpoint (default: the embedded Sudoku model)")
-    v.add_argument("--batch", type=int, default=32)
+    e.add_argument("--json", action="store_true",
+                   help="print one JSON object, {bucket: {row: scores}}, instead of the table (default: table)")
+    v = s.add_parser("solve", help="solve puzzles given as arguments, in files or on stdin, one per line",
+                     epilog="Exit status: 0 when every answer is a solution (a full grid that breaks no row, "
+                            "column or box rule and keeps every clue); 1 when any is not (each is named on "
+                            "stderr; stdout still has one answer per puzzle); 2 on a usage mistake.")
+    v.add_argument("inputs", nargs="*", metavar="PUZZLE|FILE",
+                   help="an 81-character puzzle (0 or . for a blank), or a file of them, one per line "
+                        "('-' or none: stdin)")
+    options.add_model_options(v)
+    v.add_argument("--batch", type=int, default=32, help="puzzles decoded together (default %(default)s)")
     v.add_argument("--show", action="store_true", help="draw each board live as it is denoised (on stderr)")
     v.add_argument("--seed", type=int, default=SOLVE_DEFAULTS["seed"], help="sampling seed (default 0)")
     v.add_argument("--pin", action="store_true", help="pin the clues in the canvas, so they cannot change")
@@ -233,13 +248,6 @@ def ar_boards(engine, boards: list[sb.Board], batch: int = 32, tick=None) -> lis
     return out
 
 
-def _load(model):
-    import dgemma
-    from dgemma.embedded import default_model
-
-    return dgemma.load(model or default_model())
-
-
 def _scored(pairs, what: str, solve) -> dict:
     """Score ``solve(tick) -> [(answer, steps or None)]`` on ``pairs``; the summary plus seconds per puzzle."""
     t0 = time.perf_counter()
@@ -264,21 +272,35 @@ def _check_restarts(args) -> None:
     SamplingParams(**{**SOLVE_DEFAULTS, **_restart_options(args.restarts, args.restart_entropy)})
 
 
+def bucket_pairs(name: str, n: int, seed: int) -> list[tuple[sb.Board, sb.Board]]:
+    """``eval``'s ``(puzzle, solution)`` pairs of one bucket (``task.bucket_puzzles``), with a progress bar."""
+    pairs = []
+    with _bar(f"{name}: generating {n} puzzles", n) as tick:
+        for pair in task.bucket_puzzles(n, name, seed, workers=os.cpu_count() or 1):
+            pairs.append(pair)
+            tick(1)
+    return pairs
+
+
 def _eval(args) -> int:
-    _check_restarts(args)
-    engine = _load(args.model)
-    rows = {}
-    for name in [b.strip() for b in args.buckets.split(",") if b.strip()]:
+    if args.n < 1 or args.batch < 1:
+        raise DgemmaError("-n and --batch must be positive")
+    buckets = [b.strip() for b in args.buckets.split(",") if b.strip()]
+    for name in buckets:
         if name not in sb.BUCKETS:
             raise DgemmaError(f"unknown bucket {name!r}; choose from {', '.join(sb.BUCKETS)}")
-        pairs = list(task.puzzles(args.n, sb.BUCKETS[name], args.seed, workers=os.cpu_count() or 1))
+    _check_restarts(args)
+    engine = options.load_engine(args)
+    rows = {}
+    for name in buckets:
+        pairs = bucket_pairs(name, args.n, args.seed)
         boards = [p for p, _ in pairs]
         modes = {"diffusion": lambda tick: solve_boards(engine, boards, args.batch, tick)}
         if args.restarts is not None or args.restart_entropy is not None:
             n = SOLVE_DEFAULTS["restarts"] if args.restarts is None else args.restarts
             h = SOLVE_DEFAULTS["restart_entropy"] if args.restart_entropy is None else args.restart_entropy
-            name_h = f"-below{h:g}" if h is not None and n else ""
-            modes[f"diffusion-restarts{n}{name_h}"] = lambda tick: solve_boards(
+            name_h = f"-below{h:g}" if h is not None else ""
+            modes[f"diffusion-restarts{n}{name_h}" if n else SPEC_SAMPLER] = lambda tick: solve_boards(
                 engine, boards, args.batch, tick, restarts=n, restart_entropy=h)
         if args.pin:
             modes["diffusion-pinned"] = lambda tick: solve_boards(engine, boards, args.batch, tick, pin=True)
@@ -297,31 +319,65 @@ def _eval(args) -> int:
     return 0
 
 
-def _solve(args) -> int:
-    try:
-        lines = (sys.stdin if args.file == "-" else open(args.file, encoding="utf-8")).read().splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise DgemmaError(f"cannot read {args.file}: {e}") from None
-    boards = []
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
+def _read_puzzles(inputs: list[str]) -> list[tuple[sb.Board, str]]:
+    """``solve``'s puzzles, each with where it came from: an argument that parses as a puzzle is one,
+    ``-`` is stdin, anything else a file of puzzles, one per line (blank lines skipped)."""
+    out = []
+    for k, arg in enumerate(inputs or ["-"], 1):
         try:
-            boards.append(sb.parse(line))
+            out.append((sb.parse(arg), f"argument {k}"))
+            continue
         except sb.BoardError as e:
-            raise DgemmaError(f"{args.file if args.file != '-' else '<stdin>'}:{i}: {e}") from None
+            not_a_puzzle = e
+        if arg == "-":
+            name, text = "<stdin>", sys.stdin.read()
+        elif not Path(arg).is_file():
+            shown = arg if len(arg) <= 90 else arg[:87] + "..."
+            raise DgemmaError(f"{shown!r} is neither a file nor a puzzle ({not_a_puzzle})")
+        else:
+            try:
+                name, text = arg, Path(arg).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                raise DgemmaError(f"cannot read {arg}: {e}") from None
+        for i, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    out.append((sb.parse(line), f"{name}:{i}"))
+                except sb.BoardError as e:
+                    raise DgemmaError(f"{name}:{i}: {e}") from None
+    return out
+
+
+def _solve(args) -> int:
+    """Print one answer per puzzle on stdout; name each answer that is not a solution, then a summary, on
+    stderr. Exit status 1 when any answer is not a solution."""
+    puzzles = _read_puzzles(args.inputs)
+    if args.batch < 1:
+        raise DgemmaError("--batch must be positive")
     _check_restarts(args)
-    engine = _load(args.model)
-    extra = _restart_options(args.restarts, args.restart_entropy)
-    if args.show:
+    engine = options.load_engine(args)
+    boards = [b for b, _ in puzzles]
+
+    def answers():
+        if not args.show:
+            yield from (a for a, _ in solve_boards(engine, boards, args.batch, seed=args.seed, pin=args.pin,
+                                                   restarts=args.restarts, restart_entropy=args.restart_entropy))
+            return
         from dgemma.sudoku.view import solve_live
 
+        extra = _restart_options(args.restarts, args.restart_entropy)
         for b in boards:
             pins = {"pinned_canvas": pinned_clues(engine, b)} if args.pin else {}
-            params = {**SOLVE_DEFAULTS, "seed": args.seed, **extra, **pins}
-            print(sb.format_board(solve_live(engine, b, params)), flush=True)
-        return 0
-    for answer, _ in solve_boards(engine, boards, args.batch, seed=args.seed, pin=args.pin, restarts=args.restarts,
-                                  restart_entropy=args.restart_entropy):
-        print(sb.format_board(answer))
-    return 0
+            yield solve_live(engine, b, {**SOLVE_DEFAULTS, "seed": args.seed, **extra, **pins})
+
+    invalid = 0
+    for k, ((board, where), answer) in enumerate(zip(puzzles, answers()), 1):
+        print(sb.format_board(answer), flush=True)
+        problems = sb.problems(answer, board)
+        if problems:
+            invalid += 1
+            more = f"; and {len(problems) - 4} more" if len(problems) > 4 else ""
+            print(f"dgemma: answer {k} ({where}) is not a solution: {'; '.join(problems[:4])}{more}",
+                  file=sys.stderr, flush=True)
+    print(f"dgemma: {len(puzzles) - invalid} solved, {invalid} invalid", file=sys.stderr)
+    return 1 if invalid else 0

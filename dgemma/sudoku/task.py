@@ -18,7 +18,7 @@ from typing import Iterable, Iterator
 from tokenizers import Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as _HFTokenizer
 
-from dgemma.sudoku.board import Board, generate, relabel
+from dgemma.sudoku.board import BUCKETS, Board, generate, relabel
 from dgemma.tokenizer import Tokenizer
 
 SPECIALS = ("<pad>", "<eos>", "<bos>", "<unk>")
@@ -94,6 +94,17 @@ def puzzles(n: int, clue_range: tuple[int, int], seed: int, workers: int = 1) ->
         return
     with ProcessPoolExecutor(workers) as pool:
         yield from pool.map(_puzzle, jobs, chunksize=32)
+
+
+# Evaluation buckets each draw from their own seed, ``seed + BUCKET_SEED_OFFSETS[bucket]``. With one seed
+# for all, puzzle k of every bucket would come from the same random grid (the RNG is seeded per puzzle
+# index), so the buckets would share most of their solution grids. The 36-46 band keeps the seed itself.
+BUCKET_SEED_OFFSETS = {"unsloth": 0, "easy": 1_000, "medium": 2_000, "hard": 3_000}
+
+
+def bucket_puzzles(n: int, bucket: str, seed: int, workers: int = 1) -> Iterator[tuple[Board, Board]]:
+    """:func:`puzzles` of one bucket of ``BUCKETS``, from that bucket's own seed (see ``BUCKET_SEED_OFFSETS``)."""
+    return puzzles(n, BUCKETS[bucket], seed + BUCKET_SEED_OFFSETS[bucket], workers)
 
 
 def augmented(pairs: Iterable[tuple[Board, Board]], copies: int, seed: int) -> Iterator[tuple[Board, Board]]:

@@ -60,4 +60,6 @@ def solve_live(engine, puzzle: sb.Board, params: dict, console: Console | None =
                 live.update(render(puzzle, answer, previous, f"done: {sum(event.completion.steps)} steps"),
                             refresh=True)
                 break
+    if not console.is_terminal:  # rich ends a live view with a newline on a terminal only
+        console.line()
     return answer
