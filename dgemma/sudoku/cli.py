@@ -70,6 +70,9 @@ def add_parsers(sub) -> None:
     t.add_argument("--steps", type=int, default=2200)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--resume", action="store_true")
+    t.add_argument("--objective", choices=("diffusion", "ar"), default="diffusion",
+                   help="diffusion (the embedded model's), or ar: next-token prediction only, the same architecture, "
+                        "data and steps (an autoregressive baseline; `sudoku eval` scores it in the AR column)")
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     e = s.add_parser("eval", help="accuracy per bucket, diffusion against autoregressive decoding")
     options.add_model_options(e)
@@ -135,9 +138,10 @@ def _generate(args) -> int:
     return 0
 
 
-def train_recipe(out: Path, steps: int, seed: int) -> dict:
+def train_recipe(out: Path, steps: int, seed: int, objective: str = "diffusion") -> dict:
     """The raw training config of ``dgemma sudoku train --out OUT`` (before ``--set`` overrides)."""
     return {
+        "objective": {"kind": objective},
         "model": {"config": str(out / "model_config.json"), "tokenizer": str(out / "tokenizer")},
         "data": {"train": str(out / "train.jsonl"), "max_length": 2 * task.CANVAS, "template": "raw"},
         "train": {"out": str(out / "run"), "steps": steps, "batch_size": 32, "micro_batch": 32, "lr": 2e-3,
@@ -148,8 +152,7 @@ def train_recipe(out: Path, steps: int, seed: int) -> dict:
 
 def _train(args) -> int:
     from dgemma import loading
-    from dgemma.train import config, dist
-    from dgemma.train.trainer import Trainer
+    from dgemma.train import config, dist, launch
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -165,7 +168,7 @@ def _train(args) -> int:
         with _bar(f"generating {args.puzzles} puzzles", args.puzzles * args.augment) as tick:
             task.write_jsonl(data, task.augmented(pairs, args.augment, args.seed), progress=tick)
         atomic_write_text(meta, json.dumps(recipe) + "\n")
-    raw = train_recipe(out, args.steps, args.seed)
+    raw = train_recipe(out, args.steps, args.seed, args.objective)
     for text in args.overrides:
         (section, key), value = config.parse_override(text)
         raw.setdefault(section, {})[key] = value
@@ -173,9 +176,11 @@ def _train(args) -> int:
     env = dist.setup(cfg.train.device)
     t0 = time.perf_counter()
     try:
-        result = Trainer(cfg, env).run(resume=args.resume)
+        result, status = launch.train(cfg, env, args.resume, sys.argv[1:])
     finally:
         dist.teardown()
+    if result is None:  # interrupted; launch said how to resume
+        return status
     if env.main and result.final is not None:
         gen = loading.read_generation_config(result.final)  # split into the two files again on writing
         loading.write_generation_config(result.final, {**gen, **SOLVE_DEFAULTS})
