@@ -86,6 +86,8 @@ def add_parsers(sub) -> None:
     e.add_argument("--batch", type=int, default=32, help="puzzles decoded together (default %(default)s)")
     e.add_argument("--no-ar", dest="ar", action="store_false",
                    help="skip greedy autoregressive decoding of the same weights (default: score it too)")
+    e.add_argument("--no-diffusion", dest="diffusion", action="store_false",
+                   help="skip the diffusion row (for a model trained with `sudoku train --objective ar`)")
     e.add_argument("--pin", action="store_true",
                    help="also decode with the clues pinned in the canvas (they cannot change), side by side "
                         "(default: off)")
@@ -300,7 +302,7 @@ def _eval(args) -> int:
     for name in buckets:
         pairs = bucket_pairs(name, args.n, args.seed)
         boards = [p for p, _ in pairs]
-        modes = {"diffusion": lambda tick: solve_boards(engine, boards, args.batch, tick)}
+        modes = {"diffusion": lambda tick: solve_boards(engine, boards, args.batch, tick)} if args.diffusion else {}
         if args.restarts is not None or args.restart_entropy is not None:
             n = SOLVE_DEFAULTS["restarts"] if args.restarts is None else args.restarts
             h = SOLVE_DEFAULTS["restart_entropy"] if args.restart_entropy is None else args.restart_entropy
