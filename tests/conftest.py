@@ -17,7 +17,8 @@ import torch
 import dgemma
 from dgemma.errors import LoadError
 
-SPEC_CONFIG = Path(__file__).resolve().parents[2] / "shared" / "docs" / "tiny-diffusiongemma-config.json"
+# The spec's tiny config (a copy of the one beside the spec, kept with the tests so they need nothing outside).
+SPEC_CONFIG = Path(__file__).resolve().parent / "data" / "tiny-diffusiongemma-config.json"
 
 TINY = {
     "model_type": "diffusion_gemma",
