@@ -135,8 +135,8 @@ class Trainer:
         for path, stats in ((d.train, self.stats), (d.eval, eval_stats)):
             problem = stats.unknown_problem()
             if problem and not d.allow_unknown:
-                raise DgemmaError(f"{path}: {problem}. Use a tokenizer that covers it (from scratch, "
-                                  "model.tokenizer = \"bytes\" builds a byte-level one) or set data.allow_unknown = true")
+                raise DgemmaError(f"{path}: {problem}. Use a tokenizer that covers it (from scratch, model.tokenizer"
+                                  " = \"bytes\" builds a byte-level one) or set data.allow_unknown = true")
             if problem and self.env.main:
                 self.say(f"warning: {path}: {problem}")
             if self.t.sample_prompts and self.t.sample_every and self.env.sharded:
