@@ -67,9 +67,12 @@ _VALUES: dict[str, tuple[bool, Callable[[Any], bool]]] = {
 }
 
 
-def _temperatures_ok(values: dict[str, Any]) -> bool:
-    """transformers wants t_max > t_min when it has both (dgemma allows equal: a constant temperature)."""
-    t_min, t_max = values.get("t_min"), values.get("t_max")
+def _temperatures_ok(values: dict[str, Any], implied: bool = False) -> bool:
+    """transformers wants t_max > t_min when it has both (dgemma allows equal: a constant temperature).
+    ``implied``: a missing one counts as its default (the spec's, which are transformers' too), as it will
+    be once sampling starts."""
+    default = {"t_min": SamplingParams.t_min, "t_max": SamplingParams.t_max} if implied else {}
+    t_min, t_max = (values.get(k, default.get(k)) for k in ("t_min", "t_max"))
     return t_min is None or t_max is None or not (_num(t_min) and _num(t_max)) or t_max > t_min
 
 
@@ -84,7 +87,7 @@ def split(merged: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     values = {k: v for k, v in _flatten(merged).items() if v is not None and k not in _METADATA}
     hf: dict[str, Any] = {}
     own: dict[str, Any] = {}
-    temperatures_ok = _temperatures_ok(values)
+    temperatures_ok = _temperatures_ok(values, implied=True)
     for key, value in values.items():
         if key in ("t_min", "t_max") and not temperatures_ok:
             own[key] = value
@@ -153,7 +156,7 @@ def with_params(merged: dict[str, Any], params: SamplingParams) -> dict[str, Any
             continue
         if name == "entropy_bound":
             out.pop("sampler_config", None)
-        if value is None:  # absent is how a file says None (eos/pad: the model's; no restart entropy bar)
+        if value == field.default:  # absent means the default (None for eos/pad: the model's)
             out.pop(name, None)
         else:
             out[name] = list(value) if isinstance(value, tuple) else value

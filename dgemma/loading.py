@@ -267,11 +267,11 @@ def cpu_has_fast_bf16() -> bool:
 
 
 @functools.cache
-def _cpu_flags() -> frozenset[str] | None:
-    """The x86 feature flags of /proc/cpuinfo's first ``flags`` line; None where there is none (not Linux,
-    or not x86: ARM lists ``Features`` instead)."""
+def _cpu_flags(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> frozenset[str] | None:
+    """The x86 feature flags of ``cpuinfo``'s first ``flags`` line; None where there is none (not Linux, or
+    not x86: ARM lists ``Features`` instead)."""
     try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
             for line in f:
                 key, _, value = line.partition(":")
                 if key.strip() == "flags":
