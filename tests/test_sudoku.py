@@ -335,7 +335,7 @@ def test_solve_takes_puzzle_arguments_files_and_stdin(trained, tmp_path):
     answers = mixed.stdout.splitlines()
     assert len(answers) == 3 and answers[0] == answers[2]  # each row is its solo run; '.' and '0' are blanks
     assert answers[1:2] == _cli("solve", str(tmp_path / "in.txt"), *once).stdout.splitlines()
-    assert "answer 1 (argument 1)" in mixed.stderr and f"answer 3 (<stdin>:1)" in mixed.stderr
+    assert "answer 1 (argument 1)" in mixed.stderr and "answer 3 (<stdin>:1)" in mixed.stderr
     for bad in ("no-such-file.txt", PUZZLE[:-1], str(tmp_path)):
         proc = _cli("solve", bad, *once)
         assert proc.returncode == 2 and proc.stdout == "", bad
