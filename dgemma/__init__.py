@@ -3,6 +3,7 @@
 Public API::
 
     engine = dgemma.load("path/or/owner-name", device=None, dtype=None)
+    engine = dgemma.load()                             # the embedded Sudoku model (dgemma/models/sudoku)
     engine.generate("prompt", max_new_tokens=64)      # or a list of prompts / token-id lists
     engine.stream("prompt")                            # StepUpdate / CanvasUpdate events
     engine.chat([{"role": "user", "content": "hi"}])   # ChatResponse(answer, thinking, completion)

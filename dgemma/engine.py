@@ -233,9 +233,10 @@ def _drain(loop) -> list[sampler.RowResult]:
             return stop.value
 
 
-def load(source, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None,
+def load(source=None, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None,
          cuda_graphs: bool | None = None) -> Engine:
-    """An Engine for a checkpoint directory or Hugging Face Hub repo id (safetensors only).
+    """An Engine for a checkpoint directory or Hugging Face Hub repo id (safetensors only); with no
+    ``source``, the model embedded in the package (``dgemma.embedded``), as the command line does.
 
     ``cuda_graphs``: replay the denoising steps of a canvas from CUDA graphs (see ``dgemma.graphs``);
     None (default) turns them on for a model on CUDA."""
@@ -243,6 +244,10 @@ def load(source, device: str | torch.device | None = None, dtype: torch.dtype | 
         dtype = getattr(torch, dtype.removeprefix("torch."), None)
         if not isinstance(dtype, torch.dtype):
             raise ValueError("dtype must be a torch dtype name such as bfloat16 or float32")
+    if source is None:
+        from dgemma.embedded import default_model
+
+        source = default_model()
     model, _, gen, ckpt = loading.load_weights(source, device=device, dtype=dtype)
     tokenizer = Tokenizer.from_dir(ckpt) if (ckpt / "tokenizer.json").is_file() else None
     try:
