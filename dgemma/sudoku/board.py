@@ -1,5 +1,5 @@
-"""Sudoku boards: parsing, checking (and naming what an answer breaks), solving (counting solutions) and
-generating unique puzzles.
+"""Sudoku boards: parsing (and reading puzzles from arguments, files or stdin), checking (and naming what
+an answer breaks), solving (counting solutions) and generating unique puzzles.
 
 A board is a tuple of 81 ints, row-major, 0 for a blank. The solver is a bitmask backtracking search that
 always branches on the cell with the fewest candidates; ``count_solutions(board, limit=2)`` is the
@@ -11,7 +11,8 @@ down to the requested count (a fresh grid is drawn if that grid cannot go so low
 from __future__ import annotations
 
 import random
-from typing import Iterable
+from pathlib import Path
+from typing import Iterable, TextIO
 
 from dgemma.errors import DgemmaError
 
@@ -38,6 +39,38 @@ def parse(text: str) -> Board:
         raise BoardError(f"a puzzle is 81 characters of 1-9 and 0 or '.' for blanks; got {len(cells)} "
                          f"characters{'' if len(cells) != 81 else ' with other symbols'}")
     return tuple(0 if c == "." else int(c) for c in cells)
+
+
+def read_puzzles(inputs: list[str], stdin: TextIO) -> list[tuple[Board, str]]:
+    """Puzzles from command-line arguments, each with where it came from (``argument 2``, ``FILE:LINE``).
+
+    An argument that parses as a puzzle is one; ``-`` (or no argument) reads ``stdin``; anything else is a
+    file of puzzles, one per line (blank lines skipped). Raises BoardError, in one line, for the rest.
+    """
+    out = []
+    for k, arg in enumerate(inputs or ["-"], 1):
+        try:
+            out.append((parse(arg), f"argument {k}"))
+            continue
+        except BoardError as e:
+            not_a_puzzle = e
+        if arg == "-":
+            name, text = "<stdin>", stdin.read()
+        elif not Path(arg).is_file():
+            shown = arg if len(arg) <= 90 else arg[:87] + "..."
+            raise BoardError(f"{shown!r} is neither a file nor a puzzle ({not_a_puzzle})")
+        else:
+            try:
+                name, text = arg, Path(arg).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                raise BoardError(f"cannot read {arg}: {e}") from None
+        for i, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    out.append((parse(line), f"{name}:{i}"))
+                except BoardError as e:
+                    raise BoardError(f"{name}:{i}: {e}") from None
+    return out
 
 
 def format_board(board: Iterable[int]) -> str:

@@ -5,8 +5,10 @@
 * ``train``: writes the tokenizer, a tiny DiffusionGemma config and training data, then runs the project's
   trainer (``dgemma.train``) from scratch; the model is ``OUT/final`` (release format).
 * ``eval``: exact boards, cell accuracy, clue preservation and steps per canvas per bucket, for diffusion
-  decoding and for greedy autoregressive decoding of the same weights, on fresh puzzles.
-* ``solve``: one puzzle per input line -> one 81-digit answer per line, in order.
+  decoding and for greedy autoregressive decoding of the same weights, on fresh puzzles (each bucket from
+  its own seed, ``task.bucket_puzzles``).
+* ``solve``: puzzles as arguments, files or stdin, one per line -> one 81-digit answer per line, in order;
+  an answer that is not a solution is named on stderr (``board.problems``) and the exit status is 1.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ SOLVE_DEFAULTS = {"max_new_tokens": task.CANVAS, "max_denoising_steps": 32, "t_m
                   "stability_threshold": 1, "confidence_threshold": 0.005, "entropy_bound": 0.1,
                   # A board that does not settle, or settles less sure than 1e-12 nats per cell, is solved again
                   # from fresh noise, up to 7 times; the most confident attempt is kept (chosen on validation
-                  # puzzles, seed 4242: of 2,132 attempts that settled below 1e-12, 2,125 were right).
+                  # puzzles, seed 4242: of 2,132 attempts that settled below 1e-12, 2,125 were right;
+                  # benchmarks/sudoku_restart_study.py redoes the study).
                   "restarts": 7, "restart_entropy": 1e-12, "seed": 0}
 
 
@@ -74,6 +77,7 @@ def add_parsers(sub) -> None:
                    help="diffusion (the embedded model's), or ar: next-token prediction only, the same architecture, "
                         "data and steps (an autoregressive baseline; `sudoku eval` scores it in the AR column)")
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    options.add_threads_option(t)
     e = s.add_parser("eval", help="accuracy per bucket, diffusion against autoregressive decoding")
     options.add_model_options(e)
     e.add_argument("-n", type=int, default=1000, help="puzzles per bucket (default %(default)s)")
@@ -123,6 +127,8 @@ def add_parsers(sub) -> None:
 
 def run(parser, args) -> int:
     try:
+        if args.sudoku_command == "train":
+            options.set_threads(args)  # solve and eval choose theirs by model size, in options.load_engine
         return {"generate": _generate, "train": _train, "eval": _eval, "solve": _solve}[args.sudoku_command](args)
     except (DgemmaError, ValueError, OSError) as e:
         parser.exit(2, f"dgemma: {e}\n")
@@ -326,39 +332,10 @@ def _eval(args) -> int:
     return 0
 
 
-def _read_puzzles(inputs: list[str]) -> list[tuple[sb.Board, str]]:
-    """``solve``'s puzzles, each with where it came from: an argument that parses as a puzzle is one,
-    ``-`` is stdin, anything else a file of puzzles, one per line (blank lines skipped)."""
-    out = []
-    for k, arg in enumerate(inputs or ["-"], 1):
-        try:
-            out.append((sb.parse(arg), f"argument {k}"))
-            continue
-        except sb.BoardError as e:
-            not_a_puzzle = e
-        if arg == "-":
-            name, text = "<stdin>", sys.stdin.read()
-        elif not Path(arg).is_file():
-            shown = arg if len(arg) <= 90 else arg[:87] + "..."
-            raise DgemmaError(f"{shown!r} is neither a file nor a puzzle ({not_a_puzzle})")
-        else:
-            try:
-                name, text = arg, Path(arg).read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError) as e:
-                raise DgemmaError(f"cannot read {arg}: {e}") from None
-        for i, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    out.append((sb.parse(line), f"{name}:{i}"))
-                except sb.BoardError as e:
-                    raise DgemmaError(f"{name}:{i}: {e}") from None
-    return out
-
-
 def _solve(args) -> int:
     """Print one answer per puzzle on stdout; name each answer that is not a solution, then a summary, on
     stderr. Exit status 1 when any answer is not a solution."""
-    puzzles = _read_puzzles(args.inputs)
+    puzzles = sb.read_puzzles(args.inputs, sys.stdin)
     if args.batch < 1:
         raise DgemmaError("--batch must be positive")
     _check_restarts(args)
