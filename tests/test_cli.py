@@ -66,7 +66,22 @@ def test_piped_output_is_the_plain_final_text(model, expected):
     assert proc.stdout == expected.text + "\n" and "\x1b" not in proc.stdout
     # stdin works as the prompt too, and --plain gives the same text
     again = _cli("generate", "--model", model, "--plain", *ARGS, stdin="hello")
-    assert again.stdout == proc.stdout
+    assert again.stdout == proc.stdout and "reading the prompt" not in again.stderr  # piped: no hint
+
+
+def test_generate_says_it_reads_the_prompt_from_a_terminal(model, expected):
+    import pty
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "dgemma", "generate", "--model", model, *ARGS], stdin=slave,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=ROOT)
+    os.close(slave)
+    os.write(master, b"hello\n\x04")  # the prompt, then Ctrl-D at the start of a line: end of input
+    out, err = proc.communicate(timeout=300)
+    os.close(master)
+    assert proc.returncode == 0, err
+    assert err.splitlines()[0] == "dgemma: reading the prompt from stdin (end with Ctrl-D)"
+    assert out == expected.text + "\n"
 
 
 @pytest.mark.parametrize("render", ["text", "markdown"])
@@ -109,6 +124,13 @@ def test_chat_answers_each_piped_line_with_the_cached_history(model):
     assert "dgemma: " in proc.stderr and "context" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_chat_refuses_a_model_without_a_chat_template_at_startup():
+    proc = _cli("chat", stdin="12\n34\n")  # the embedded Sudoku model has no chat template
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.splitlines() == ["dgemma: the embedded model has no chat template, so it cannot chat; "
+                                        "`dgemma generate` completes plain prompts"]
+
+
 def test_info_matches_the_loaded_model(model):
     proc = _cli("info", model, "--json")
     info = json.loads(proc.stdout)
@@ -132,6 +154,8 @@ def test_info_matches_the_loaded_model(model):
     (["generate", "hi", "--device", "foo"], "not a torch device"),
     (["generate", "hi", "--dtype", "int8"], "floating-point"),
     (["generate"], "prompt is empty"),
+    (["generate", "hi", "--threads", "0"], "--threads must be a positive integer"),
+    (["sudoku", "solve", "1" * 81, "--threads", "-1"], "--threads must be a positive integer"),
 ])
 def test_user_mistakes_give_one_line_and_a_nonzero_exit(model, args, message):
     if "--model" not in args and args[0] == "generate":
@@ -147,15 +171,20 @@ def _event_stream():
 
 
 def test_canvas_state_marks_settled_fresh_and_stops_at_eos():
-    state = CanvasState(max_steps=2, eos_ids=frozenset({1}))
+    clock = iter([0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0]).__next__
+    state = CanvasState(max_steps=2, eos_ids=frozenset({1}), clock=clock)
     events = _event_stream()
+    assert "settled -  mean entropy -  - tok/s" in state.status()  # nothing known yet: no 0/0, no 0.0 tok/s
     state.update(next(events))
     assert state.fresh == [True, False, True, False] and state.settled == [True, False, True, False]
+    assert "step 1/2  settled 2/4  mean entropy 0.900  - tok/s" in state.status()  # counts from the first step
     state.update(next(events))
     assert state.fresh == [False, True, False, True]  # only what settled this step
     assert [t for t, _, _ in state.visible_draft()] == [5, 8, 7]  # a settled EOS ends the visible draft
     state.update(next(events))
     assert state.committed == [5, 8, 7] and state.steps_per_canvas == [2] and state.draft == []
+    # the next canvas starts unknown again; the rate is known from the first commit (3 tokens in 4 clock s)
+    assert "canvas 2  step 0/2  settled -  mean entropy -  0.8 tok/s" in state.status()
 
 
 

@@ -4,7 +4,8 @@
 On a terminal each answer is drawn live while it forms; ``--think`` turns on thinking mode and shows the
 thinking channel (dimmed, before the answer). ``/reset`` starts over, ``/exit`` or Ctrl-D ends. With stdin
 piped, every line is one user turn and only the answers are printed, one block per turn. A turn that
-fails (e.g. the history outgrew the context) prints ``dgemma: ...`` on stderr and the chat goes on.
+fails (e.g. the history outgrew the context) prints ``dgemma: ...`` on stderr and the chat goes on; a model
+without a chat template is refused at startup (one line, exit status 2).
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ def run(parser, args) -> int:
     from dgemma.view.terminal import PieceCache, live
 
     engine = load_engine(args)
+    if engine.tokenizer is None or engine.tokenizer.chat_template is None:  # refuse now, not at every turn
+        raise DgemmaError(f"{args.model or 'the embedded model'} has no chat template, so it cannot chat; "
+                          "`dgemma generate` completes plain prompts")
     session = engine.chat_session(enable_thinking=args.think, system=args.system)
     overrides = sampling_overrides(args)
     params = engine.params(**overrides)

@@ -2,7 +2,7 @@
 
 On a terminal the canvas is drawn live at every denoising step (``dgemma.view.terminal``), then the final
 text is printed (as Markdown with ``--render markdown``). Piped or with ``--plain``: only the final text.
-``--json``: text, token ids, steps per canvas, finish reason and timings.
+``--json``: text, token ids, steps per canvas, finish reason, timings and the CPU threads used.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ def add_parser(sub) -> None:
 
 
 def run(parser, args) -> int:
+    if args.prompt is None and sys.stdin.isatty():  # say what the silent wait is for
+        print("dgemma: reading the prompt from stdin (end with Ctrl-D)", file=sys.stderr, flush=True)
     prompt = args.prompt if args.prompt is not None else sys.stdin.read().removesuffix("\n")
     if not prompt.strip():
         raise ValueError("the prompt is empty (give it as an argument or on stdin)")
@@ -53,12 +55,15 @@ def run(parser, args) -> int:
     if args.chat:
         thinking, text = engine.split_answer(completion.token_ids)
     if args.json:
+        import torch
+
         print(json.dumps({"text": text, "thinking": thinking, "token_ids": completion.token_ids,
                           "steps": completion.steps, "finish_reason": completion.finish_reason,
                           "prompt_tokens": completion.prompt_tokens,
                           "timings": {"seconds": round(seconds, 4), "first_canvas_s": round(canvas_s[0], 4),
                                       "canvas_s": [round(t, 4) for t in canvas_s],
-                                      "tokens_per_s": round(len(completion.token_ids) / seconds, 2)}}))
+                                      "tokens_per_s": round(len(completion.token_ids) / seconds, 2),
+                                      "threads": torch.get_num_threads()}}))
         return 0
     if thinking:
         print(thinking, file=sys.stderr)

@@ -2,7 +2,9 @@
 
 The draft is the current argmax canvas. A position is *settled* when the sampler accepted its token this
 step (low entropy) and *noise* otherwise (it was re-drawn at random); *fresh* marks positions settled
-now that were noise at the previous step (or hold a different token), which views highlight.
+now that were noise at the previous step (or hold a different token), which views highlight. What is not
+known yet (tokens/s before the first commit, settled positions and entropy before a canvas's first step)
+shows as ``-``.
 """
 
 from __future__ import annotations
@@ -48,9 +50,13 @@ class CanvasState:
     def elapsed(self) -> float:
         return self.clock() - self.started
 
-    def tokens_per_s(self) -> float:
-        """Committed tokens over the time since the start (0 before the first commit)."""
-        return len(self.committed) / self.elapsed if self.committed else 0.0
+    def tokens_per_s(self) -> float | None:
+        """Committed tokens over the time since the start (None before the first commit: not known yet)."""
+        return len(self.committed) / self.elapsed if self.committed else None
+
+    def _rate(self) -> str:
+        rate = self.tokens_per_s()
+        return "- tok/s" if rate is None else f"{rate:.1f} tok/s"
 
     def visible_draft(self) -> list[tuple[int, bool, bool]]:
         """``(token, settled, fresh)`` of the draft up to (excluding) its first settled EOS."""
@@ -81,7 +87,7 @@ class CanvasState:
         self.steps_per_canvas.append(self.step)
         self.canvas_seconds.append(self.elapsed)
         self.draft, self.settled, self.fresh = [], [], []
-        self.canvas, self.attempt = event.canvas + 1, 0
+        self.canvas, self.step, self.attempt, self.mean_entropy = event.canvas + 1, 0, 0, math.nan
         if event.completion is not None:
             self.completion = event.completion
 
@@ -89,9 +95,10 @@ class CanvasState:
         if self.done:
             steps = sum(self.steps_per_canvas)
             return (f"done: {len(self.committed)} tokens, {len(self.steps_per_canvas)} canvas(es), {steps} steps, "
-                    f"{self.elapsed:.2f} s, {self.tokens_per_s():.1f} tok/s")
+                    f"{self.elapsed:.2f} s, {self._rate()}")
         entropy = "-" if math.isnan(self.mean_entropy) else f"{self.mean_entropy:.3f}"
-        settled = sum(self.settled)
+        # Before a canvas's first step there is no draft yet: "-" rather than a misleading 0/0.
+        settled = f"{sum(self.settled)}/{len(self.draft)}" if self.draft else "-"
         step = f"attempt {self.attempt + 1}  step {self.step}" if self.attempt else f"step {self.step}/{self.max_steps}"
-        return (f"canvas {self.canvas + 1}  {step}  settled {settled}/{len(self.draft)}"
-                f"  mean entropy {entropy}  {self.tokens_per_s():.1f} tok/s  {self.elapsed:.1f} s")
+        return (f"canvas {self.canvas + 1}  {step}  settled {settled}"
+                f"  mean entropy {entropy}  {self._rate()}  {self.elapsed:.1f} s")
