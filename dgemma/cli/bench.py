@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from dgemma.cli.options import add_threads_option, set_threads
 from dgemma.errors import DgemmaError
 
 
@@ -25,7 +26,7 @@ def add_parser(sub) -> None:
     b.add_argument("--adaptive", action="store_true", help="stop canvases adaptively instead of fixed steps")
     b.add_argument("--no-transformers", dest="transformers", action="store_false")
     b.add_argument("--no-ar", dest="autoregressive", action="store_false")
-    b.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    add_threads_option(b)
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--moe", choices=["auto", "loop", "grouped"], default="auto",
                    help="expert path: auto (grouped GEMM for bf16 on CUDA, per-expert loop elsewhere), or force one")
@@ -39,8 +40,6 @@ def add_parser(sub) -> None:
 
 
 def run(parser, args) -> int:
-    import torch
-
     from dgemma.bench import BenchSpec, format_table, plot_reports, run_benchmark, write_report
 
     positive = {"--batch": args.batch, "--steps": args.steps, "--prompt-len": [args.prompt_len],
@@ -48,8 +47,7 @@ def run(parser, args) -> int:
     for flag, values in positive.items():
         if any(v <= 0 for v in values):
             parser.exit(2, f"dgemma: {flag} must be positive\n")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args)
     spec = BenchSpec(
         preset=None if (args.config or args.checkpoint) else args.preset, config=args.config,
         checkpoint=args.checkpoint, device=args.device, dtype=args.dtype, batch_sizes=tuple(args.batch),

@@ -77,6 +77,7 @@ def add_parsers(sub) -> None:
                    help="diffusion (the embedded model's), or ar: next-token prediction only, the same architecture, "
                         "data and steps (an autoregressive baseline; `sudoku eval` scores it in the AR column)")
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    options.add_threads_option(t)
     e = s.add_parser("eval", help="accuracy per bucket, diffusion against autoregressive decoding")
     options.add_model_options(e)
     e.add_argument("-n", type=int, default=1000, help="puzzles per bucket (default %(default)s)")
@@ -126,6 +127,8 @@ def add_parsers(sub) -> None:
 
 def run(parser, args) -> int:
     try:
+        if args.sudoku_command == "train":
+            options.set_threads(args)  # solve and eval choose theirs by model size, in options.load_engine
         return {"generate": _generate, "train": _train, "eval": _eval, "solve": _solve}[args.sudoku_command](args)
     except (DgemmaError, ValueError, OSError) as e:
         parser.exit(2, f"dgemma: {e}\n")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 
+from dgemma.cli.options import add_threads_option, set_threads
 from dgemma.errors import DgemmaError
 
 
@@ -21,6 +22,7 @@ def add_parsers(sub) -> None:
     t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the output directory")
     t.add_argument("--no-progress", dest="progress", action="store_false", default=None,
                    help="log lines instead of a progress bar")
+    add_threads_option(t)
     m = sub.add_parser("merge", help="merge a LoRA adapter into its base model (release format)")
     m.add_argument("adapter", help="adapter directory written by dgemma train")
     m.add_argument("--base", help="base checkpoint (default: the one recorded in the adapter)")
@@ -42,6 +44,7 @@ def _train(args) -> int:
 
     overrides = list(args.overrides) + ([f"train.out={json.dumps(args.out)}"] if args.out else [])
     cfg = config.load(args.config, overrides)
+    set_threads(args)
     words = ["train", *([args.config] if args.config else []), *[w for o in args.overrides for w in ("--set", o)],
              *(["--out", args.out] if args.out else []), *(["--no-progress"] if args.progress is False else [])]
     env = dist.setup(cfg.train.device)
