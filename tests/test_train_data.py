@@ -286,3 +286,24 @@ def test_non_utf8_line_and_template_errors_name_file_and_line(tmp_path):
     good.write_text('{"prompt": "a", "completion": "b"}\n')
     with pytest.raises(DataError, match=r"good.jsonl:1: .*roles must alternate"):
         ExampleBuilder(tok, block=8, max_length=256).load(good)
+
+
+def test_unknown_tokens_are_counted_and_a_mostly_unknown_record_is_a_problem():
+    from dgemma.sudoku.task import build_tokenizer
+
+    builder = ExampleBuilder(build_tokenizer(), BLOCK, 64, template="raw")  # digits only
+    stats = DataStats()
+    for k in range(30):
+        builder.build({"prompt": "123", "completion": "321"}, f"mem:{k + 1}", stats)
+    assert (stats.text_tokens, stats.unknown) == (30 * 8, 0) and stats.unknown_problem() is None
+    builder.build({"prompt": "abc", "completion": "cba"}, "mem:31", stats)
+    # 31 records of <bos> + 3 + 3 + <eos>; the last one's 6 letters are unknown: 2.4% of the tokens, under
+    # the 5% share, but that record is mostly unknown, so the data is still a problem.
+    assert (stats.text_tokens, stats.unknown, stats.mostly_unknown, stats.first_unknown) == (248, 6, 1, "mem:31")
+    problem = stats.unknown_problem()
+    assert "2.4%" in problem and "1 of 31 records" in problem and "mem:31" in problem
+    assert "6 unknown tokens (2.4%)" in stats.summary()
+    one_unknown = DataStats()  # 1 unknown token of 24: 4.2%, under 5%, and no record mostly unknown: fine
+    for k in range(3):
+        builder.build({"prompt": "123", "completion": "32a" if k == 0 else "321"}, f"mem:{k + 1}", one_unknown)
+    assert one_unknown.unknown == 1 and one_unknown.unknown_problem() is None
