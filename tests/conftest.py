@@ -111,15 +111,17 @@ def ckpt_factory(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def hf_model_factory():
-    """Load a checkpoint directory with transformers (fp32, eval)."""
+    """Load a checkpoint directory with transformers (eval; fp32 unless ``dtype`` says otherwise)."""
     from transformers import DiffusionGemmaForBlockDiffusion
 
-    cache: dict[Path, object] = {}
+    cache: dict[tuple, object] = {}
 
-    def load(path: Path):
-        if path not in cache:
-            cache[path] = DiffusionGemmaForBlockDiffusion.from_pretrained(path, dtype=torch.float32).eval()
-        return cache[path]
+    def load(path: Path, dtype: torch.dtype = torch.float32):
+        if (path, dtype) not in cache:
+            # transformers' grouped-GEMM experts have no float64 kernel; its eager loop computes the same
+            kw = {"experts_implementation": "eager"} if dtype == torch.float64 else {}
+            cache[path, dtype] = DiffusionGemmaForBlockDiffusion.from_pretrained(path, dtype=dtype, **kw).eval()
+        return cache[path, dtype]
 
     return load
 
