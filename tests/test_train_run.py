@@ -268,8 +268,10 @@ def test_two_processes_match_one(task, tmp_path, full_run):
         assert proc.returncode == 0, proc.stderr[-3000:]
 
     torchrun()
+    # Reduction order differs between the runs; after a few Adam steps the losses (about 9) differ by up to
+    # 1e-5 relative (measured: 8.3e-5 at step 5). A wrong gradient would be off by far more.
     torch.testing.assert_close(torch.tensor(_losses(tmp_path / "dist")), torch.tensor(_losses(full_run[1])),
-                               atol=1e-5, rtol=0)
+                               atol=1e-5, rtol=2e-5)
     # Weights: summation order differs between the runs, and Adam's g / sqrt(v) magnifies it on rows with
     # near-zero gradients (rare tokens), so the bound is loose there; a wrong gradient would be off by ~lr.
     a, b = load_weights(tmp_path / "dist" / "final")[0], load_weights(full_run[1] / "final")[0]
@@ -284,7 +286,7 @@ def test_two_processes_match_one(task, tmp_path, full_run):
     _run(_cfg(task, single, train={"steps": 8}), resume=True)
     got, want = _losses(tmp_path / "dist"), _losses(single)
     assert [s for s, _ in got] == list(range(1, 9))
-    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), atol=1e-5, rtol=2e-5)
 
 
 def test_cli_reports_user_mistakes_in_one_line(task, tmp_path):
