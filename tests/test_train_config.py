@@ -121,7 +121,7 @@ def test_wrong_types(override, key):
     (["model.init=a", "model.preset=tiny", "model.tokenizer=tok", "data.train=t.jsonl"], "exactly one"),
     (["model.config=a.json", "model.preset=tiny", "model.tokenizer=tok", "data.train=t.jsonl"],
      "exactly one"),
-    (["model.preset=tiny", "data.train=t.jsonl"], "model.tokenizer"),  # from scratch needs a tokenizer
+    (["model.preset=tiny", "data.train=t.jsonl"], 'model.tokenizer: a directory with tokenizer.json, or "bytes"'),
     (["model.config=c.json", "data.train=t.jsonl"], "model.tokenizer"),
     (["model.init=ckpt"], "data.train"),
     (BASE + ["train.batch_size=6", "train.micro_batch=4"], "multiple"),
@@ -134,6 +134,9 @@ def test_wrong_types(override, key):
     (BASE + ["objective.eps=0"], "objective.eps"),
     (BASE + ["objective.noise_power=0"], "objective.noise_power"),
     (BASE + ["lora.dropout=1.0"], "lora"),
+    (BASE + ['objective.kind="causal"'], "objective.kind must be one of ('diffusion', 'ar')"),
+    (BASE + ["train.schedule_steps=-1"], "train.schedule_steps"),
+    (BASE + ['data.allow_unknown="yes"'], "data.allow_unknown must be true or false"),
 ])
 def test_validation(overrides, words):
     assert words in error(None, overrides)
@@ -207,3 +210,19 @@ def test_lr_no_warmup():
 def test_lora_needs_a_checkpoint_to_adapt():
     with pytest.raises(TrainConfigError, match="model.init"):
         load(None, ['model.preset="tiny"', 'model.tokenizer="tok"', 'data.train="t.jsonl"', "lora.enabled=true"])
+
+
+def test_lr_schedule_length_is_schedule_steps_when_set():
+    cfg = TrainConfig(train=TrainSection(steps=150, schedule_steps=100, warmup=10, lr=1e-3, min_lr=1e-4))
+    plain = sched(steps=100)
+    assert [lr_at(s, cfg) for s in range(150)] == [lr_at(s, plain) for s in range(150)]
+    assert lr_at(120, cfg) == pytest.approx(1e-4)  # past the schedule: min_lr
+    assert lr_at(55, plain, 150) == lr_at(55, sched(steps=150))  # an explicit length wins over the config's
+
+
+def test_new_keys_load_with_their_defaults():
+    cfg = load(None, BASE + ['model.tokenizer="bytes"', 'objective.kind="ar"', "data.allow_unknown=true"])
+    assert cfg.model.tokenizer == "bytes" and cfg.objective.kind == "ar" and cfg.data.allow_unknown is True
+    default = load(None, BASE)
+    assert default.objective.kind == "diffusion" and not default.data.allow_unknown
+    assert default.train.schedule_steps == 0
