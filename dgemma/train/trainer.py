@@ -132,6 +132,8 @@ class Trainer:
             self.say(f"data: {self.stats.summary()}; end-of-answer fill id {eos}")
             if d.eval:
                 self.say(f"eval data: {eval_stats.summary()}")
+            if self.t.sample_prompts and self.t.sample_every and self.env.sharded:
+                self.say("note: sample generation runs only in single-process training; skipped under torchrun")
         for path, stats in ((d.train, self.stats), (d.eval, eval_stats)):
             problem = stats.unknown_problem()
             if problem and not d.allow_unknown:
@@ -139,8 +141,6 @@ class Trainer:
                                   " = \"bytes\" builds a byte-level one) or set data.allow_unknown = true")
             if problem and self.env.main:
                 self.say(f"warning: {path}: {problem}")
-            if self.t.sample_prompts and self.t.sample_every and self.env.sharded:
-                self.say("note: sample generation runs only in single-process training; skipped under torchrun")
 
     # ------------------------------------------------------------------ steps
     def _amp(self):
