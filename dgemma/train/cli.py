@@ -46,7 +46,8 @@ def _train(args) -> int:
     cfg = config.load(args.config, overrides)
     set_threads(args)
     words = ["train", *([args.config] if args.config else []), *[w for o in args.overrides for w in ("--set", o)],
-             *(["--out", args.out] if args.out else []), *(["--no-progress"] if args.progress is False else [])]
+             *(["--out", args.out] if args.out else []), *(["--no-progress"] if args.progress is False else []),
+             *(["--threads", str(args.threads)] if args.threads is not None else [])]
     env = dist.setup(cfg.train.device)
     try:
         result, status = launch.train(cfg, env, args.resume, words, show_progress=args.progress)
