@@ -24,11 +24,16 @@ from dgemma.train import config
 from dgemma.train.trainer import Trainer
 
 
-def task(path: Path, n: int, seed: int) -> list[dict]:
+def task(path: Path, n: int, seed: int, exclude: frozenset[str] = frozenset()) -> list[dict]:
+    """``n`` strings of 3-7 letters and their reversals, none of them in ``exclude`` (held-out data is
+    disjoint from the training strings; the held-out strings are also distinct from each other)."""
     r = random.Random(seed)
-    rows = []
-    for _ in range(n):
+    rows, seen = [], set()
+    while len(rows) < n:
         s = "".join(r.choice("abcdefgh") for _ in range(r.randint(3, 7)))
+        if s in exclude or (exclude and s in seen):
+            continue
+        seen.add(s)
         rows.append({"prompt": s, "completion": s[::-1]})
     path.write_text("".join(json.dumps(x) + "\n" for x in rows))
     return rows
@@ -84,12 +89,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--out", default="/tmp/dgemma-reverse")
     ap.add_argument("--no-memory", dest="memory", action="store_false")
+    ap.add_argument("--json", help="also write the printed records to this JSON file")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_test_tokenizer(out / "tok", 272)
-    task(out / "train.jsonl", 4000, 0)
-    held = task(out / "eval.jsonl", 100, 1)
+    seen = frozenset(x["prompt"] for x in task(out / "train.jsonl", 4000, 0))
+    held = task(out / "eval.jsonl", 100, 1, exclude=seen)
     cfg = config.from_dict({
         "model": {"preset": "tiny", "tokenizer": str(out / "tok")},
         "data": {"train": str(out / "train.jsonl"), "eval": str(out / "eval.jsonl"), "max_length": 64},
@@ -100,12 +106,20 @@ def main() -> None:
     t0 = time.perf_counter()
     result = Trainer(cfg, show_progress=False).run()
     took = time.perf_counter() - t0
-    print(json.dumps({"train_seconds": round(took, 1), "first_loss": result.history[0]["loss"],
-                      "last_loss": result.history[-1]["loss"], "evals": result.evals,
-                      "peak_rss": result.peak_memory_bytes, "trainable": result.trainable_parameters}))
-    print(json.dumps({"held_out": accuracy(result.final, held)}))
+    records = [{"train_seconds": round(took, 1), "first_loss": result.history[0]["loss"],
+                "last_loss": result.history[-1]["loss"], "evals": result.evals,
+                "peak_rss": result.peak_memory_bytes, "trainable": result.trainable_parameters},
+               {"held_out": accuracy(result.final, held),
+                "held_out_in_train": sum(x["prompt"] in seen for x in held)}]
+    for record in records:
+        print(json.dumps(record))
     for lora in (False, True) if args.memory else ():
-        print(json.dumps(memory_per_parameter(out / f"mem-{int(lora)}", out / "tok", out / "train.jsonl", lora)))
+        records.append(memory_per_parameter(out / f"mem-{int(lora)}", out / "tok", out / "train.jsonl", lora))
+        print(json.dumps(records[-1]))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"command": "python benchmarks/train_reverse.py "
+                                               f"--steps {args.steps}", "torch": torch.__version__,
+                                               "records": records}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
