@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import random
 import shutil
 from pathlib import Path
 
@@ -158,3 +159,13 @@ def _load_error(source, **kw) -> str:
 def tiny(ckpt_factory, tmp_path):
     """A private, corruptible copy of the tiny checkpoint."""
     return _copy(ckpt_factory("tiny"), tmp_path)
+
+
+def reverse_task(path: Path, n: int, seed: int = 0) -> Path:
+    """A JSONL training file of ``n`` letter strings (3-7 of a-h) to reverse, drawn from ``seed``."""
+    r = random.Random(seed)
+    with path.open("w") as f:
+        for _ in range(n):
+            s = "".join(r.choice("abcdefgh") for _ in range(r.randint(3, 7)))
+            f.write(json.dumps({"prompt": s, "completion": s[::-1]}) + "\n")
+    return path

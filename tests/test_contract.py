@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import random
 import shutil
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from dgemma.cache import KVCache
 from dgemma.params import SamplingParams
 from dgemma.train import config
 from dgemma.train.trainer import Trainer, resolve_precision
+from conftest import reverse_task
 
 MODELS = Path(dgemma.__file__).resolve().parent / "models"
 # Sampling defaults with every kind of key: transformers-visible values that differ from its defaults, and
@@ -194,15 +194,6 @@ def test_deterministic_canvas_matches_transformers_with_the_saved_config(saved):
     assert out.steps == [round(cfg.canvas_length / float(ref.tokens_per_forward[0]))]
 
 
-def _reverse_task(path: Path, n: int) -> Path:
-    r = random.Random(0)
-    lines = []
-    for _ in range(n):
-        s = "".join(r.choice("abcdefgh") for _ in range(r.randint(3, 7)))
-        lines.append(json.dumps({"prompt": s, "completion": s[::-1]}))
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
 
 def _train(out: Path, init: Path, data: Path, **sections):
     raw = {"model": {"init": str(init)}, "data": {"train": str(data), "max_length": 64},
@@ -216,7 +207,7 @@ def _train(out: Path, init: Path, data: Path, **sections):
 def test_training_outputs_load_in_transformers(saved, tmp_path):
     """Full fine-tuning: a step checkpoint and final/ keep the base's defaults in the two files; a LoRA run's
     merged final/ (``merge_adapter``, as `dgemma merge` writes it) too."""
-    data = _reverse_task(tmp_path / "train.jsonl", 16)
+    data = reverse_task(tmp_path / "train.jsonl", 16)
     full = _train(tmp_path / "full", saved, data)
     step = tmp_path / "full" / "checkpoints" / "step-00000001"
     lora = _train(tmp_path / "lora", saved, data, lora={"enabled": True, "rank": 4}, train={"steps": 1})

@@ -4,7 +4,6 @@ and the Sudoku AR baseline it trains (``dgemma sudoku train --objective ar``), s
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 import torch
@@ -17,6 +16,7 @@ from dgemma.train import config
 from dgemma.train.data import Example, collate
 from dgemma.train.objective import Objective, ObjectiveConfig, draw
 from dgemma.train.trainer import Trainer
+from conftest import reverse_task
 
 
 @pytest.fixture(scope="module")
@@ -76,19 +76,11 @@ def test_ar_objective_is_the_causal_lm_loss_and_runs_no_decoder(model, monkeypat
     torch.testing.assert_close(ar2, ar, rtol=0, atol=0)
 
 
-def _reverse_task(path, n: int, seed: int):
-    r = random.Random(seed)
-    with path.open("w") as f:
-        for _ in range(n):
-            s = "".join(r.choice("abcdefgh") for _ in range(r.randint(3, 7)))
-            f.write(json.dumps({"prompt": s, "completion": s[::-1]}) + "\n")
-    return path
-
 
 def test_ar_training_steps_are_the_mean_next_token_loss_and_lower_it(tmp_path):
     cfg = config.from_dict({
         "model": {"preset": "tiny", "tokenizer": "bytes"},
-        "data": {"train": str(_reverse_task(tmp_path / "train.jsonl", 64, 0)), "max_length": 64},
+        "data": {"train": str(reverse_task(tmp_path / "train.jsonl", 64, 0)), "max_length": 64},
         "objective": {"kind": "ar", "encoder_loss_weight": 0.25},  # the weight does not apply to AR only
         "train": {"out": str(tmp_path / "run"), "steps": 12, "batch_size": 8, "micro_batch": 4, "lr": 3e-3,
                   "warmup": 2, "precision": "fp32"},

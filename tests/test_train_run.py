@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import shutil
 import signal
 import subprocess
@@ -23,25 +22,18 @@ from dgemma.loading import load_weights
 from dgemma.tokenizer import write_test_tokenizer
 from dgemma.train import checkpoint, config
 from dgemma.train.trainer import Trainer
+from conftest import reverse_task
 
 ROOT = Path(__file__).resolve().parents[1]
 
-
-def _reverse_task(path: Path, n: int, seed: int) -> Path:
-    r = random.Random(seed)
-    with path.open("w") as f:
-        for _ in range(n):
-            s = "".join(r.choice("abcdefgh") for _ in range(r.randint(3, 7)))
-            f.write(json.dumps({"prompt": s, "completion": s[::-1]}) + "\n")
-    return path
 
 
 @pytest.fixture(scope="module")
 def task(tmp_path_factory):
     d = tmp_path_factory.mktemp("task")
     write_test_tokenizer(d / "tok", 272)
-    return {"tok": d / "tok", "train": _reverse_task(d / "train.jsonl", 400, 0),
-            "eval": _reverse_task(d / "eval.jsonl", 16, 1)}
+    return {"tok": d / "tok", "train": reverse_task(d / "train.jsonl", 400, 0),
+            "eval": reverse_task(d / "eval.jsonl", 16, 1)}
 
 
 def _cfg(task, out: Path, **sections) -> config.TrainConfig:

@@ -5,7 +5,6 @@ the learning-rate schedule on resume, and Ctrl-C."""
 from __future__ import annotations
 
 import json
-import random
 import re
 import shlex
 import shutil
@@ -19,17 +18,10 @@ from dgemma.cli import main
 from dgemma.sudoku import task as sudoku_task
 from dgemma.train import config
 from dgemma.train.trainer import Trainer, lr_at
+from conftest import reverse_task
 
 ROOT = Path(__file__).resolve().parents[1]
 
-
-def _letters(path: Path, n: int, seed: int = 0) -> Path:
-    r = random.Random(seed)
-    with path.open("w") as f:
-        for _ in range(n):
-            s = "".join(r.choice("abcdefgh") for _ in range(r.randint(3, 7)))
-            f.write(json.dumps({"prompt": s, "completion": s[::-1]}) + "\n")
-    return path
 
 
 def _toml(path: Path, data: Path, out: Path, tokenizer: str = "bytes", **train) -> Path:
@@ -51,7 +43,7 @@ def test_the_documented_from_scratch_example_trains_offline(tmp_path, monkeypatc
     toml = re.search(r"<!-- from-scratch-example -->\n```toml\n(.*?)```", doc, re.S).group(1)
     assert 'tokenizer = "bytes"' in toml
     (tmp_path / "scratch.toml").write_text(toml)
-    _letters(tmp_path / "train.jsonl", 40)
+    reverse_task(tmp_path / "train.jsonl", 40)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert main(["train", "scratch.toml", "--set", "train.steps=2", "--no-progress"]) == 0
@@ -66,7 +58,7 @@ def test_the_documented_from_scratch_example_trains_offline(tmp_path, monkeypatc
 
 def test_letters_through_the_digit_tokenizer_are_refused_or_warned(tmp_path, capsys):
     sudoku_task.build_tokenizer().save(tmp_path / "digits")  # the embedded Sudoku model's tokenizer
-    data = _letters(tmp_path / "train.jsonl", 20)
+    data = reverse_task(tmp_path / "train.jsonl", 20)
     cfg = _toml(tmp_path / "cfg.toml", data, tmp_path / "out", tokenizer=str(tmp_path / "digits"))
     with pytest.raises(SystemExit) as exit_:
         main(["train", str(cfg), "--no-progress"])
@@ -95,7 +87,7 @@ def test_a_new_run_in_a_non_empty_directory_is_refused_before_the_data_is_read(t
 
 def test_resuming_a_finished_run_changes_nothing(tmp_path, capsys):
     out = tmp_path / "out"
-    cfg = _toml(tmp_path / "cfg.toml", _letters(tmp_path / "train.jsonl", 20), out, steps=2, save_every=1)
+    cfg = _toml(tmp_path / "cfg.toml", reverse_task(tmp_path / "train.jsonl", 20), out, steps=2, save_every=1)
     assert main(["train", str(cfg), "--no-progress"]) == 0
     capsys.readouterr()
     before = {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in out.rglob("*")}
@@ -111,7 +103,7 @@ def test_resuming_a_finished_run_changes_nothing(tmp_path, capsys):
 def _cfg(tmp_path: Path, out: Path, **train) -> config.TrainConfig:
     data = tmp_path / "train.jsonl"
     if not data.exists():
-        _letters(data, 40)
+        reverse_task(data, 40)
     return config.load(_toml(tmp_path / f"{out.name}.toml", data, out, **train))
 
 
@@ -147,7 +139,7 @@ def test_raising_steps_on_resume_keeps_the_learning_rate_schedule(tmp_path):
 
 def test_ctrl_c_names_the_checkpoint_and_the_command_that_resumes(tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
-    cfg = _toml(tmp_path / "cfg.toml", _letters(tmp_path / "train.jsonl", 20), out, steps=4, save_every=2)
+    cfg = _toml(tmp_path / "cfg.toml", reverse_task(tmp_path / "train.jsonl", 20), out, steps=4, save_every=2)
     real = Trainer.train_step
 
     def interrupt_at(n):
