@@ -161,6 +161,16 @@ def tiny(ckpt_factory, tmp_path):
     return _copy(ckpt_factory("tiny"), tmp_path)
 
 
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """Commands run in-process set torch's thread count for their model (``cli.options.set_threads``);
+    restore it after each test, so later tests and their subprocesses sum in the same order as before."""
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
 def reverse_task(path: Path, n: int, seed: int = 0) -> Path:
     """A JSONL training file of ``n`` letter strings (3-7 of a-h) to reverse, drawn from ``seed``."""
     r = random.Random(seed)
