@@ -2,7 +2,7 @@
 # A plain install, as the README's first command does it: a fresh venv (no system site-packages), the
 # pinned CPU torch, then the package without extras; then every command that needs no extras, run from
 # outside the source tree. Fails (non-zero) on any error, traceback or NumPy warning. Measured on 2 AMD
-# EPYC cores shared with other jobs (load average 5-7): 73 s to install, 357 s in all; pip keeps downloaded
+# EPYC cores alone: 28 s to install, 116 s in all (shared with other jobs, load average 5-7: 73 s and 357 s); pip keeps downloaded
 # wheels in its cache, so a repeated run installs without downloading.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
