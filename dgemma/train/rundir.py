@@ -94,24 +94,18 @@ def changed_keys(old: dict, new: dict) -> list[str]:
     return keys
 
 
+def _entry(line: str) -> dict | None:
+    """One log line as a dict; None for a line cut short by a crash."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return None
+
+
 def _entries(lines: list[str]) -> list[dict]:
-    out = []
-    for ln in lines:
-        try:
-            out.append(json.loads(ln))
-        except json.JSONDecodeError:  # a line cut short by a crash
-            continue
-    return out
+    return [e for e in map(_entry, lines) if e is not None]
 
 
 def log_until(lines: list[str], step: int) -> list[str]:
     """Log lines up to ``step``; a line cut short by a crash is dropped."""
-    kept = []
-    for ln in lines:
-        try:
-            entry = json.loads(ln)
-        except json.JSONDecodeError:
-            continue
-        if entry.get("step", 0) <= step:
-            kept.append(ln)
-    return kept
+    return [ln for ln in lines if (e := _entry(ln)) is not None and e.get("step", 0) <= step]
