@@ -307,7 +307,7 @@ def _page_url(base: str) -> str:
             continue
         if code == 200 and b'id="prompt"' in body:
             return base + path
-    pytest.fail(f"the server does not serve the playground at /playground, /, /static/playground.html")
+    pytest.fail("the server does not serve the playground at /playground, /, /static/playground.html")
 
 
 def test_playground_page_against_dgemma_serve(browser, served_tiny, tmp_path):

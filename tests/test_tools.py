@@ -134,7 +134,7 @@ STREAM_CASES = [
     f"  Let me check.\n{OPEN}call:get_weather{{city:{Q}Paris{Q},days:3}}{CLOSE}\n and then <|tool text  ",
     f"{OPEN}call:f{{x:bare}}{CLOSE} broken, then {OPEN}call:g{{l:[{{a:{Q}<|tool_call{Q}}}]}}{CLOSE}",
     f"ends inside {OPEN}call:f{{x:1",
-    f"ends on a partial marker <|tool_ca",
+    "ends on a partial marker <|tool_ca",
     f"<<|<|t{OPEN}call:a{{}}{CLOSE}{OPEN}call:b{{y:null}}{CLOSE}   ",
     "no calls at all, just text\n\n",
     "   \n ",
