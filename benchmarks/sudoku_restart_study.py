@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 import dgemma
-from dgemma import sampler
+from dgemma import core
 from dgemma.embedded import default_model
 from dgemma.fileio import atomic_write_text
 from dgemma.sudoku import board as sb
@@ -48,12 +48,12 @@ def attempts(engine, pairs, seed: int, batch: int) -> list[dict]:
         ids = [engine.encode_prompt(sb.format_board(p)) for p, _ in chunk]
         drafts, entropy, steps, tokens = [[] for _ in chunk], [0.0] * len(chunk), [0] * len(chunk), {}
         with torch.inference_mode():
-            for ev in sampler.run(engine.runner, ids, params, pad_id=engine.config.pad_token_id or 0):
-                if isinstance(ev, sampler.StepEvent):
-                    drafts[ev.row] = (drafts[ev.row] + [ev.draft])[-(k + 1):]
-                    entropy[ev.row], steps[ev.row] = ev.mean_entropy, ev.step
+            for ev in core.run(engine.runner, ids, params, pad_id=engine.config.pad_token_id or 0):
+                if isinstance(ev, core.StepEvent):
+                    drafts[ev.request_id] = (drafts[ev.request_id] + [ev.draft])[-(k + 1):]
+                    entropy[ev.request_id], steps[ev.request_id] = ev.mean_entropy, ev.step
                 else:
-                    tokens[ev.row] = ev.tokens  # the canvas as committed: cut at the first EOS
+                    tokens[ev.request_id] = ev.tokens  # the canvas as committed: cut at the first EOS
         for r, (p, s) in enumerate(chunk):
             answer = task.answer_board(engine.decode(tokens[r]))
             stable = len(drafts[r]) == k + 1 and all(d == drafts[r][-1] for d in drafts[r])

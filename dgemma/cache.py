@@ -8,6 +8,10 @@ batched prefill) and are always masked; they are overwritten by that row's next 
 Sliding-window layers keep every slot and mask by position; this is exactly the reference's dynamic-cache
 semantics (the last ``W - 1`` cached positions) without a ring buffer. The cache is an explicit argument of
 every model call and never stored on a module.
+
+:class:`CacheRows` is a subset of a cache's rows that model calls take in place of a cache: it reads and
+writes the rows it names in the parent's tensors, so the engine core (``dgemma.core``) can run a pass over
+the requests that need one while each keeps its row (its slot) for its whole life, never copied.
 """
 
 from __future__ import annotations
@@ -42,6 +46,29 @@ class KVCache:
 
         k, v = [grow(t) for t in self.k], [grow(t) for t in self.v]  # assigned only once all are grown
         self.k, self.v, self.capacity = k, v, new
+
+    def add_rows(self, n: int) -> None:
+        """Append ``n`` empty rows (length 0), copying what is stored; the existing rows keep their index."""
+        def grow(t: torch.Tensor) -> torch.Tensor:
+            return torch.cat([t, t.new_zeros(n, *t.shape[1:])])
+
+        k, v = [grow(t) for t in self.k], [grow(t) for t in self.v]
+        self.k, self.v = k, v
+        self.lengths = torch.cat([self.lengths, torch.zeros(n, dtype=torch.long)])
+
+    def token_bytes(self) -> int:
+        """Bytes of K/V one position of one row takes, over all layers."""
+        return sum(t[0, :, 0].numel() * t.element_size() for t in self.k + self.v)
+
+    def key(self) -> tuple:
+        """What identifies the memory a pass over this cache reads (CUDA graphs are keyed by it)."""
+        return tuple(t.data_ptr() for t in self.k + self.v)
+
+    def rows(self, rows: list[int]) -> "KVCache | CacheRows":
+        """The cache itself when ``rows`` is every row in order, else a :class:`CacheRows` view of them."""
+        if rows == list(range(self.batch_size)):
+            return self
+        return CacheRows(self, rows)
 
     def truncate(self, length: int) -> None:
         """Forget every row's tokens from position ``length`` on (their slots are overwritten next)."""
@@ -78,3 +105,52 @@ class KVCache:
         out.v = [t.index_select(0, rows.to(t.device)) for t in self.v]
         out.lengths = self.lengths.index_select(0, rows.cpu())
         return out
+
+
+class CacheRows:
+    """Rows ``rows`` of a :class:`KVCache`, usable wherever a model call takes a cache.
+
+    ``lengths`` reads the parent's and writes back to it; ``write`` stores into the parent's rows; ``view``
+    gathers the rows (a copy of the slots read, as the attention's concatenation with the canvas copies
+    anyway). Nothing else of the parent is copied, so a row stopping or joining costs nothing.
+    """
+
+    def __init__(self, parent: KVCache, rows: list[int]):
+        self.parent, self.cfg, self.capacity = parent, parent.cfg, parent.capacity
+        self.index = torch.tensor(rows, dtype=torch.long)  # [n] host
+        self._device_index = self.index.to(parent.k[0].device) if parent.k else self.index
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.parent.lengths.index_select(0, self.index)
+
+    @lengths.setter
+    def lengths(self, value: torch.Tensor) -> None:
+        self.parent.lengths[self.index] = value
+
+    @property
+    def batch_size(self) -> int:
+        return self.index.shape[0]
+
+    def key(self) -> tuple:
+        return self.parent.key() + tuple(self.index.tolist())
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, starts: torch.Tensor) -> None:
+        """Store ``[n, H_kv, T, D]`` of view row i at the parent's row ``rows[i]``, slots ``starts[i]`` on."""
+        t = k.shape[2]
+        end = int(starts.max()) + t
+        if end > self.capacity:
+            raise ValueError(f"KV cache overflow: need {end} slots, capacity is {self.capacity}")
+        if bool((starts == starts[0]).all()):
+            s = int(starts[0])
+            self.parent.k[layer][self._device_index, :, s : s + t] = k
+            self.parent.v[layer][self._device_index, :, s : s + t] = v
+        else:
+            for i, (row, s) in enumerate(zip(self.index.tolist(), starts.tolist())):
+                self.parent.k[layer][row, :, s : s + t] = k[i]
+                self.parent.v[layer][row, :, s : s + t] = v[i]
+
+    def view(self, layer: int, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``[n, H_kv, hi - lo, D]`` of slots ``[lo, hi)`` of the view's rows."""
+        return (self.parent.k[layer][:, :, lo:hi].index_select(0, self._device_index),
+                self.parent.v[layer][:, :, lo:hi].index_select(0, self._device_index))

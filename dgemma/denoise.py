@@ -51,9 +51,25 @@ def sample_inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return idx.clamp_(max=probs.shape[-1] - 1)
 
 
-def step_reference(model, h: torch.Tensor, temperature: float, u: torch.Tensor, soft: bool = True) -> StepStats:
-    """Full-logits path: ``h [n, C, d]``, ``u [n, C]`` -> :class:`StepStats`."""
-    z = model.logits(h) / temperature  # [n, C, V] fp32
+def per_row(temperature: float | torch.Tensor, n: int, device) -> float | torch.Tensor:
+    """A temperature for every row: a number, or ``[n]`` values (float64) as an fp32 ``[n, 1]`` tensor.
+
+    Rows of one pass may be at different steps of their schedules (``dgemma.core``). A per-row value is
+    rounded to fp32 once, as PyTorch rounds a Python number it divides or multiplies an fp32 tensor by, so a
+    row's results do not depend on whether its batch shares one temperature.
+    """
+    if not isinstance(temperature, torch.Tensor):
+        return temperature
+    return temperature.to(torch.float64).reshape(n, 1)
+
+
+def step_reference(model, h: torch.Tensor, temperature: float | torch.Tensor, u: torch.Tensor,
+                   soft: bool = True) -> StepStats:
+    """Full-logits path: ``h [n, C, d]``, ``temperature`` a number or ``[n]``, ``u [n, C]`` -> :class:`StepStats`."""
+    t = per_row(temperature, h.shape[0], h.device)
+    if isinstance(t, torch.Tensor):
+        t = t.float().to(h.device)[:, :, None]  # [n, 1, 1]
+    z = model.logits(h) / t  # [n, C, V] fp32
     logp = torch.log_softmax(z, dim=-1)
     sampled = torch.stack([sample_inverse_cdf(logp[i].exp(), u[i]) for i in range(z.shape[0])])
     return StepStats(
@@ -65,9 +81,10 @@ def step_reference(model, h: torch.Tensor, temperature: float, u: torch.Tensor, 
 
 
 @torch.no_grad()
-def tempered_logits(x: torch.Tensor, weight: torch.Tensor, cap: float | None, temperature: float,
+def tempered_logits(x: torch.Tensor, weight: torch.Tensor, cap: float | None, temperature: float | torch.Tensor,
                     block: int | None = None) -> torch.Tensor:
-    """``[m, V]`` fp32 ``softcap(x @ weight.T) / temperature`` for ``x [m, d]``, ``weight [V, d]``.
+    """``[m, V]`` fp32 ``softcap(x @ weight.T) / temperature`` for ``x [m, d]``, ``weight [V, d]``;
+    ``temperature`` is a number or float64 ``[m, 1]`` (one per row, see :func:`per_row`).
 
     The soft-cap ``cap * tanh(z / cap)`` is computed as ``2 cap sigmoid(2 z / cap) - cap``: the same
     function (rounding aside: an absolute error of about ``cap * eps / T``), and PyTorch's CPU sigmoid is
@@ -81,6 +98,12 @@ def tempered_logits(x: torch.Tensor, weight: torch.Tensor, cap: float | None, te
     m, vocab = x.shape[0], weight.shape[0]
     block = block or vocab
     z = torch.empty(m, vocab, device=x.device)
+    if cap is None:
+        scale = temperature.float().to(x.device) if isinstance(temperature, torch.Tensor) else temperature
+    elif isinstance(temperature, torch.Tensor):  # the factors in float64, rounded once (as a Python number is)
+        scale, shift = (2.0 * cap / temperature).float().to(x.device), (cap / temperature).float().to(x.device)
+    else:
+        scale, shift = 2.0 * cap / temperature, cap / temperature
     for lo in range(0, vocab, block):
         part = z[:, lo:lo + block]  # [m, b] view, row stride V
         if weight.dtype == x.dtype == torch.float32:
@@ -88,9 +111,9 @@ def tempered_logits(x: torch.Tensor, weight: torch.Tensor, cap: float | None, te
         else:
             part.copy_(F.linear(x, weight[lo:lo + block]))
         if cap is None:
-            part.div_(temperature)
+            part.div_(scale)
         else:
-            part.mul_(2.0 / cap).sigmoid_().mul_(2.0 * cap / temperature).sub_(cap / temperature)
+            part.mul_(2.0 / cap).sigmoid_().mul_(scale).sub_(shift)
     return z
 
 
@@ -117,10 +140,11 @@ def vocab_block(weight: torch.Tensor) -> int | None:
 
 
 @torch.no_grad()
-def step_fused(model, h: torch.Tensor, temperature: float, u: torch.Tensor, soft: bool = True,
+def step_fused(model, h: torch.Tensor, temperature: float | torch.Tensor, u: torch.Tensor, soft: bool = True,
                chunk_bytes: int | None = None, block: int | None = None) -> StepStats:
     """Chunked path with the same results as :func:`step_reference` (up to float rounding). Sampling is
     never differentiated: no autograd graph is built, even when the caller's mode would build one.
+    ``temperature``: a number, or ``[n]`` (one per row).
 
     ``block``: vocabulary columns per LM-head block (default :func:`vocab_block`).
     """
@@ -131,6 +155,9 @@ def step_fused(model, h: torch.Tensor, temperature: float, u: torch.Tensor, soft
     m = max(1, budget // (4 * vocab)) if chunk_bytes else max(MIN_CHUNK_ROWS, budget // (4 * vocab))
     block = block or vocab_block(weight)
     flat, u = h.reshape(n * c, d), u.reshape(n * c).to(h.device)
+    temps = per_row(temperature, n, h.device)
+    if isinstance(temps, torch.Tensor):
+        temps = temps.expand(n, c).reshape(n * c, 1)  # [n*C, 1] float64
     entropy = torch.empty(n * c, device=h.device)
     argmax = torch.empty(n * c, dtype=torch.long, device=h.device)
     sampled = torch.empty(n * c, dtype=torch.long, device=h.device)
@@ -138,7 +165,8 @@ def step_fused(model, h: torch.Tensor, temperature: float, u: torch.Tensor, soft
     scale = model.embed_scale()
     for lo in range(0, n * c, m):
         hi = min(lo + m, n * c)
-        z = tempered_logits(flat[lo:hi], weight, cap, temperature, block)  # [m, V] fp32
+        t = temps[lo:hi] if isinstance(temps, torch.Tensor) else temps
+        z = tempered_logits(flat[lo:hi], weight, cap, t, block)  # [m, V] fp32
         top = z.argmax(-1, keepdim=True)  # [m, 1]
         argmax[lo:hi] = top.view(-1)
         # softmax's own kernel, not exp(z - logsumexp): exp of inputs below -87 (results under FLT_MIN)

@@ -3,10 +3,16 @@
 ``dgemma.load(source)`` builds one; ``generate`` takes one prompt or a list (text or token ids, any
 lengths), ``stream`` yields an event per denoising step and per committed canvas, ``chat`` applies the
 checkpoint's chat template and splits the thinking channel from the answer.
+
+Every call is a client of one :class:`~dgemma.core.EngineCore` (made at first use, its KV pool growing
+as calls need): requests go in, ``step()`` is called until they are done, and each call takes the events of
+its own requests. Generators that are open at once (two ``stream`` calls) share the steps; a stream that is
+closed early aborts its request. Not thread-safe (the server runs its own core on one thread).
 """
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -15,6 +21,7 @@ import torch
 
 from dgemma import genconfig, loading, sampler
 from dgemma.config import ModelConfig
+from dgemma.core import CanvasEvent, EngineCore, Request, RowResult, StepEvent
 from dgemma.errors import LoadError
 from dgemma.graphs import GraphedDecoder
 from dgemma.model import DiffusionGemma
@@ -71,8 +78,11 @@ class CanvasUpdate:
 class Engine:
     def __init__(self, model: DiffusionGemma, tokenizer: Tokenizer | None = None,
                  defaults: SamplingParams | None = None, generation_config: dict[str, Any] | None = None,
-                 cuda_graphs: bool | None = None):
+                 cuda_graphs: bool | None = None, max_num_seqs: int = 64):
         self.model = model.eval()
+        self.max_num_seqs = max_num_seqs  # requests the in-process core runs at once; more wait their turn
+        self._core: EngineCore | None = None
+        self._outbox: dict[Any, deque] = {}  # events of the requests an open call is waiting for
         # What the sampler runs: the model, or the model with its decoder pass replayed from CUDA graphs
         # (dgemma.graphs; None = on for a model on CUDA; they give the eager tokens, measured on an H200).
         if cuda_graphs is None:
@@ -130,29 +140,75 @@ class Engine:
             raise ValueError("no prompts given")
         return [self.encode_prompt(p) for p in prompts], False
 
-    def _check_length(self, ids: list[list[int]], params: SamplingParams) -> None:
-        c = self.config.canvas_length
-        longest = max(len(p) for p in ids) + -(-params.max_new_tokens // c) * c
-        if longest > self.config.max_position_embeddings:
-            raise ValueError(
-                f"prompt plus max_new_tokens needs {longest} positions, more than this model's context "
-                f"of {self.config.max_position_embeddings}"
-            )
+    def check_length(self, ids: list[list[int]], params: SamplingParams) -> None:
+        """Raise ValueError unless every prompt and its canvases fit in the model's context."""
+        for prompt in ids:
+            self.core.check(prompt, params)
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return "" if self.tokenizer is None else self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
     # ------------------------------------------------------------------ generation
+    @property
+    def core(self) -> EngineCore:
+        """The in-process engine core (made at first use; made again if ``runner`` was replaced)."""
+        if self._core is None or self._core.model is not self.runner:
+            self._core = EngineCore(self.runner, max_num_seqs=self.max_num_seqs, pad_id=self.pad_id, grow=True)
+            self._outbox.clear()
+        return self._core
+
+    def submit(self, ids: list[int], params: SamplingParams, step_events: bool = False) -> Request:
+        """Queue one request on the in-process core; its events come from :meth:`events`."""
+        return self._submit_rows([ids], params, step_events)[0]
+
+    def events(self, req: Request) -> Iterator[StepEvent | CanvasEvent]:
+        """``req``'s events as the core produces them, stepping it while they are needed. Closing the
+        iterator before the last event aborts the request."""
+        box = self._outbox[req.request_id]
+        core = self.core
+        try:
+            while True:
+                while box:
+                    yield box.popleft()
+                if req.done:
+                    return
+                for event in core.step():
+                    target = self._outbox.get(event.request_id)
+                    if target is not None:
+                        target.append(event)
+        finally:
+            self._outbox.pop(req.request_id, None)
+            if not req.done:
+                core.abort(req.request_id)
+
     @torch.inference_mode()
     def generate(self, prompts, params: SamplingParams | None = None, **overrides):
         """Complete one prompt (-> Completion) or a list of prompts (-> list[Completion])."""
         ids, single = self._batch(prompts)
         p = self.params(params, **overrides)
-        self._check_length(ids, p)
-        loop = sampler.run(self.runner, ids, p, pad_id=self._pad(p), step_events=False)
-        rows = _drain(loop)
-        out = [self._completion(r) for r in rows]
+        self.check_length(ids, p)
+        reqs = self._submit_rows(ids, p)
+        for req in reqs:
+            for _ in self.events(req):
+                pass
+        out = [self.completion(r.result) for r in reqs]
         return out[0] if single else out
+
+    def _submit_rows(self, ids: list[list[int]], p: SamplingParams, step_events: bool = False) -> list[Request]:
+        """One request per prompt; one seed for all (drawn once when none is given), and ``initial_canvas`` /
+        ``pinned_canvas`` as one canvas for all rows or one per row."""
+        cfg = self.config
+        initial = sampler.canvas_rows(p, "initial_canvas", len(ids), cfg.canvas_length, cfg.vocab_size)
+        pinned = sampler.canvas_rows(p, "pinned_canvas", len(ids), cfg.canvas_length, cfg.vocab_size)
+        seed = p.seed if p.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
+        row = p.replace(seed=seed, initial_canvas=None, pinned_canvas=None)
+        reqs = []
+        for b, prompt in enumerate(ids):
+            req = self.core.add(prompt, row, step_events=step_events, initial=initial[b] if initial else None,
+                                pinned=pinned[b] if pinned else None)
+            self._outbox[req.request_id] = deque()
+            reqs.append(req)
+        return reqs
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None, step_events: bool = True,
                **overrides) -> Iterator[StepUpdate | CanvasUpdate]:
@@ -160,19 +216,20 @@ class Engine:
         committed canvas of one prompt."""
         ids, _ = self._batch([prompt])
         p = self.params(params, **overrides)
-        self._check_length(ids, p)
+        self.check_length(ids, p)
         with torch.inference_mode():
-            loop = sampler.run(self.runner, ids, p, pad_id=self._pad(p), step_events=step_events)
-            yield from self.updates(loop, lambda row: self._completion(row))
+            req = self._submit_rows(ids, p, step_events)[0]
+            yield from self.updates(self.events(req), req, self.completion)
 
-    def updates(self, loop, finish: Callable[[sampler.RowResult], Completion]) -> Iterator[StepUpdate | CanvasUpdate]:
-        """Turn a one-row ``sampler.run`` loop into StepUpdates and CanvasUpdates. The text delta comes from
+    def updates(self, events: Iterator[StepEvent | CanvasEvent], req: Request,
+                finish: Callable[[RowResult], Completion]) -> Iterator[StepUpdate | CanvasUpdate]:
+        """Turn one request's core events into StepUpdates and CanvasUpdates. The text delta comes from
         decoding the whole answer so far (a character may span canvases); the last CanvasUpdate carries
-        ``finish(row)``, the Completion built from the loop's result."""
+        ``finish(req.result)``, the Completion."""
         tokens: list[int] = []
         text = ""
-        for event in loop:
-            if isinstance(event, sampler.StepEvent):
+        for event in events:
+            if isinstance(event, StepEvent):
                 yield StepUpdate(event.canvas, event.step, event.draft, event.accepted, event.mean_entropy,
                                  event.accepted_mask, event.attempt)
                 continue
@@ -180,8 +237,8 @@ class Engine:
             new_text = self.decode(tokens)
             delta, text = new_text[len(text):] if new_text.startswith(text) else new_text, new_text
             update = CanvasUpdate(event.canvas, event.tokens, delta, event.finished)
-            if event.finished:  # one row: its last canvas; the loop's return value holds the row
-                update.completion = finish(_drain(loop)[0])
+            if event.finished:
+                update.completion = finish(req.result)
             yield update
 
     def chat(self, messages: list[dict[str, Any]], params: SamplingParams | None = None,
@@ -217,20 +274,14 @@ class Engine:
             self.tokenizer.save(path)
         return path
 
-    def _pad(self, p: SamplingParams) -> int:
-        pad = p.pad_token_id if p.pad_token_id is not None else self.config.pad_token_id
+    @property
+    def pad_id(self) -> int:
+        """The token that pads batched encoder inputs (its K/V are never attended to)."""
+        pad = self.defaults.pad_token_id if self.defaults.pad_token_id is not None else self.config.pad_token_id
         return 0 if pad is None else pad
 
-    def _completion(self, row: sampler.RowResult) -> Completion:
+    def completion(self, row: RowResult) -> Completion:
         return Completion(self.decode(row.token_ids), row.token_ids, row.finish_reason, row.steps, row.prompt_tokens)
-
-
-def _drain(loop) -> list[sampler.RowResult]:
-    while True:
-        try:
-            next(loop)
-        except StopIteration as stop:
-            return stop.value
 
 
 def load(source=None, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None,

@@ -19,8 +19,8 @@ except ``decode_hidden``, which
 
 With ``reuse=True`` the lengths are not part of the key: the graph is captured over
 :class:`~dgemma.model.diffusion_gemma.StaticDecoderKV`, whose positions and masks are refilled before a
-replay, so one capture serves every canvas of a generation while all its rows stay active (a row that
-stops, or a restart of some rows, denoises a selected copy of the cache: a new graph, as without reuse).
+replay, so one capture serves every canvas of a generation while all its rows stay active (a pass over a
+subset of the rows, a :class:`~dgemma.cache.CacheRows` view, is keyed by its rows and lengths, as without reuse).
 Not yet measured on a GPU; off by default. It always passes masks, so the sliding layers lose their
 unmasked kernel.
 
@@ -86,12 +86,14 @@ class GraphedDecoder:
         shape, dtype = (*canvas.shape, self.model.cfg.hidden_size), self.model.dtype
         if soft is not None:
             shape, dtype = tuple(soft.shape), soft.dtype
-        lengths = () if self.reuse else tuple(cache.lengths.tolist())
-        key = (tuple(t.data_ptr() for t in cache.k + cache.v), cache.capacity, lengths,
-               tuple(canvas.shape), shape, dtype, torch.is_inference_mode_enabled())
+        reuse = self.reuse and isinstance(cache, KVCache)  # a CacheRows view is keyed by its rows and lengths
+        lengths = () if reuse else tuple(cache.lengths.tolist())
+        key = (cache.key(), cache.capacity, lengths, tuple(canvas.shape), shape, dtype,
+               torch.is_inference_mode_enabled(), reuse)
         g = self.graphs.get(key)
         if g is None:
-            g = self._capture_or_none(canvas, cache, soft if soft is not None else canvas.new_zeros(shape, dtype=dtype))
+            g = self._capture_or_none(canvas, cache, soft if soft is not None else canvas.new_zeros(shape, dtype=dtype),
+                                      reuse)
             if g is None:
                 return self.model.decode_hidden(canvas, cache, soft)
             self.graphs[key] = g
@@ -117,13 +119,14 @@ class GraphedDecoder:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    def _capture_or_none(self, canvas: torch.Tensor, cache: KVCache, soft: torch.Tensor) -> _Graph | None:
+    def _capture_or_none(self, canvas: torch.Tensor, cache: KVCache, soft: torch.Tensor,
+                         reuse: bool = False) -> _Graph | None:
         """A new graph, or None (decode this pass eagerly). Out of memory: eager this time only. Another
         failure (an op that syncs with the host, say): once more with a warm-up pass first, in case the
         skipped one was needed, then eager from now on."""
         for force_warmup in (False, True):
             try:
-                return self._capture(canvas, cache, soft, force_warmup)
+                return self._capture(canvas, cache, soft, force_warmup, reuse)
             except torch.OutOfMemoryError:
                 self.release()
                 return None
@@ -137,9 +140,9 @@ class GraphedDecoder:
         return None
 
     def _capture(self, canvas: torch.Tensor, cache: KVCache, soft: torch.Tensor,
-                 force_warmup: bool = False) -> _Graph:
+                 force_warmup: bool = False, reuse: bool = False) -> _Graph:
         device = canvas.device
-        if self.reuse:
+        if reuse:
             kv = StaticDecoderKV(cache, canvas.shape[1], self.model.cfg.sliding_window, device)
             positions = kv.positions
         else:
@@ -149,8 +152,7 @@ class GraphedDecoder:
         # the first has other cache lengths (a new graph) but the same shapes and kernels: no second warm-up,
         # which would cost an eager pass per canvas (if one were needed, the capture fails and
         # _capture_or_none retries it with the warm-up).
-        shapes = (tuple(canvas.shape), tuple(soft.shape), soft.dtype, cache.lengths.unique().numel() == 1,
-                  self.reuse)
+        shapes = (tuple(canvas.shape), tuple(soft.shape), soft.dtype, cache.lengths.unique().numel() == 1, reuse)
         if force_warmup or shapes not in self.warmed:
             if self.side is None:  # one side stream: blocks the warm-ups free stay reusable by the next ones
                 self.side = torch.cuda.Stream(device)
@@ -165,6 +167,9 @@ class GraphedDecoder:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             out = self.model.decode_with(static_canvas, positions, kv, static_soft)
-        kv.cache = None  # the graph reads the cache by address; holding it would keep a dead cache alive
+        # The graph reads the cache by address; holding it would keep a dead cache alive. A CacheRows view's
+        # row index is read by address too: it stays with the graph.
+        rows = getattr(cache, "_device_index", None)
+        kv.cache = None
         self.captures += 1
-        return _Graph(graph, static_canvas, static_soft, out, (positions, kv), kv if self.reuse else None)
+        return _Graph(graph, static_canvas, static_soft, out, (positions, kv, rows), kv if reuse else None)

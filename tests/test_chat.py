@@ -1,5 +1,5 @@
-"""Chat sessions keep the conversation's KV cache: later turns encode only their new tokens and answer
-exactly as a fresh run on the whole history does."""
+"""Chat sessions reuse the conversation's KV cache (the engine core's prefix cache): later turns encode only
+their new tokens and answer exactly as a fresh run on the whole history does."""
 
 from __future__ import annotations
 
@@ -55,15 +55,16 @@ def test_second_turn_encodes_only_new_tokens_and_matches_a_fresh_run(engine, mon
     # The template re-renders turn 1's answer from its text; the cache is kept up to where the ids agree,
     # which covers at least the whole first prompt, and the prefill of turn 2 (its first encoder call)
     # is only the rest.
-    keep = _common(held, full[:-1])
+    keep = _common(held, full)
     assert keep >= len(prompt1) and calls[0] == session.last_encoded == len(full) - keep
     fresh = engine.chat(session.messages[:-1], seed=2, **KW)
     assert second.answer == fresh.answer and second.completion.token_ids == fresh.completion.token_ids
     assert second.completion.steps == fresh.completion.steps
-    # after a reset the cache starts from nothing again, and turn 1 comes out as before
+    # after a reset the conversation starts again; the prefix cache still holds turn 1's prompt (it is the
+    # engine's, not the session's), so nothing is encoded, and turn 1 comes out as before
     session.reset()
     third = session.send(user, seed=1, **KW)
-    assert third.answer == first.answer and session.last_encoded == len(prompt1)
+    assert third.answer == first.answer and session.last_encoded == 0
 
 
 def test_streamed_turn_ends_with_the_completion(engine):

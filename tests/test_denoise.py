@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import dgemma
-from dgemma import denoise, sampler
+from dgemma import core, denoise, sampler
 from dgemma.cache import KVCache
 from dgemma.params import SamplingParams
 
@@ -100,7 +100,7 @@ def test_sampler_gives_the_same_tokens_on_both_paths(ckpt_factory):
     engine = dgemma.load(ckpt_factory("tiny"))
     params = SamplingParams(max_new_tokens=40, seed=3, eos_token_id=(), max_denoising_steps=6)
     prompts = [[2, 5, 6, 7], [2, 9]]
-    runs = [sampler.run(engine.model, prompts, params, step_events=False, fused=f) for f in (True, False)]
+    runs = [core.run(engine.model, prompts, params, step_events=False, fused=f) for f in (True, False)]
     results = []
     for loop in runs:
         while True:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import dgemma
-from dgemma import denoise, sampler
+from dgemma import core, denoise, sampler
 from dgemma.engine import CanvasUpdate, StepUpdate
 
 
@@ -216,7 +216,7 @@ def test_rows_stopping_at_the_last_step_beside_rows_that_do_not(ckpt_factory):
     import statistics
 
     import dgemma
-    from dgemma import sampler
+    from dgemma import core
 
     engine = dgemma.load(ckpt_factory("tiny"))
     prompts = [[2, 10 + i, 20 + 3 * i] for i in range(8)]
@@ -224,7 +224,7 @@ def test_rows_stopping_at_the_last_step_beside_rows_that_do_not(ckpt_factory):
     kw = {"max_new_tokens": 16, "max_denoising_steps": 1, "stability_threshold": 0, "seed": 0}
     # the rows' mean entropies at the last step; a confidence threshold between them splits the batch there
     params = engine.params(confidence_threshold=0.0, **kw)
-    events = [e for e in sampler.run(engine.model, prompts, params) if isinstance(e, sampler.StepEvent)]
+    events = [e for e in core.run(engine.model, prompts, params) if isinstance(e, core.StepEvent)]
     last = sorted(e.mean_entropy for e in events if e.step == 1)
     assert len(last) == 8 and last[0] < last[-1]
     kw["confidence_threshold"] = statistics.median(last)

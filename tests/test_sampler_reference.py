@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import dgemma
-from dgemma import denoise, sampler
+from dgemma import core, denoise, sampler
 from dgemma.params import SamplingParams
 
 STEPS = 10
@@ -61,20 +61,20 @@ def _dgemma_steps(model, params, monkeypatch):
     with monkeypatch.context() as mp:
         mp.setattr(model, "decode_hidden", spy_decode)
         mp.setattr(denoise, "step_fused", spy_step)
-        loop = sampler.run(model, PROMPTS, params)
+        loop = core.run(model, PROMPTS, params)
         while True:
             try:
                 ev = next(loop)
             except StopIteration as stop:
                 results = stop.value
                 break
-            if not isinstance(ev, sampler.StepEvent):
+            if not isinstance(ev, core.StepEvent):
                 continue
             if len(calls) != seen:  # a new decoder pass: its rows come in order
                 seen, k = len(calls), 0
             call = calls[-1]
-            steps[ev.row, ev.canvas, ev.step] = {
-                "x": call["x"][k], "T": call["T"], "u": call["u"][k], "sampled": call["sampled"][k],
+            steps[ev.request_id, ev.canvas, ev.step] = {
+                "x": call["x"][k], "T": float(call["T"][k]) if torch.is_tensor(call["T"]) else call["T"], "u": call["u"][k], "sampled": call["sampled"][k],
                 "entropy": call["entropy"][k], "accept": torch.tensor(ev.accepted_mask), "draft": ev.draft,
                 "mean_entropy": ev.mean_entropy}
             k += 1

@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import torch
 
-from dgemma import loading, sampler
+from dgemma import core, loading
 from dgemma.bench import flops
 from dgemma.bench.baselines import autoregressive, transformers_generate, transformers_model
 from dgemma.bench.measure import CallLog, PeakMemory, matmul_rate, memory_rate
@@ -131,14 +131,15 @@ def measure_dgemma(model, prompts: torch.Tensor, params: SamplingParams, fused: 
     canvas_done = []
     with PeakMemory(model.device) as peak:
         t0 = time.perf_counter()
-        loop = sampler.run(log, prompts.tolist(), params, pad_id=0, step_events=False, fused=fused)
+        loop = core.run(log, prompts.tolist(), params, pad_id=0, step_events=False, fused=fused)
         while True:
             try:
                 event = next(loop)
             except StopIteration as stop:
                 rows = stop.value
                 break
-            if len(canvas_done) <= event.canvas:  # the first row's event of a canvas: all rows are done
+            # the first row to finish canvas k (with a fixed step count, every row finishes it in that step)
+            if len(canvas_done) <= event.canvas:
                 canvas_done.append(time.perf_counter())
         wall = time.perf_counter() - t0
     first_canvas = canvas_done[0] - t0 if canvas_done else None

@@ -1,0 +1,109 @@
+"""A request's state in the engine core, and the events and result the core reports for it.
+
+Life of a :class:`Request`: ``waiting`` (queued) -> ``prefill`` (holds a KV slot; its prompt is encoded,
+in chunks under the step's token budget, after whatever the prefix cache already held) -> ``denoise``
+(canvas k, attempt a, one decoder pass and one sampler step per engine step) -> ``commit`` (the chosen
+canvas goes through the encoder) -> ``denoise`` (canvas k+1) ... -> ``finished``; ``aborted`` from any state.
+The last canvas is never committed.
+
+A request owns its RNG: one CPU ``torch.Generator`` seeded with ``params.seed`` that draws only for this
+request (a canvas's starting noise, then per step the uniforms and the re-noise tokens), so its random
+numbers do not depend on what else is running.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Hashable
+
+import torch
+
+from dgemma.params import SamplingParams
+
+WAITING, PREFILL, DENOISE, COMMIT, FINISHED, ABORTED = "waiting", "prefill", "denoise", "commit", "finished", "aborted"
+
+
+@dataclass
+class StepEvent:
+    request_id: Hashable
+    canvas: int  # canvas index within this generation, from 0
+    step: int  # denoising step within the canvas, from 1 (restarts go on counting)
+    draft: list[int]  # current argmax canvas
+    accepted: int  # positions that kept their sampled token this step
+    mean_entropy: float
+    accepted_mask: list[bool] = field(default_factory=list)  # which positions those are ([C])
+    attempt: int = 0  # restarts: which denoising of this canvas, from 0
+
+
+@dataclass
+class CanvasEvent:
+    request_id: Hashable
+    canvas: int
+    tokens: list[int]  # the new tokens this canvas contributes (cut at EOS / max_new_tokens)
+    finished: bool  # the request's last event; its Request.result is then set
+
+
+@dataclass
+class RowResult:
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str = "length"  # "stop" (EOS), "length", or "abort"
+    steps: list[int] = field(default_factory=list)  # denoising steps used by each canvas
+    prompt_tokens: int = 0
+    committed_ids: list[int] = field(default_factory=list)  # whole canvases committed to the cache, in order
+    cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache (not encoded)
+
+
+@dataclass
+class Attempt:
+    """One denoising of a canvas: its argmax canvas, whether it met the stopping rule, its last mean entropy."""
+
+    tokens: torch.Tensor  # [C]
+    settled: bool
+    entropy: float
+
+    def qualifies(self, params: SamplingParams) -> bool:
+        """Kept without a restart: settled, and below ``restart_entropy`` when that is set."""
+        return self.settled and (params.restart_entropy is None or self.entropy < params.restart_entropy)
+
+    def rank(self) -> tuple[bool, float]:
+        """Lower is more confident: settled before unsettled, then lower final mean entropy."""
+        return (not self.settled, self.entropy)
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: Any
+    prompt_ids: list[int]
+    params: SamplingParams
+    gen: torch.Generator  # this request's random numbers, and only its
+    n_canvases: int
+    initial: torch.Tensor | None = None  # [C] starting tokens of canvas 0
+    pinned: torch.Tensor | None = None  # [C] canvas 0's pinned tokens, -1 where free
+    step_events: bool = False
+    status: str = WAITING
+    slot: int | None = None  # its row of the KV pool while it holds one
+    encoded: int = 0  # prompt tokens whose K/V are in the slot (prefix-cache hits included)
+    # the canvas in progress
+    canvas: int = 0
+    attempt: int = 0
+    step_index: int = 0  # counts down from max_denoising_steps to 1 (the temperature schedule's index)
+    x: torch.Tensor | None = None  # [C] decoder input of the next step
+    soft: torch.Tensor | None = None  # [C, d] self-conditioning input of the next step (None: first step)
+    history: list[torch.Tensor] = field(default_factory=list)  # previous argmax canvases, newest last
+    last: Attempt | None = None  # this attempt's state after its latest step
+    best: Attempt | None = None  # the most confident finished attempt of this canvas
+    pending: torch.Tensor | None = None  # [C] the canvas to commit next
+    result: RowResult = field(default_factory=RowResult)
+    error: str | None = None
+    arrival: float = field(default_factory=time.monotonic)
+    first_canvas_at: float | None = None
+    finished_at: float | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.status in (FINISHED, ABORTED)
+
+    def cached_ids(self) -> list[int]:
+        """The token ids whose K/V this request's slot holds once its prompt is encoded."""
+        return self.prompt_ids + self.result.committed_ids
