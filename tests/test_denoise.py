@@ -112,3 +112,22 @@ def test_sampler_gives_the_same_tokens_on_both_paths(ckpt_factory):
     fused, reference = results
     assert [r.token_ids for r in fused] == [r.token_ids for r in reference]
     assert [r.steps for r in fused] == [r.steps for r in reference]
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_per_row_temperatures_equal_one_temperature_per_call(ckpt_factory, fused):
+    """Rows of one pass may be at different steps: each row's results with a per-row temperature are
+    bitwise those of the same call with that row's temperature as one number (the factor is rounded to
+    fp32 once, as a Python number is)."""
+    engine = dgemma.load(ckpt_factory("tiny"), dtype=torch.float32)
+    model = engine.model
+    c, d = model.cfg.canvas_length, model.cfg.hidden_size
+    h = torch.randn(3, c, d, generator=torch.Generator().manual_seed(0))
+    u = torch.rand(3, c, generator=torch.Generator().manual_seed(1))
+    temps = [0.8, 0.4 + 0.4 * 7 / 48, 0.41]
+    step = denoise.step_fused if fused else denoise.step_reference
+    mixed = step(model, h, torch.tensor(temps, dtype=torch.float64), u)
+    for i, t in enumerate(temps):
+        one = step(model, h, t, u)  # the same shapes: only the temperature's form differs
+        for name in ("entropy", "argmax", "sampled", "soft"):
+            assert torch.equal(getattr(mixed, name)[i], getattr(one, name)[i]), (name, t)
