@@ -15,7 +15,7 @@ from dgemma.errors import DgemmaError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from dgemma.cli import bench, chat, generate, info
+    from dgemma.cli import bench, chat, generate, info, serve
     from dgemma.sudoku import cli as sudoku_cli
     from dgemma.train import cli as train_cli
 
@@ -24,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_parser(sub)
     chat.add_parser(sub)
     info.add_parser(sub)
+    serve.add_parser(sub)
     bench.add_parser(sub)
     train_cli.add_parsers(sub)
     sudoku_cli.add_parsers(sub)
@@ -31,14 +32,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dgemma.cli import bench, chat, generate, info
+    from dgemma.cli import bench, chat, generate, info, serve
     from dgemma.sudoku import cli as sudoku_cli
     from dgemma.train import cli as train_cli
 
     parser = build_parser()
     args = parser.parse_args(argv)
     commands = {"generate": generate.run, "chat": chat.run, "info": info.run, "bench": bench.run, "train": train_cli.run,
-                "merge": train_cli.run, "sudoku": sudoku_cli.run}
+                "merge": train_cli.run, "sudoku": sudoku_cli.run, "serve": serve.run}
     try:
         return commands[args.command](parser, args)
     except (DgemmaError, ValueError) as e:
