@@ -51,7 +51,7 @@ def sample_inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return idx.clamp_(max=probs.shape[-1] - 1)
 
 
-def per_row(temperature: float | torch.Tensor, n: int, device) -> float | torch.Tensor:
+def per_row(temperature: float | torch.Tensor, n: int) -> float | torch.Tensor:
     """A temperature for every row: a number, or ``[n]`` values (float64) as an fp32 ``[n, 1]`` tensor.
 
     Rows of one pass may be at different steps of their schedules (``dgemma.core``). A per-row value is
@@ -66,7 +66,7 @@ def per_row(temperature: float | torch.Tensor, n: int, device) -> float | torch.
 def step_reference(model, h: torch.Tensor, temperature: float | torch.Tensor, u: torch.Tensor,
                    soft: bool = True) -> StepStats:
     """Full-logits path: ``h [n, C, d]``, ``temperature`` a number or ``[n]``, ``u [n, C]`` -> :class:`StepStats`."""
-    t = per_row(temperature, h.shape[0], h.device)
+    t = per_row(temperature, h.shape[0])
     if isinstance(t, torch.Tensor):
         t = t.float().to(h.device)[:, :, None]  # [n, 1, 1]
     z = model.logits(h) / t  # [n, C, V] fp32
@@ -155,7 +155,7 @@ def step_fused(model, h: torch.Tensor, temperature: float | torch.Tensor, u: tor
     m = max(1, budget // (4 * vocab)) if chunk_bytes else max(MIN_CHUNK_ROWS, budget // (4 * vocab))
     block = block or vocab_block(weight)
     flat, u = h.reshape(n * c, d), u.reshape(n * c).to(h.device)
-    temps = per_row(temperature, n, h.device)
+    temps = per_row(temperature, n)
     if isinstance(temps, torch.Tensor):
         temps = temps.expand(n, c).reshape(n * c, 1)  # [n*C, 1] float64
     entropy = torch.empty(n * c, device=h.device)

@@ -78,7 +78,7 @@ class Step:
     soft: torch.Tensor | None  # [n, C, d] the next step's self-conditioning input
 
 
-def one_of(values: list[float], device=None) -> float | torch.Tensor:
+def one_of(values: list[float]) -> float | torch.Tensor:
     """One number when every row has the same value (the cheaper path), else ``[n]`` float64."""
     return values[0] if all(v == values[0] for v in values) else torch.tensor(values, dtype=torch.float64)
 
