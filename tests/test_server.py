@@ -397,6 +397,46 @@ def test_n_choices_use_consecutive_seeds(app_client):
     assert many["usage"]["completion_tokens"] >= one["usage"]["completion_tokens"]
 
 
+def test_tool_calls_and_max_completion_tokens(app_client, monkeypatch):
+    """A Gemma tool call in the answer becomes an OpenAI ``tool_calls`` entry (finish_reason "tool_calls"), whole
+    and streamed. The tiny tokenizer has no tool-call tokens, so a pinned ``Q`` decodes as a whole call."""
+    engine = app_client.app.state.server.engine
+    real = engine.decode
+    call = '<|tool_call>call:get_weather{city:<|"|>Paris<|"|>}<tool_call|>'
+    monkeypatch.setattr(engine, "decode", lambda ids, skip_special_tokens=True:
+                        real(ids, skip_special_tokens=skip_special_tokens).replace("Q", call))
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    body = {"messages": USER, "tools": tools, "max_tokens": 32, "user": "alice",
+            "pinned_canvas": _pinned(engine, "Q")}
+    out = app_client.post("/v1/chat/completions", json=body).json()
+    choice = out["choices"][0]
+    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+    (tc,) = choice["message"]["tool_calls"]
+    assert tc["type"] == "function" and re.fullmatch(r"call_[0-9a-f]+", tc["id"])
+    assert tc["function"] == {"name": "get_weather", "arguments": json.dumps({"city": "Paris"})}
+    chunks = [json.loads(line[6:]) for line in app_client.post(
+        "/v1/chat/completions", json={**body, "stream": True}).text.splitlines()
+        if line.startswith("data: {")]
+    calls = [t for c in chunks for t in c["choices"][0]["delta"].get("tool_calls", [])]
+    assert [t["function"]["name"] for t in calls] == ["get_weather"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+    # tool_choice "none": the text stays content
+    plain = app_client.post("/v1/chat/completions", json={**body, "tool_choice": "none"}).json()["choices"][0]
+    assert plain["message"]["content"] == call and plain["finish_reason"] == "stop"
+    short = app_client.post("/v1/chat/completions", json={"messages": USER, "max_completion_tokens": 5,
+                                                          "max_tokens": 100, "ignore_eos": True}).json()
+    assert short["usage"]["completion_tokens"] == 5 and short["choices"][0]["finish_reason"] == "length"
+
+
+def test_usage_counts_prefix_cache_hits(app_client):
+    body = {"prompt": "a prompt long enough to be worth caching " * 4, "max_tokens": 16, "seed": 1}
+    first = app_client.post("/v1/completions", json=body).json()["usage"]
+    second = app_client.post("/v1/completions", json=body).json()["usage"]
+    hits = first["prompt_tokens_details"]["cached_tokens"], second["prompt_tokens_details"]["cached_tokens"]
+    assert hits[0] < 10 < hits[1] <= second["prompt_tokens"]  # (the first shares a few tokens with earlier prompts)
+    assert _metric(app_client.get("/metrics").text, "dgemma_prefix_cache_hit_tokens_total") > 0
+
+
 # ------------------------------------------------------------------ units: collector and streamed text
 def test_collector_merges_for_a_slow_consumer():
     from dgemma.core import CanvasEvent, StepEvent

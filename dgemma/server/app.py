@@ -101,7 +101,7 @@ def _routes(app: FastAPI, server: Server) -> None:
 
     @app.get("/health")
     async def health():
-        if not server.worker.alive and server.worker._thread is not None:
+        if server.worker.started and not server.worker.alive:
             raise ApiError(503, "the engine thread has stopped", type="server_error")
         return {"status": "ok"}
 

@@ -111,6 +111,10 @@ class CoreWorker:
             self._thread = None
 
     @property
+    def started(self) -> bool:
+        return self._thread is not None
+
+    @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
@@ -149,9 +153,14 @@ class CoreWorker:
         import torch
 
         with torch.inference_mode():
-            while self._drain(block=not self.core.has_work()):
-                if self.core.has_work():
-                    self._step()
+            while True:
+                try:
+                    if not self._drain(block=not self.core.has_work()):
+                        break
+                    if self.core.has_work():
+                        self._step()
+                except Exception:  # noqa: BLE001 - a bug in bookkeeping must not take the server down
+                    log.exception("the core thread hit an error; it goes on")
         for rid in list(self._live):  # stopping: whoever still waits gets an answer
             self._fail([rid], "the server is shutting down", 503)
 
