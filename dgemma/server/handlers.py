@@ -173,9 +173,10 @@ class Generation:
             return None
         try:
             work.result()
-        except ApiError:
+        except ApiError as e:
             self._abort_rest()
-            self._metrics("error")
+            if e.status >= 500:  # (a 4xx is counted as rejected by the app's error handler)
+                self._metrics("error")
             raise
         self._metrics("ok")
         return self._response()
@@ -255,7 +256,7 @@ class Generation:
             yield "data: [DONE]\n\n"
             status = "ok"
         except ApiError as e:
-            status = "error"
+            status = "error" if e.status >= 500 else "rejected"
             yield "data: " + json.dumps(e.body()) + "\n\n"
             yield "data: [DONE]\n\n"
         finally:
