@@ -73,7 +73,8 @@ def create_app(engine, *, model_id: str | None = None, max_num_seqs: int = 16, k
         kv = None if kv_cache_gb is None else int(kv_cache_gb * 2**30)
         core = EngineCore(engine.runner, max_num_seqs=max_num_seqs, kv_cache_bytes=kv, pad_id=pad)
     limits = limits or Limits()
-    limits = replace(limits, max_queue=max_queue if max_queue is not None else 4 * max_num_seqs)
+    if max_queue is not None or limits.max_queue is None:
+        limits = replace(limits, max_queue=max_queue if max_queue is not None else 4 * max_num_seqs)
     worker = CoreWorker(core, capacity=getattr(core, "num_slots", max_num_seqs))
     metrics = ServerMetrics(queue_depth=worker.queue_depth, running=worker.running)
     worker.metrics = metrics

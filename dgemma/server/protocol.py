@@ -57,7 +57,7 @@ class Limits:
     max_restarts: int = 16
     max_stop: int = 4  # stop strings
     max_body_bytes: int = 1 << 20
-    max_queue: int = 64  # requests waiting for a slot; past it, 429
+    max_queue: int | None = None  # requests waiting for a slot, past it 429 (None: 4 x max_num_seqs)
 
 
 class _Body(BaseModel):
