@@ -67,11 +67,8 @@ def create_app(engine, *, model_id: str | None = None, max_num_seqs: int = 16, k
     if core is None:
         from dgemma.core import EngineCore
 
-        pad = getattr(engine, "pad_id", None)
-        if pad is None:
-            pad = engine._pad(engine.defaults)
         kv = None if kv_cache_gb is None else int(kv_cache_gb * 2**30)
-        core = EngineCore(engine.runner, max_num_seqs=max_num_seqs, kv_cache_bytes=kv, pad_id=pad)
+        core = EngineCore(engine.runner, max_num_seqs=max_num_seqs, kv_cache_bytes=kv, pad_id=engine.pad_id)
     limits = limits or Limits()
     if max_queue is not None or limits.max_queue is None:
         limits = replace(limits, max_queue=max_queue if max_queue is not None else 4 * max_num_seqs)
