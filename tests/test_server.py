@@ -169,7 +169,9 @@ def test_streaming_with_drafts_and_usage(server, ckpt):
         draft = getattr(chunk, "draft", None)
         if draft is not None:
             assert chunk.choices[0].delta.content is None
-            assert set(draft) >= {"canvas", "step", "text", "settled", "mean_entropy"}
+            assert set(draft) >= {"canvas", "step", "text", "settled", "mean_entropy", "tokens", "settled_mask"}
+            assert len(draft["tokens"]) == len(draft["settled_mask"]) == draft["canvas_length"]
+            assert sum(draft["settled_mask"]) == draft["settled"] >= 1
             drafts.append(draft)
         elif chunk.choices:
             content += chunk.choices[0].delta.content or ""

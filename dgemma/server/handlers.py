@@ -229,10 +229,13 @@ class Generation:
         return bool(self.body.stream_options and self.body.stream_options.include_usage)
 
     def _draft(self, index: int, step) -> str:
+        engine, ids = self.server.engine, list(step.draft)
         draft = {"canvas": step.canvas, "step": step.step, "attempt": getattr(step, "attempt", 0),
-                 "text": self.server.engine.decode(list(step.draft)),
+                 "text": engine.decode(ids),
                  "settled": int(sum(bool(a) for a in step.accepted_mask)) if step.accepted_mask else step.accepted,
-                 "mean_entropy": float(step.mean_entropy)}
+                 "mean_entropy": float(step.mean_entropy), "canvas_length": len(ids),
+                 # per position: its text and whether it kept its sample this step (the playground marks them)
+                 "tokens": [engine.decode([t]) for t in ids], "settled_mask": [bool(a) for a in step.accepted_mask]}
         return self._chunk(index, {}, draft=draft)
 
     async def stream(self) -> AsyncIterator[str]:
