@@ -25,6 +25,8 @@ def add_parser(sub) -> None:
     s.add_argument("--max-num-seqs", type=int, default=16, metavar="N", help="requests generating at once (default: 16)")
     s.add_argument("--kv-cache-gb", type=float, default=None, metavar="G",
                    help="memory for the KV cache in GiB (default: the engine core's choice)")
+    s.add_argument("--max-model-len", type=int, default=None, metavar="N",
+                   help="positions one request may use, prompt and canvases (default: the context, at most 8192)")
     s.add_argument("--max-queue", type=int, default=None, metavar="N",
                    help="requests waiting for a slot before new ones get 429 (default: 4 x --max-num-seqs)")
     s.add_argument("--max-tokens-limit", type=int, default=4096, metavar="N",
@@ -47,6 +49,8 @@ def run(parser, args) -> int:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer")
     if args.max_queue is not None and args.max_queue < 0:
         raise ValueError("--max-queue must be 0 or more")
+    if args.max_model_len is not None and args.max_model_len < 1:
+        raise ValueError("--max-model-len must be a positive integer")
     if args.kv_cache_gb is not None and not args.kv_cache_gb > 0:
         raise ValueError("--kv-cache-gb must be a positive number")
     if not 0 <= args.port < 65536:
@@ -56,9 +60,10 @@ def run(parser, args) -> int:
     app = create_app(engine, model_id=model_id_for(args.model), max_num_seqs=args.max_num_seqs,
                      kv_cache_gb=args.kv_cache_gb, max_queue=args.max_queue,
                      api_key=args.api_key or os.environ.get(API_KEY_ENV) or None, limits=limits,
-                     defaults=engine.params(**sampling_overrides(args)))
+                     defaults=engine.params(**sampling_overrides(args)), max_model_len=args.max_model_len)
     server = app.state.server
-    print(f"dgemma: serving {server.model_id} on http://{args.host}:{args.port} "
-          f"({args.max_num_seqs} sequences at once)", file=sys.stderr, flush=True)
+    core = server.core
+    print(f"dgemma: serving {server.model_id} on http://{args.host}:{args.port} ({core.num_slots} requests at once, "
+          f"{core.max_model_len} positions each; playground: http://{args.host}:{args.port}/)", file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
     return 0

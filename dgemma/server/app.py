@@ -62,13 +62,14 @@ def model_id_for(source: str | None) -> str:
 
 def create_app(engine, *, model_id: str | None = None, max_num_seqs: int = 16, kv_cache_gb: float | None = None,
                max_queue: int | None = None, api_key: str | None = None, limits: Limits | None = None,
-               defaults: SamplingParams | None = None, core=None) -> FastAPI:
+               defaults: SamplingParams | None = None, core=None, max_model_len: int | None = None) -> FastAPI:
     """The server app for ``engine``. ``core``: an EngineCore to use instead of building one (tests)."""
     if core is None:
         from dgemma.core import EngineCore
 
         kv = None if kv_cache_gb is None else int(kv_cache_gb * 2**30)
-        core = EngineCore(engine.runner, max_num_seqs=max_num_seqs, kv_cache_bytes=kv, pad_id=engine.pad_id)
+        core = EngineCore(engine.runner, max_num_seqs=max_num_seqs, kv_cache_bytes=kv, pad_id=engine.pad_id,
+                          max_model_len=max_model_len)
     limits = limits or Limits()
     if max_queue is not None or limits.max_queue is None:
         limits = replace(limits, max_queue=max_queue if max_queue is not None else 4 * max_num_seqs)
