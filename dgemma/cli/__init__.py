@@ -1,6 +1,6 @@
 """The ``dgemma`` command line: argparse subcommands that parse, build objects and call; no logic here.
 
-``generate``, ``chat`` and ``info`` (this package), ``bench`` (``cli/bench.py``), ``train`` / ``merge``
+``generate``, ``chat`` and ``info`` (this package), ``serve`` (``cli/serve.py``), ``bench`` (``cli/bench.py``), ``train`` / ``merge``
 (``dgemma.train.cli``) and ``sudoku`` (``dgemma.sudoku.cli``). A user mistake (``DgemmaError`` or
 ``ValueError``: unknown model, offline Hub id, prompt too long, bad option value) prints one line,
 ``dgemma: ...``, and exits with status 2; Ctrl-C exits with 130 and no traceback.
