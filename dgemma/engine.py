@@ -188,9 +188,12 @@ class Engine:
         p = self.params(params, **overrides)
         self.check_length(ids, p)
         reqs = self._submit_rows(ids, p)
-        for req in reqs:
-            for _ in self.events(req):
-                pass
+        try:
+            for req in reqs:
+                for _ in self.events(req):
+                    pass
+        finally:  # interrupted (Ctrl-C, a failed step): the other rows must not stay on the core
+            self._drop(reqs)
         out = [self.completion(r.result) for r in reqs]
         return out[0] if single else out
 
@@ -203,12 +206,23 @@ class Engine:
         seed = p.seed if p.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
         row = p.replace(seed=seed, initial_canvas=None, pinned_canvas=None)
         reqs = []
-        for b, prompt in enumerate(ids):
-            req = self.core.add(prompt, row, step_events=step_events, initial=initial[b] if initial else None,
-                                pinned=pinned[b] if pinned else None)
-            self._outbox[req.request_id] = deque()
-            reqs.append(req)
+        try:
+            for b, prompt in enumerate(ids):
+                req = self.core.add(prompt, row, step_events=step_events, initial=initial[b] if initial else None,
+                                    pinned=pinned[b] if pinned else None)
+                self._outbox[req.request_id] = deque()
+                reqs.append(req)
+        except BaseException:
+            self._drop(reqs)
+            raise
         return reqs
+
+    def _drop(self, reqs: list[Request]) -> None:
+        """Abort those of ``reqs`` that are not done and forget their events."""
+        for req in reqs:
+            self._outbox.pop(req.request_id, None)
+            if not req.done:
+                self.core.abort(req.request_id)
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None, step_events: bool = True,
                **overrides) -> Iterator[StepUpdate | CanvasUpdate]:

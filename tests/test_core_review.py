@@ -1,4 +1,5 @@
-"""Review of the engine core: edge cases pinned down against solo runs, and known bugs (xfail, strict).
+"""The engine core's edge cases against solo runs, and fixed bugs (interrupted generate, commit starvation,
+prefix copies blocked by a one-token hit).
 
 Reference for every request: the same request alone on a fresh core (fp32, tiny model).
 """
@@ -139,8 +140,6 @@ def test_cache_rows_permuted_rows_and_mixed_starts_equal_solo_caches(engine):
     torch.testing.assert_close(h[1], m.decode_hidden(canvas[1:], s3)[0], atol=1e-4, rtol=0)
 
 
-@pytest.mark.xfail(strict=True, reason="Engine.generate does not abort its other requests when interrupted: "
-                   "they keep running on the core and their outbox entries leak")
 def test_interrupted_generate_leaves_nothing_behind(engine, monkeypatch):
     core = engine.core
     real, calls = core.step, [0]
@@ -162,8 +161,6 @@ def test_interrupted_generate_leaves_nothing_behind(engine, monkeypatch):
     assert left == (0, 0, {})
 
 
-@pytest.mark.xfail(strict=True, reason="scheduler.encoder_work: commits go in admission order with no aging, "
-                   "so a request that settles every step starves later commits (and every prefill)")
 def test_commits_share_a_tight_budget(engine):
     core = EngineCore(engine.model, max_num_seqs=2, grow=True, max_batched_tokens=16)  # one canvas per step
     a = core.add(_prompt(5, 1), engine.params(seed=1, **FAST))
@@ -173,8 +170,6 @@ def test_commits_share_a_tight_budget(engine):
     assert len(a.result.token_ids) > 16 and len(b.result.token_ids) > 16  # b: stuck at 16 until a ends
 
 
-@pytest.mark.xfail(strict=True, reason="SlotPool.acquire copies from a running slot only when no free slot "
-                   "shares any prefix: a shared BOS (1 token) blocks a 50-token copy")
 def test_a_one_token_free_hit_does_not_block_a_long_copy(engine):
     core = EngineCore(engine.model, max_num_seqs=2, grow=True)
     core.add(_prompt(5, 1), engine.params(seed=1, **KW))

@@ -81,6 +81,7 @@ class EngineCore:
         budget_tokens = max(max_batched_tokens or DEFAULT_BATCHED_TOKENS, cfg.canvas_length)
         self.scheduler = Scheduler(self.pool, max_num_seqs, budget_tokens)
         self.stats = CoreStats()
+        self.steps = 0  # engine steps so far
         self._ids = itertools.count()
 
     # ------------------------------------------------------------------ requests
@@ -158,11 +159,12 @@ class EngineCore:
     def step(self) -> list[StepEvent | CanvasEvent]:
         """One unit of work for every running request; returns the events it produced."""
         events: list[StepEvent | CanvasEvent] = []
-        for req in self.scheduler.admit():
+        self.steps += 1
+        for req in self.scheduler.admit(self.steps):
             self.stats.prefix_hit_tokens += req.encoded
             if req.encoded == len(req.prompt_ids):
                 self._start_canvas(req)
-        commits, chunks = self.scheduler.encoder_work()
+        commits, chunks = self.scheduler.encoder_work(self.steps)
         if commits:
             self._encode([(r, r.pending.tolist()) for r in commits])
             for r in commits:
@@ -283,6 +285,8 @@ class EngineCore:
         if finished:
             req.result.finish_reason = "stop" if hit_eos else "length"
             req.finished_at = now
+            req.x = req.soft = req.last = req.best = None  # the soft input keeps a whole step's buffer alive
+            req.history = []
             self.scheduler.retire(req, FINISHED)
         else:
-            req.pending, req.status = tokens, COMMIT
+            req.pending, req.status, req.ready_step = tokens, COMMIT, self.steps

@@ -91,14 +91,15 @@ class SlotPool:
             self.busy += [False] * (self.slots - n)
             self.free_order += list(range(n, self.slots))
         hits = [(_common(self.held[s], prompt), s) for s in self.free_order]
-        best, slot = max(hits, key=lambda h: (h[0], -self.free_order.index(h[1])))
-        if best == 0:
-            slot = self.free_order[0]
-            shared = [(_common(self.held[s], prompt), s) for s in range(self.slots) if self.busy[s]]
-            copy, source = max(shared, default=(0, -1))
-            if copy >= MIN_COPY:
-                self._copy(source, slot, copy)
-                best = copy
+        best, hit = max(hits, key=lambda h: (h[0], -self.free_order.index(h[1])))  # ties: least recently freed
+        shared = [(_common(self.held[s], prompt), s) for s in range(self.slots) if self.busy[s]]
+        copy, source = max(shared, default=(0, -1))
+        if copy >= MIN_COPY and copy > best:  # a running request holds more of the prompt: copy its positions
+            slot = next((s for s in self.free_order if s != hit or best == 0), hit)  # keep a partial hit if we can
+            self._copy(source, slot, copy)
+            best = copy
+        else:
+            slot = hit if best > 0 else self.free_order[0]
         self.free_order.remove(slot)
         self.busy[slot] = True
         self.truncate(slot, prompt[:best])

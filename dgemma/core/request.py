@@ -94,6 +94,7 @@ class Request:
     last: Attempt | None = None  # this attempt's state after its latest step
     best: Attempt | None = None  # the most confident finished attempt of this canvas
     pending: torch.Tensor | None = None  # [C] the canvas to commit next
+    ready_step: int = 0  # the engine step since which it waits for the encoder (commit or prompt chunk)
     result: RowResult = field(default_factory=RowResult)
     error: str | None = None
     arrival: float = field(default_factory=time.monotonic)

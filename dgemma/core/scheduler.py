@@ -2,11 +2,12 @@
 
 * Admission: waiting requests take a free slot in arrival order, whenever one is free (a request does not
   wait for running ones to finish a canvas); the prefix cache may already hold part of the prompt.
-* Encoder work, under a token budget per step: first the commits of finished canvases (``C`` tokens each,
-  so that those requests go on denoising), then prompt chunks of requests in prefill, in arrival order; a
-  long prompt is encoded over several steps.
-* Retirement: a finished or aborted request gives its slot back at once (its tokens stay for the prefix
-  cache unless it was aborted mid-prefill).
+* Encoder work, under a token budget per step: commits of finished canvases (``C`` tokens each) and prompt
+  chunks, oldest waiting first (a request waits from the step its canvas finished, it was admitted, or
+  its last chunk was encoded), so neither kind can starve the other; a long prompt is encoded over
+  several steps, going to the back of the line after each chunk.
+* Retirement: a finished or aborted request gives its slot back at once; its tokens stay for the prefix
+  cache (an aborted prefill's partial prompt is still a valid prefix).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ class Scheduler:
     def add(self, req: Request) -> None:
         self.waiting.append(req)
 
-    def admit(self) -> list[Request]:
+    def admit(self, step: int) -> list[Request]:
         """Give free slots to waiting requests, oldest first; returns those admitted."""
         admitted = []
         while self.waiting and len(self.running) < self.max_num_seqs:
@@ -36,6 +37,7 @@ class Scheduler:
                 break
             self.waiting.popleft()
             req.slot, req.encoded = got
+            req.ready_step = step
             req.result.cached_tokens = req.encoded
             req.status = PREFILL
             self.running.append(req)
@@ -46,23 +48,26 @@ class Scheduler:
         """Positions the request's slot must hold: its prompt and every canvas but the last."""
         return len(req.prompt_ids) + (req.n_canvases - 1) * self.pool.cfg.canvas_length
 
-    def encoder_work(self) -> tuple[list[Request], list[tuple[Request, int]]]:
-        """This step's commits and prompt chunks ``(request, tokens)``, within the token budget (one item
-        always goes, so a commit or chunk longer than the budget cannot stall)."""
+    def encoder_work(self, step: int) -> tuple[list[Request], list[tuple[Request, int]]]:
+        """Step ``step``'s commits and prompt chunks ``(request, tokens)``, oldest waiting first, within the
+        token budget (the first item always goes, so a commit or chunk longer than the budget cannot stall)."""
+        ready = [r for r in self.running
+                 if r.status == COMMIT or (r.status == PREFILL and r.encoded < len(r.prompt_ids))]
+        ready.sort(key=lambda r: r.ready_step)  # stable: admission order among equals
         left = self.budget
         commits, chunks = [], []
-        for req in self.running:
-            if req.status == COMMIT and (left >= len(req.pending) or not (commits or chunks)):
-                commits.append(req)
-                left -= len(req.pending)
-        for req in self.running:
-            if req.status == PREFILL and req.encoded < len(req.prompt_ids):
-                n = min(len(req.prompt_ids) - req.encoded, max(left, 0))
-                if n == 0 and (commits or chunks):
-                    break
-                n = n or len(req.prompt_ids) - req.encoded
+        for req in ready:
+            first = not (commits or chunks)
+            if req.status == COMMIT:
+                if left >= len(req.pending) or first:
+                    commits.append(req)
+                    left -= len(req.pending)
+            elif left > 0 or first:
+                rest = len(req.prompt_ids) - req.encoded
+                n = min(rest, left) if left > 0 else rest
                 chunks.append((req, n))
                 left -= n
+                req.ready_step = step  # the rest of a long prompt waits behind the others
         return commits, chunks
 
     def denoising(self) -> list[Request]:
