@@ -97,15 +97,6 @@ class KVCache:
         """Keys and values of slots ``[lo, hi)`` for every row."""
         return self.k[layer][:, :, lo:hi], self.v[layer][:, :, lo:hi]
 
-    def select(self, rows: torch.Tensor) -> "KVCache":
-        """A cache holding only ``rows`` (a copy), used when some rows of a batch have stopped."""
-        out = KVCache.__new__(KVCache)
-        out.cfg, out.capacity = self.cfg, self.capacity
-        out.k = [t.index_select(0, rows.to(t.device)) for t in self.k]
-        out.v = [t.index_select(0, rows.to(t.device)) for t in self.v]
-        out.lengths = self.lengths.index_select(0, rows.cpu())
-        return out
-
 
 class CacheRows:
     """Rows ``rows`` of a :class:`KVCache`, usable wherever a model call takes a cache.

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 from typing import Any, Iterator
 
-import torch
-
 
 class ChatSession:
     def __init__(self, engine, enable_thinking: bool = False, system: str | None = None):
@@ -38,9 +36,8 @@ class ChatSession:
         ids = engine.chat_ids(messages, self.enable_thinking)
         params = engine.params(**overrides)
         engine.check_length([ids], params)
-        with torch.inference_mode():
-            req = engine.submit(ids, params, step_events=True)
-            yield from engine.updates(engine.events(req), req, lambda row: self._finish(messages, ids, row))
+        req = engine.submit(ids, params, step_events=True)  # the core's step runs in inference mode itself
+        yield from engine.updates(engine.events(req), req, lambda row: self._finish(messages, ids, row))
 
     def _finish(self, messages, ids: list[int], row):
         engine = self.engine

@@ -231,9 +231,10 @@ class Engine:
         ids, _ = self._batch([prompt])
         p = self.params(params, **overrides)
         self.check_length(ids, p)
-        with torch.inference_mode():
-            req = self._submit_rows(ids, p, step_events)[0]
-            yield from self.updates(self.events(req), req, self.completion)
+        # No grad mode is held across the yields (a suspended generator would leak it into the caller):
+        # ``EngineCore.step`` runs in inference mode itself.
+        req = self._submit_rows(ids, p, step_events)[0]
+        yield from self.updates(self.events(req), req, self.completion)
 
     def updates(self, events: Iterator[StepEvent | CanvasEvent], req: Request,
                 finish: Callable[[RowResult], Completion]) -> Iterator[StepUpdate | CanvasUpdate]:

@@ -171,6 +171,15 @@ def _restore_torch_threads():
         torch.set_num_threads(threads)
 
 
+@pytest.fixture(autouse=True)
+def _no_grad_mode_leaks():
+    """A test must leave autograd as it found it: a generator suspended inside ``torch.inference_mode`` (or a
+    mode entered and never left) would silently break every later training test."""
+    yield
+    leaked = torch.is_inference_mode_enabled() or not torch.is_grad_enabled()
+    assert not leaked, "this test left inference mode on or gradients off"
+
+
 def reverse_task(path: Path, n: int, seed: int = 0) -> Path:
     """A JSONL training file of ``n`` letter strings (3-7 of a-h) to reverse, drawn from ``seed``."""
     r = random.Random(seed)
