@@ -80,18 +80,7 @@ class KVCache:
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, starts: torch.Tensor) -> None:
         """Store new keys/values ``[B, H_kv, T, D]`` of row b at slots ``starts[b] .. starts[b] + T``."""
-        t = k.shape[2]
-        end = int(starts.max()) + t
-        if end > self.capacity:
-            raise ValueError(f"KV cache overflow: need {end} slots, capacity is {self.capacity}")
-        if bool((starts == starts[0]).all()):
-            s = int(starts[0])
-            self.k[layer][:, :, s : s + t] = k
-            self.v[layer][:, :, s : s + t] = v
-        else:
-            for b, s in enumerate(starts.tolist()):
-                self.k[layer][b, :, s : s + t] = k[b]
-                self.v[layer][b, :, s : s + t] = v[b]
+        _store(self, layer, None, k, v, starts)
 
     def view(self, layer: int, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of slots ``[lo, hi)`` for every row."""
@@ -128,20 +117,29 @@ class CacheRows:
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, starts: torch.Tensor) -> None:
         """Store ``[n, H_kv, T, D]`` of view row i at the parent's row ``rows[i]``, slots ``starts[i]`` on."""
-        t = k.shape[2]
-        end = int(starts.max()) + t
-        if end > self.capacity:
-            raise ValueError(f"KV cache overflow: need {end} slots, capacity is {self.capacity}")
-        if bool((starts == starts[0]).all()):
-            s = int(starts[0])
-            self.parent.k[layer][self._device_index, :, s : s + t] = k
-            self.parent.v[layer][self._device_index, :, s : s + t] = v
-        else:
-            for i, (row, s) in enumerate(zip(self.index.tolist(), starts.tolist())):
-                self.parent.k[layer][row, :, s : s + t] = k[i]
-                self.parent.v[layer][row, :, s : s + t] = v[i]
+        _store(self.parent, layer, self, k, v, starts)
 
     def view(self, layer: int, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values ``[n, H_kv, hi - lo, D]`` of slots ``[lo, hi)`` of the view's rows."""
         return (self.parent.k[layer][:, :, lo:hi].index_select(0, self._device_index),
                 self.parent.v[layer][:, :, lo:hi].index_select(0, self._device_index))
+
+
+def _store(cache: KVCache, layer: int, rows: CacheRows | None, k: torch.Tensor, v: torch.Tensor,
+           starts: torch.Tensor) -> None:
+    """Write ``k``, ``v`` ``[n, H_kv, T, D]`` into ``cache``'s rows (all of them, or those of ``rows``) at
+    slots ``starts[i] .. starts[i] + T``: one indexed copy when the starts are equal, else row by row."""
+    t = k.shape[2]
+    end = int(starts.max()) + t
+    if end > cache.capacity:
+        raise ValueError(f"KV cache overflow: need {end} slots, capacity is {cache.capacity}")
+    index = slice(None) if rows is None else rows._device_index
+    if bool((starts == starts[0]).all()):
+        s = int(starts[0])
+        cache.k[layer][index, :, s : s + t] = k
+        cache.v[layer][index, :, s : s + t] = v
+        return
+    targets = range(k.shape[0]) if rows is None else rows.index.tolist()
+    for i, (row, s) in enumerate(zip(targets, starts.tolist())):
+        cache.k[layer][row, :, s : s + t] = k[i]
+        cache.v[layer][row, :, s : s + t] = v[i]

@@ -28,12 +28,13 @@ def _prompt(n: int, seed: int) -> list[int]:
     return [2] + torch.randint(3, 400, (n - 1,), generator=g).tolist()
 
 
-def _alone(engine, prompt, seed, **kw) -> list[int]:
+def _alone(engine, prompt, seed, initial=None, pinned=None, **kw):
+    """The request's RowResult on a fresh core of its own."""
     core = EngineCore(engine.model, max_num_seqs=1, grow=True)
-    req = core.add(prompt, engine.params(seed=seed, **{**KW, **kw}))
+    req = core.add(prompt, engine.params(seed=seed, **{**KW, **kw}), initial=initial, pinned=pinned)
     while core.has_work():
         core.step()
-    return req.result.token_ids
+    return req.result
 
 
 def _drain(core, until=None) -> list:
@@ -57,8 +58,8 @@ def test_a_request_joins_a_running_batch_and_gets_its_solo_tokens(engine):
     assert core.stats.last_rows == 2
     order = [e.request_id for e in _drain(core) if isinstance(e, CanvasEvent) and e.finished]
     assert order == [short.request_id, long.request_id]  # the short one finished first
-    assert short.result.token_ids == _alone(engine, _prompt(5, 1), 2, max_new_tokens=16)
-    assert long.result.token_ids == _alone(engine, _prompt(9, 0), 1, max_new_tokens=64)
+    assert short.result.token_ids == _alone(engine, _prompt(5, 1), 2, max_new_tokens=16).token_ids
+    assert long.result.token_ids == _alone(engine, _prompt(9, 0), 1, max_new_tokens=64).token_ids
     assert core.num_running == 0 and core.pool.slots == 4  # slots were lent and given back, never copied
 
 
@@ -74,7 +75,7 @@ def test_rows_at_different_steps_and_restarts_match_solo_runs(engine):
     steps = [r.result.steps for r in reqs]
     assert len({tuple(s) for s in steps}) > 1  # rows really were at different steps
     for i, r in enumerate(reqs):
-        assert r.result.token_ids == _alone(engine, _prompt(4 + 3 * i, 10 + i), i, **adaptive)
+        assert r.result.token_ids == _alone(engine, _prompt(4 + 3 * i, 10 + i), i, **adaptive).token_ids
 
 
 def test_prefix_cache_reuses_a_finished_prompt_and_copies_a_running_one(engine, monkeypatch):
@@ -105,7 +106,7 @@ def test_prefix_cache_reuses_a_finished_prompt_and_copies_a_running_one(engine, 
     _drain(core)
     assert other.result.cached_tokens == 30  # the longest prefix among the free slots
     assert late.result.cached_tokens == 33 and runner.result.cached_tokens == 0  # copied from a running slot
-    assert late.result.token_ids == _alone(engine, _prompt(35, 7)[:33] + [9, 9], 8)
+    assert late.result.token_ids == _alone(engine, _prompt(35, 7)[:33] + [9, 9], 8).token_ids
 
 
 def test_long_prompts_are_prefilled_in_chunks_under_the_token_budget(engine):
@@ -117,8 +118,8 @@ def test_long_prompts_are_prefilled_in_chunks_under_the_token_budget(engine):
     assert long.status == "prefill" and long.encoded == 16  # 16 per step, while the other one denoises
     assert running.status == "denoise"
     _drain(core)
-    assert long.result.token_ids == _alone(engine, _prompt(50, 1), 4)
-    assert running.result.token_ids == _alone(engine, _prompt(6, 0), 3)
+    assert long.result.token_ids == _alone(engine, _prompt(50, 1), 4).token_ids
+    assert running.result.token_ids == _alone(engine, _prompt(6, 0), 3).token_ids
 
 
 def test_the_kv_budget_sets_the_slots_and_extra_requests_wait(engine):
@@ -146,7 +147,7 @@ def test_abort_frees_the_slot_at_once_and_the_others_go_on(engine):
     assert core.num_running == 1 and not core.abort(a.request_id)
     events = _drain(core)
     assert all(e.request_id == b.request_id for e in events)
-    assert b.result.token_ids == _alone(engine, _prompt(7, 1), 2)
+    assert b.result.token_ids == _alone(engine, _prompt(7, 1), 2).token_ids
 
 
 def test_engine_streams_share_the_core_and_a_closed_stream_aborts(engine):

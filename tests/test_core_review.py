@@ -13,33 +13,14 @@ import dgemma
 from dgemma.cache import KVCache
 from dgemma.core import CanvasEvent, EngineCore
 
-KW = {"max_new_tokens": 40, "max_denoising_steps": 5, "confidence_threshold": 0.0, "eos_token_id": ()}
+from test_core import KW, _alone, _drain, _prompt
+
 FAST = dict(KW, max_new_tokens=96, stability_threshold=0, confidence_threshold=1e9)  # settles every step
 
 
 @pytest.fixture(scope="module")
 def engine(ckpt_factory):
     return dgemma.load(ckpt_factory("tiny"), dtype=torch.float32)
-
-
-def _prompt(n: int, seed: int) -> list[int]:
-    g = torch.Generator().manual_seed(seed)
-    return [2] + torch.randint(3, 400, (n - 1,), generator=g).tolist()
-
-
-def _alone(engine, prompt, seed, initial=None, pinned=None, **kw):
-    core = EngineCore(engine.model, max_num_seqs=1, grow=True)
-    req = core.add(prompt, engine.params(seed=seed, **{**KW, **kw}), initial=initial, pinned=pinned)
-    while core.has_work():
-        core.step()
-    return req.result
-
-
-def _drain(core):
-    events = []
-    while core.has_work():
-        events += core.step()
-    return events
 
 
 def test_staggered_mixed_batch_with_edge_params_in_a_growing_pool_matches_solo(engine):
