@@ -109,7 +109,11 @@ def test_sudoku_ar_baseline_trains_saves_and_is_scored_by_the_ar_path(tmp_path, 
     assert [e["step"] for e in log if "loss" in e] == [2] and all("diffusion_loss" not in e for e in log)
     capsys.readouterr()
     assert main(["sudoku", "eval", "--model", str(out / "run" / "final"), "-n", "2", "--buckets", "unsloth",
-                 "--no-diffusion", "--json"]) == 0
-    rows = json.loads(capsys.readouterr().out)
-    assert list(rows["unsloth"]) == ["autoregressive"]
-    assert 0.0 <= rows["unsloth"]["autoregressive"]["cell_accuracy"] <= 1.0
+                 "--no-diffusion", "--json", "--ar-temperature", "1e-6", "5"]) == 0
+    rows = json.loads(capsys.readouterr().out)["unsloth"]
+    assert list(rows) == ["autoregressive", "autoregressive-T1e-06", "autoregressive-T5"]
+    assert 0.0 <= rows["autoregressive"]["cell_accuracy"] <= 1.0
+    # sampling at a vanishing temperature is greedy decoding; at a high one it is not
+    for key in ("exact", "cell_accuracy", "clue_preservation"):
+        assert rows["autoregressive-T1e-06"][key] == rows["autoregressive"][key]
+    assert rows["autoregressive-T5"]["cell_accuracy"] != rows["autoregressive"]["cell_accuracy"]

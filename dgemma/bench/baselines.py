@@ -80,8 +80,11 @@ def transformers_generate(hf, prompts: torch.Tensor, params: SamplingParams, fix
 
 
 @torch.inference_mode()
-def autoregressive(model, prompts: torch.Tensor, n_new: int) -> BaselineRun:
-    """Greedy left-to-right decoding of ``n_new`` tokens with the encoder and its KV cache."""
+def autoregressive(model, prompts: torch.Tensor, n_new: int, temperature: float = 0.0,
+                   seed: int = 0) -> BaselineRun:
+    """Left-to-right decoding of ``n_new`` tokens with the encoder and its KV cache: greedy, or with
+    ``temperature > 0`` sampled from ``softmax(logits / temperature)`` (a CPU generator seeded with ``seed``)."""
+    gen = torch.Generator().manual_seed(seed) if temperature > 0 else None
     b, p = prompts.shape
     device = model.device
     cache = KVCache(model.cfg, b, p + n_new, device=device, dtype=model.dtype)
@@ -93,7 +96,12 @@ def autoregressive(model, prompts: torch.Tensor, n_new: int) -> BaselineRun:
     last = h[:, -1:]  # [B, 1, d]
     out = []
     for _ in range(n_new):
-        token = model.logits(last).argmax(-1)  # [B, 1]
+        logits = model.logits(last)[:, 0]  # [B, V] fp32
+        if gen is None:
+            token = logits.argmax(-1, keepdim=True)  # [B, 1]
+        else:
+            probs = torch.softmax(logits / temperature, dim=-1).cpu()
+            token = torch.multinomial(probs, 1, generator=gen).to(logits.device)  # [B, 1]
         out.append(token)
         last = model.encode(token, cache)
     tokens = torch.cat(out, dim=1).tolist()

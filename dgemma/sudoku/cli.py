@@ -90,6 +90,9 @@ def add_parsers(sub) -> None:
     e.add_argument("--batch", type=int, default=32, help="puzzles decoded together (default %(default)s)")
     e.add_argument("--no-ar", dest="ar", action="store_false",
                    help="skip greedy autoregressive decoding of the same weights (default: score it too)")
+    e.add_argument("--ar-temperature", type=float, nargs="+", default=[], metavar="T",
+                   help="also score autoregressive decoding sampled at each temperature T > 0 (seeded by --seed), "
+                        "beside greedy (default: greedy only)")
     e.add_argument("--no-diffusion", dest="diffusion", action="store_false",
                    help="skip the diffusion row (for a model trained with `sudoku train --objective ar`)")
     e.add_argument("--pin", action="store_true",
@@ -244,8 +247,10 @@ def solve_boards(engine, boards: list[sb.Board], batch: int = 32, tick=None, see
     return out
 
 
-def ar_boards(engine, boards: list[sb.Board], batch: int = 32, tick=None) -> list[sb.Board]:
-    """Greedy left-to-right answers of the same weights (encoder mode, one token per pass)."""
+def ar_boards(engine, boards: list[sb.Board], batch: int = 32, tick=None, temperature: float = 0.0,
+              seed: int = 0) -> list[sb.Board]:
+    """Left-to-right answers of the same weights (encoder mode, one token per pass): greedy, or sampled at
+    ``temperature`` (seeded; each batch draws from ``seed`` + its index)."""
     import torch
 
     from dgemma.bench.baselines import autoregressive
@@ -254,7 +259,7 @@ def ar_boards(engine, boards: list[sb.Board], batch: int = 32, tick=None) -> lis
     for i in range(0, len(boards), batch):
         ids = torch.tensor([engine.encode_prompt(sb.format_board(b)) for b in boards[i: i + batch]])
         with torch.no_grad():
-            run = autoregressive(engine.model, ids, 81)
+            run = autoregressive(engine.model, ids, 81, temperature=temperature, seed=seed + i)
         out += [task.answer_board(engine.decode(t)) for t in run.tokens]
         if tick:
             tick(len(ids))
@@ -303,6 +308,8 @@ def _eval(args) -> int:
         if name not in sb.BUCKETS:
             raise DgemmaError(f"unknown bucket {name!r}; choose from {', '.join(sb.BUCKETS)}")
     _check_restarts(args)
+    if any(not t > 0 for t in args.ar_temperature):
+        raise DgemmaError("--ar-temperature values must be positive (greedy decoding is always scored)")
     engine = options.load_engine(args)
     rows = {}
     for name in buckets:
@@ -319,6 +326,9 @@ def _eval(args) -> int:
             modes["diffusion-pinned"] = lambda tick: solve_boards(engine, boards, args.batch, tick, pin=True)
         if args.ar:
             modes["autoregressive"] = lambda tick: [(a, None) for a in ar_boards(engine, boards, args.batch, tick)]
+            for t in args.ar_temperature:
+                modes[f"autoregressive-T{t:g}"] = lambda tick, t=t: [
+                    (a, None) for a in ar_boards(engine, boards, args.batch, tick, temperature=t, seed=args.seed)]
         row = {mode: _scored(pairs, f"{name}: {mode}", solve) for mode, solve in modes.items()}
         rows[name] = row
         if not args.json:
