@@ -12,6 +12,12 @@ inverse-CDF sample, and the self-conditioning soft embedding that the next step 
   Its logits come from :func:`tempered_logits` (the LM head in vocabulary blocks on a CPU, the soft-cap
   as a sigmoid) and its entropy from the probabilities, without log-probabilities.
 
+Both take an optional allowed-token mask (``set_index [n, C]`` rows of ``table [S, V]`` bool, -1: any
+token; see ``dgemma.constraints``): disallowed tokens' tempered logits become :data:`MASKED` (the lowest
+float, so their probability is exactly 0 and entropy, sampling, argmax and the soft embedding are over the
+allowed tokens). The fused path gathers the mask rows of a chunk only, and skips chunks without a
+constrained position (without a mask the step is unchanged, bitwise).
+
 Tests compare the two. The soft embedding follows the reference's rounding: in a low-precision model the
 tempered logits are cast to the model dtype before their softmax.
 """
@@ -28,6 +34,9 @@ import torch.nn.functional as F
 # (measured on a 2-core CPU, vocab 32000: 64 rows per chunk made a step 25% slower than 256 rows).
 CHUNK_BYTES = {"cpu": 32 << 20, "cuda": 512 << 20}
 MIN_CHUNK_ROWS = 256
+# A disallowed token's tempered logit: the lowest finite fp32, not -inf, so that ``p * log p`` and
+# ``p * (z_max - z)`` are 0 * finite = 0 there (probability exactly 0 all the same).
+MASKED = torch.finfo(torch.float32).min
 
 
 @dataclass
@@ -43,12 +52,41 @@ def token_entropy(logp: torch.Tensor) -> torch.Tensor:
     return -(logp.exp() * logp).sum(-1)
 
 
-def sample_inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """One token per row of ``probs [m, V]`` with uniforms ``u [m]`` (in place of multinomial)."""
+def sample_inverse_cdf(probs: torch.Tensor, u: torch.Tensor, last: torch.Tensor | None = None) -> torch.Tensor:
+    """One token per row of ``probs [m, V]`` with uniforms ``u [m]`` (in place of multinomial).
+
+    A draw lands on a token of positive probability, except where ``u * total`` rounds up to the total:
+    then the last token, or ``last [m]`` (each row's highest allowed id, for masked rows)."""
     cdf = torch.cumsum(probs, dim=-1)  # [m, V]
     target = (u.to(cdf.device) * cdf[:, -1]).unsqueeze(-1)
     idx = torch.searchsorted(cdf, target, right=True).squeeze(-1)
+    if last is not None:
+        return torch.minimum(idx, last)
     return idx.clamp_(max=probs.shape[-1] - 1)
+
+
+@dataclass
+class Mask:
+    """An allowed-token mask on a device: ``forbid [S + 1, V]`` bool (row 0: nothing forbidden) and each
+    set's highest allowed id ``last [S + 1]``; rows are looked up with ``set_index + 1``."""
+
+    forbid: torch.Tensor
+    last: torch.Tensor
+
+    @staticmethod
+    def of(table: torch.Tensor, device) -> Mask:
+        """From ``table [S, V]`` bool (True = allowed, every row non-empty)."""
+        table = table.to(device)
+        s, vocab = table.shape
+        forbid = torch.cat([torch.zeros(1, vocab, dtype=torch.bool, device=device), ~table])  # [S+1, V]
+        top = vocab - 1 - table.flip(1).to(torch.uint8).argmax(1)  # [S] highest allowed id
+        last = torch.cat([torch.tensor([vocab - 1], device=device), top])  # [S+1]
+        return Mask(forbid, last)
+
+    def apply(self, z: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Mask ``z [..., V]`` in place for mask rows ``rows [...]`` (``set_index + 1``); -> ``last [...]``."""
+        z.masked_fill_(self.forbid[rows], MASKED)  # gathers [..., V] bool
+        return self.last[rows]
 
 
 def per_row(temperature: float | torch.Tensor, n: int) -> float | torch.Tensor:
@@ -64,14 +102,19 @@ def per_row(temperature: float | torch.Tensor, n: int) -> float | torch.Tensor:
 
 
 def step_reference(model, h: torch.Tensor, temperature: float | torch.Tensor, u: torch.Tensor,
-                   soft: bool = True) -> StepStats:
-    """Full-logits path: ``h [n, C, d]``, ``temperature`` a number or ``[n]``, ``u [n, C]`` -> :class:`StepStats`."""
+                   soft: bool = True, set_index: torch.Tensor | None = None,
+                   table: torch.Tensor | None = None) -> StepStats:
+    """Full-logits path: ``h [n, C, d]``, ``temperature`` a number or ``[n]``, ``u [n, C]`` -> :class:`StepStats`;
+    ``set_index [n, C]`` / ``table [S, V]``: the allowed-token mask (module docstring)."""
     t = per_row(temperature, h.shape[0])
     if isinstance(t, torch.Tensor):
         t = t.float().to(h.device)[:, :, None]  # [n, 1, 1]
     z = model.logits(h) / t  # [n, C, V] fp32
+    last = [None] * z.shape[0]
+    if set_index is not None:
+        last = Mask.of(table, z.device).apply(z, (set_index + 1).to(z.device))  # [n, C]
     logp = torch.log_softmax(z, dim=-1)
-    sampled = torch.stack([sample_inverse_cdf(logp[i].exp(), u[i]) for i in range(z.shape[0])])
+    sampled = torch.stack([sample_inverse_cdf(logp[i].exp(), u[i], last[i]) for i in range(z.shape[0])])
     return StepStats(
         entropy=token_entropy(logp),
         argmax=z.argmax(-1),
@@ -141,10 +184,12 @@ def vocab_block(weight: torch.Tensor) -> int | None:
 
 @torch.no_grad()
 def step_fused(model, h: torch.Tensor, temperature: float | torch.Tensor, u: torch.Tensor, soft: bool = True,
-               chunk_bytes: int | None = None, block: int | None = None) -> StepStats:
+               chunk_bytes: int | None = None, block: int | None = None, set_index: torch.Tensor | None = None,
+               table: torch.Tensor | None = None) -> StepStats:
     """Chunked path with the same results as :func:`step_reference` (up to float rounding). Sampling is
     never differentiated: no autograd graph is built, even when the caller's mode would build one.
-    ``temperature``: a number, or ``[n]`` (one per row).
+    ``temperature``: a number, or ``[n]`` (one per row). ``set_index [n, C]`` / ``table [S, V]``: the
+    allowed-token mask (module docstring), applied chunk by chunk.
 
     ``block``: vocabulary columns per LM-head block (default :func:`vocab_block`).
     """
@@ -163,17 +208,24 @@ def step_fused(model, h: torch.Tensor, temperature: float | torch.Tensor, u: tor
     sampled = torch.empty(n * c, dtype=torch.long, device=h.device)
     out_soft = torch.empty(n * c, d, dtype=model.dtype, device=h.device) if soft else None
     scale = model.embed_scale()
+    mask = rows = None
+    if set_index is not None:
+        mask, idx = Mask.of(table, h.device), set_index.reshape(n * c).cpu()  # [n*C] on the host
+        rows = (idx + 1).to(h.device)  # [n*C] mask rows
     for lo in range(0, n * c, m):
         hi = min(lo + m, n * c)
         t = temps[lo:hi] if isinstance(temps, torch.Tensor) else temps
         z = tempered_logits(flat[lo:hi], weight, cap, t, block)  # [m, V] fp32
+        last = None
+        if mask is not None and bool((idx[lo:hi] >= 0).any()):  # a host check: no sync
+            last = mask.apply(z, rows[lo:hi])  # [m]
         top = z.argmax(-1, keepdim=True)  # [m, 1]
         argmax[lo:hi] = top.view(-1)
         # softmax's own kernel, not exp(z - logsumexp): exp of inputs below -87 (results under FLT_MIN)
         # takes a 10x slower path on x86, and most of a peaked row is down there; softmax's kernel does not
         # (a 2-core CPU, vocab 32000: 8.5 ms against 35 ms per 256 rows).
         p = torch.softmax(z, dim=-1)
-        sampled[lo:hi] = sample_inverse_cdf(p, u[lo:hi])
+        sampled[lo:hi] = sample_inverse_cdf(p, u[lo:hi], last)
         if soft:
             # The reference feeds back the logits in the model dtype; in fp32 that is p itself.
             q = p if model.dtype == torch.float32 else F.softmax(z.to(model.dtype), -1, dtype=torch.float32)

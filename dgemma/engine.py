@@ -21,6 +21,7 @@ import torch
 
 from dgemma import genconfig, loading, sampler
 from dgemma.config import ModelConfig
+from dgemma.constraints import CanvasConstraint
 from dgemma.core import CanvasEvent, EngineCore, Request, RowResult, StepEvent
 from dgemma.errors import LoadError
 from dgemma.graphs import GraphedDecoder
@@ -157,9 +158,11 @@ class Engine:
             self._outbox.clear()
         return self._core
 
-    def submit(self, ids: list[int], params: SamplingParams, step_events: bool = False) -> Request:
-        """Queue one request on the in-process core; its events come from :meth:`events`."""
-        return self._submit_rows([ids], params, step_events)[0]
+    def submit(self, ids: list[int], params: SamplingParams, step_events: bool = False,
+               constraint: CanvasConstraint | None = None) -> Request:
+        """Queue one request on the in-process core (``constraint``: see ``dgemma.constraints``); its events
+        come from :meth:`events`."""
+        return self._submit_rows([ids], params, step_events, [constraint])[0]
 
     def events(self, req: Request) -> Iterator[StepEvent | CanvasEvent]:
         """``req``'s events as the core produces them, stepping it while they are needed. Closing the
@@ -197,9 +200,10 @@ class Engine:
         out = [self.completion(r.result) for r in reqs]
         return out[0] if single else out
 
-    def _submit_rows(self, ids: list[list[int]], p: SamplingParams, step_events: bool = False) -> list[Request]:
-        """One request per prompt; one seed for all (drawn once when none is given), and ``initial_canvas`` /
-        ``pinned_canvas`` as one canvas for all rows or one per row."""
+    def _submit_rows(self, ids: list[list[int]], p: SamplingParams, step_events: bool = False,
+                     constraints: list[CanvasConstraint | None] | None = None) -> list[Request]:
+        """One request per prompt; one seed for all (drawn once when none is given), ``initial_canvas`` /
+        ``pinned_canvas`` as one canvas for all rows or one per row, and each row's own ``constraints``."""
         cfg = self.config
         initial = sampler.canvas_rows(p, "initial_canvas", len(ids), cfg.canvas_length, cfg.vocab_size)
         pinned = sampler.canvas_rows(p, "pinned_canvas", len(ids), cfg.canvas_length, cfg.vocab_size)
@@ -209,7 +213,8 @@ class Engine:
         try:
             for b, prompt in enumerate(ids):
                 req = self.core.add(prompt, row, step_events=step_events, initial=initial[b] if initial else None,
-                                    pinned=pinned[b] if pinned else None)
+                                    pinned=pinned[b] if pinned else None,
+                                    constraint=constraints[b] if constraints else None)
                 self._outbox[req.request_id] = deque()
                 reqs.append(req)
         except BaseException:

@@ -3,8 +3,9 @@
 Spec section 5, per step: the decoder's hidden states give tempered logits (each row at its own point of the
 linear temperature schedule), every position is sampled, the lowest-entropy positions under the row's
 entropy budget keep their samples, the rest are re-noised, and the tempered distribution is fed back as the
-next step's self-conditioning input. Positions of a pinned canvas hold their tokens (entropy 0: always
-accepted, never re-noised, certain for the stopping rule).
+next step's self-conditioning input. A row's canvas constraint (``dgemma.constraints``) restricts each
+position to its allowed tokens (in the tempered logits, so entropy and acceptance are over them) and holds
+its fixed tokens (entropy 0: always accepted, never re-noised, certain for the stopping rule).
 
 The loop around it (which rows step, when a canvas stops, restarts, commits) is the engine core's
 (``dgemma.core``): one step function for every request, batched or alone. Random numbers come from the
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from dgemma import denoise
+from dgemma.constraints import StepMask
 from dgemma.params import SamplingParams
 
 
@@ -74,7 +76,7 @@ class Step:
     next_x: torch.Tensor  # [n, C] next decoder input: accepted samples, fresh noise elsewhere
     argmax: torch.Tensor  # [n, C] long, on the host: the draft
     accepted: torch.Tensor  # [n, C] bool, on the host
-    mean_entropy: list[float]  # per row, pinned positions counting 0
+    mean_entropy: list[float]  # per row, fixed positions counting 0
     soft: torch.Tensor | None  # [n, C, d] the next step's self-conditioning input
 
 
@@ -84,19 +86,21 @@ def one_of(values: list[float]) -> float | torch.Tensor:
 
 
 def step(model, h: torch.Tensor, temperature: list[float], entropy_bound: list[float], u: torch.Tensor,
-         noise: torch.Tensor, pinned: torch.Tensor | None = None, soft: bool = True, fused: bool = True) -> Step:
+         noise: torch.Tensor, mask: StepMask | None = None, soft: bool = True, fused: bool = True) -> Step:
     """One step for rows with hidden states ``h [n, C, d]``: per-row ``temperature`` and ``entropy_bound``,
-    uniforms ``u [n, C]`` and re-noise tokens ``noise [n, C]`` (from each row's generator), ``pinned [n, C]``
-    (token ids, -1 where free; None: nothing pinned). ``soft``: compute the self-conditioning input (not
-    needed when no row takes another step)."""
+    uniforms ``u [n, C]`` and re-noise tokens ``noise [n, C]`` (from each row's generator), the rows'
+    canvas constraints ``mask`` (``dgemma.constraints.StepMask``: fixed tokens and allowed sets; None: no
+    row is constrained, the same path with nothing to apply). ``soft``: compute the self-conditioning input
+    (not needed when no row takes another step)."""
     step_fn = denoise.step_fused if fused else denoise.step_reference
-    stats = step_fn(model, h, one_of(temperature), u, soft=soft)
+    sets = {} if mask is None or mask.table is None else {"set_index": mask.set_index, "table": mask.table}
+    stats = step_fn(model, h, one_of(temperature), u, soft=soft, **sets)
     entropy, sampled, argmax = stats.entropy, stats.sampled, stats.argmax
-    if pinned is not None:
-        pinned = pinned.to(h.device)
-        pin = pinned >= 0
+    if mask is not None and mask.fixed is not None:  # fixed tokens: entropy 0, sampled and drafted as given
+        fixed = mask.fixed.to(h.device)  # [n, C]
+        pin = fixed >= 0
         entropy = entropy.masked_fill(pin, 0.0)
-        sampled, argmax = torch.where(pin, pinned, sampled), torch.where(pin, pinned, argmax)
+        sampled, argmax = torch.where(pin, fixed, sampled), torch.where(pin, fixed, argmax)
     bound = one_of(entropy_bound)
     if isinstance(bound, torch.Tensor):  # rounded to fp32 once, as a Python number compared with fp32 is
         bound = bound.float().to(h.device)[:, None]

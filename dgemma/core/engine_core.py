@@ -7,7 +7,7 @@
    under the scheduler's token budget; a request whose prompt is now encoded starts its first canvas;
 3. decoder: one pass over every request that is denoising, whatever its canvas, attempt or step, then one
    sampler step (``dgemma.sampler.step``: each row at its own temperature, with its own entropy bound
-   and pins);
+   and its canvas constraint's rule: fixed tokens, allowed sets), then each constraint's update hook;
 4. bookkeeping: stopping rule, restarts, the canvas's output cut at EOS / ``max_new_tokens``, retirement.
 
 Rows of one pass are equal to the same request run alone up to float rounding (padding changes matmul
@@ -28,7 +28,8 @@ from typing import Any
 
 import torch
 
-from dgemma import sampler
+from dgemma import constraints, sampler
+from dgemma.constraints import CanvasConstraint, CanvasRule
 from dgemma.core.pool import SlotPool, available_memory, token_bytes
 from dgemma.core.request import (ABORTED, COMMIT, DENOISE, FINISHED, Attempt, CanvasEvent, Request, StepEvent)
 from dgemma.core.scheduler import Scheduler
@@ -120,9 +121,11 @@ class EngineCore:
 
     def add(self, prompt_ids: list[int], params: SamplingParams, request_id: Any = None,
             step_events: bool = False, initial: torch.Tensor | None = None,
-            pinned: torch.Tensor | None = None) -> Request:
-        """Queue a request. ``initial`` / ``pinned`` (``[C]``) override ``params.initial_canvas`` /
-        ``params.pinned_canvas``, which must then be one canvas. Raises ValueError for a bad request."""
+            pinned: torch.Tensor | None = None, constraint: CanvasConstraint | None = None) -> Request:
+        """Queue a request. ``constraint``: its canvases' fixed tokens, allowed sets and starting tokens
+        (``dgemma.constraints``; one object per request if it keeps state). ``initial`` / ``pinned``
+        (``[C]``) override ``params.initial_canvas`` / ``params.pinned_canvas``, which must then be one canvas;
+        they are a constraint on canvas 0, combined with ``constraint``. Raises ValueError for a bad request."""
         cfg = self.cfg
         if not prompt_ids:
             raise ValueError("the prompt is empty")
@@ -133,12 +136,20 @@ class EngineCore:
             initial = sampler.canvas_rows(params, "initial_canvas", 1, cfg.canvas_length, cfg.vocab_size)[0]
         if pinned is None and params.pinned_canvas is not None:
             pinned = sampler.canvas_rows(params, "pinned_canvas", 1, cfg.canvas_length, cfg.vocab_size)[0]
+        if initial is not None or pinned is not None:
+            first = constraints.Rules({0: CanvasRule(
+                fixed=None if pinned is None else torch.as_tensor(pinned),
+                initial=None if initial is None else torch.as_tensor(initial))})
+            constraint = first if constraint is None else constraints.Combined(first, constraint)
+        if constraint is not None:
+            if not isinstance(constraint, CanvasConstraint):
+                raise ValueError("constraint must be a dgemma.constraints.CanvasConstraint")
+            constraint.validate(cfg.canvas_length, cfg.vocab_size)
         seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
         req = Request(
             request_id=next(self._ids) if request_id is None else request_id, prompt_ids=list(prompt_ids),
             params=params, gen=torch.Generator().manual_seed(seed),
-            n_canvases=math.ceil(params.max_new_tokens / cfg.canvas_length),
-            initial=initial, pinned=pinned if pinned is not None and bool((pinned >= 0).any()) else None,
+            n_canvases=math.ceil(params.max_new_tokens / cfg.canvas_length), constraint=constraint,
             step_events=step_events)
         req.result.prompt_tokens = len(prompt_ids)
         self.scheduler.add(req)
@@ -205,17 +216,27 @@ class EngineCore:
     def _start_canvas(self, req: Request) -> None:
         """A fresh denoising of the request's current canvas (a new canvas, or a restart of this one)."""
         c, vocab = self.cfg.canvas_length, self.cfg.vocab_size
-        first = req.canvas == 0
-        start = req.initial if first else None
-        x = start.clone() if start is not None else torch.randint(0, vocab, (c,), generator=req.gen)
-        if first and req.pinned is not None:
-            x = torch.where(req.pinned >= 0, req.pinned, x)
+        rule = req.rule = None if req.constraint is None else self._rule(req.constraint.start(req.canvas, req.attempt))
+        start = rule.initial if rule is not None else None
+        x = start.clone() if start is not None else torch.randint(0, vocab, (c,), generator=req.gen)  # [C]
+        if rule is not None and rule.fixed is not None:
+            x = torch.where(rule.fixed >= 0, rule.fixed, x)
         req.x, req.soft, req.history, req.last = x, None, [], None
         req.step_index = req.params.max_denoising_steps
         req.status = DENOISE
         if req.attempt == 0:
             req.result.steps.append(0)
             req.best = None
+
+    def _rule(self, rule: CanvasRule | None) -> CanvasRule | None:
+        """A constraint's rule checked (ValueError) and resolved, its sets' table on the model's device."""
+        if rule is None:
+            return None
+        rule.check(self.cfg.canvas_length, self.cfg.vocab_size)
+        rule = rule.resolved()
+        if rule.table is not None:
+            rule = CanvasRule(rule.fixed, rule.set_index, rule.table.to(self.model.device), rule.initial)
+        return rule
 
     def _denoise(self, rows: list[Request], events: list) -> None:
         """One decoder pass and one sampler step for ``rows``, then each row's stopping rule."""
@@ -230,13 +251,9 @@ class EngineCore:
         for r in rows:  # each request's own draws: its uniforms, then its re-noise tokens
             u.append(torch.rand(c, generator=r.gen))
             noise.append(torch.randint(0, vocab, (c,), generator=r.gen))
-        pins = [r.pinned if r.canvas == 0 else None for r in rows]
-        pinned = None
-        if any(p is not None for p in pins):
-            free = torch.full((c,), -1, dtype=torch.long)
-            pinned = torch.stack([p if p is not None else free for p in pins])  # [n, C]
+        mask = constraints.stack([r.rule for r in rows], c)  # fixed [n, C], allowed sets; None: all free
         out = sampler.step(self.model, h, [r.params.temperature(r.step_index) for r in rows],
-                           [r.params.entropy_bound for r in rows], torch.stack(u), torch.stack(noise), pinned,
+                           [r.params.entropy_bound for r in rows], torch.stack(u), torch.stack(noise), mask,
                            soft=any(r.step_index > 1 for r in rows), fused=self.fused)
         self.stats.decoder_passes += 1
         self.stats.denoise_steps += len(rows)
@@ -256,11 +273,16 @@ class EngineCore:
                 mask = out.accepted[i]
                 events.append(StepEvent(r.request_id, r.canvas, r.result.steps[-1], a.tolist(), int(mask.sum()),
                                         out.mean_entropy[i], mask.tolist(), r.attempt))
+            new = None if r.constraint is None else r.constraint.update(r.canvas, r.attempt, r.result.steps[-1], a)
             if settled or r.step_index == 1:
                 self._end_attempt(r, events)
             else:
                 r.step_index -= 1
                 r.x, r.soft = out.next_x[i], out.soft[i]
+                if new is not None:  # the hook's rule holds from the next step: its fixed tokens go in now
+                    r.rule = self._rule(new)
+                    if r.rule is not None and r.rule.fixed is not None:
+                        r.x = torch.where(r.rule.fixed.to(r.x.device) >= 0, r.rule.fixed.to(r.x.device), r.x)
 
     def _end_attempt(self, req: Request, events: list) -> None:
         """Keep the better attempt; restart the canvas, or emit it and commit it or finish."""

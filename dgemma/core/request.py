@@ -9,6 +9,9 @@ The last canvas is never committed.
 A request owns its RNG: one CPU ``torch.Generator`` seeded with ``params.seed`` that draws only for this
 request (a canvas's starting noise, then per step the uniforms and the re-noise tokens), so its random
 numbers do not depend on what else is running.
+
+A request holds one canvas constraint (``dgemma.constraints``; ``initial_canvas`` and ``pinned_canvas``
+are one), asked for a rule at the start of each denoising of a canvas and after each of its steps.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any, Hashable
 
 import torch
 
+from dgemma.constraints import CanvasConstraint, CanvasRule
 from dgemma.params import SamplingParams
 
 WAITING, PREFILL, DENOISE, COMMIT, FINISHED, ABORTED = "waiting", "prefill", "denoise", "commit", "finished", "aborted"
@@ -78,8 +82,7 @@ class Request:
     params: SamplingParams
     gen: torch.Generator  # this request's random numbers, and only its
     n_canvases: int
-    initial: torch.Tensor | None = None  # [C] starting tokens of canvas 0
-    pinned: torch.Tensor | None = None  # [C] canvas 0's pinned tokens, -1 where free
+    constraint: CanvasConstraint | None = None  # its canvases' fixed tokens, allowed sets, starting tokens
     step_events: bool = False
     status: str = WAITING
     slot: int | None = None  # its row of the KV pool while it holds one
@@ -88,6 +91,7 @@ class Request:
     canvas: int = 0
     attempt: int = 0
     step_index: int = 0  # counts down from max_denoising_steps to 1 (the temperature schedule's index)
+    rule: CanvasRule | None = None  # the constraint's rule for the current step (resolved; None: free)
     x: torch.Tensor | None = None  # [C] decoder input of the next step
     soft: torch.Tensor | None = None  # [C, d] self-conditioning input of the next step (None: first step)
     history: list[torch.Tensor] = field(default_factory=list)  # previous argmax canvases, newest last
