@@ -187,6 +187,12 @@ class Combined(CanvasConstraint):
     def validate(self, length: int, vocab: int) -> None:
         for p in self.parts:
             p.validate(length, vocab)
+        static = [p for p in self.parts if type(p) is Rules]
+        for k in sorted({k for p in static for k in p.rules}):  # what the fixed rules give together
+            merged = None
+            for p in static:
+                merged = merge(merged, p.rules.get(k))
+            merged.check(length, vocab, f"constraint on canvas {k}")
 
 
 @dataclass
