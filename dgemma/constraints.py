@@ -13,7 +13,9 @@ A :class:`CanvasConstraint` gives, for each canvas (and each restart of it), a :
 The core calls ``start(canvas, attempt)`` when a denoising of a canvas begins and ``update(canvas, attempt,
 step, draft)`` after each of its steps; a rule that ``update`` returns holds from the next step on (what a
 grammar needs). Re-noised positions take uniform noise over the whole vocabulary (the model's input noise),
-whatever their set: only what the sampler draws and the draft are constrained.
+whatever their set: only what the sampler draws and the draft are constrained. ``EngineCore.add`` checks
+what it can (``validate``: static rules); a rule that ``start`` or ``update`` returns later is checked when
+it arrives, and a bad one raises ValueError from ``EngineCore.step``, as any failing step does.
 
 :class:`Rules` is a fixed map canvas -> rule; :func:`pinned`, :func:`initial` and :func:`allowed` build
 one, :class:`Combined` merges several constraints. :class:`StepMask` is the rules of the rows of one
@@ -160,7 +162,8 @@ def merge(a: CanvasRule | None, b: CanvasRule | None) -> CanvasRule | None:
 
 
 class Combined(CanvasConstraint):
-    """Several constraints at once (later ones win on fixed and initial tokens; sets intersect)."""
+    """Several constraints at once (later ones win on fixed and initial tokens; sets intersect). It keeps
+    its parts' current rules: one object per request."""
 
     def __init__(self, *parts: CanvasConstraint):
         self.parts = [p for p in parts if p is not None]
