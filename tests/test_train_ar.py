@@ -101,12 +101,14 @@ def test_ar_training_steps_are_the_mean_next_token_loss_and_lower_it(tmp_path):
 
 def test_sudoku_ar_baseline_trains_saves_and_is_scored_by_the_ar_path(tmp_path, capsys):
     out = tmp_path / "sudoku-ar"
-    assert main(["sudoku", "train", "--objective", "ar", "--out", str(out), "--puzzles", "4", "--augment", "2",
-                 "--workers", "1", "--steps", "2", "--set", "train.batch_size=4", "--set", "train.micro_batch=4",
-                 "--set", "train.warmup=1"]) == 0
+    args = ["sudoku", "train", "--objective", "ar", "--out", str(out), "--puzzles", "4", "--augment", "2",
+            "--workers", "1", "--set", "train.batch_size=4", "--set", "train.micro_batch=4", "--set", "train.warmup=1",
+            "--set", "train.save_every=1"]
+    assert main(args + ["--steps", "1"]) == 0
+    assert main(args + ["--steps", "2", "--resume"]) == 0  # every trained tensor's optimizer state is saved
     assert json.loads((out / "run" / "train_config.json").read_text())["objective"]["kind"] == "ar"
     log = [json.loads(ln) for ln in (out / "run" / "log.jsonl").read_text().splitlines()]
-    assert [e["step"] for e in log if "loss" in e] == [2] and all("diffusion_loss" not in e for e in log)
+    assert [e["step"] for e in log if "loss" in e] == [1, 2] and all("diffusion_loss" not in e for e in log)
     capsys.readouterr()
     assert main(["sudoku", "eval", "--model", str(out / "run" / "final"), "-n", "2", "--buckets", "unsloth",
                  "--no-diffusion", "--json", "--ar-temperature", "1e-6", "5"]) == 0

@@ -133,6 +133,10 @@ def build(cfg: TrainConfig, device: torch.device, compute_dtype: torch.dtype | N
         base = None
     for p in model.parameters():
         p.requires_grad_(True)
+    if cfg.objective.kind == "ar":
+        # The next-token loss never runs the decoder, so the self-conditioning block gets no gradient: it is
+        # not trained, and not in the optimizer (whose saved state a resume must find for every trained tensor).
+        model.self_conditioning.requires_grad_(False)
     freeze = m.freeze_router if m.freeze_router is not None else bool(m.init)
     if freeze:  # the routing decision (projection and input scale); the per-expert gains stay trainable
         for layer in model.layers:
