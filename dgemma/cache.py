@@ -56,10 +56,6 @@ class KVCache:
         self.k, self.v = k, v
         self.lengths = torch.cat([self.lengths, torch.zeros(n, dtype=torch.long)])
 
-    def token_bytes(self) -> int:
-        """Bytes of K/V one position of one row takes, over all layers."""
-        return sum(t[0, :, 0].numel() * t.element_size() for t in self.k + self.v)
-
     def key(self) -> tuple:
         """What identifies the memory a pass over this cache reads (CUDA graphs are keyed by it)."""
         return tuple(t.data_ptr() for t in self.k + self.v)

@@ -74,9 +74,6 @@ class SlotPool:
     def slots(self) -> int:
         return self.cache.batch_size
 
-    def free_slots(self) -> int:
-        return len(self.free_order) + (self.max_slots - self.slots if self.grow else 0)
-
     def acquire(self, prompt: list[int], need: int) -> tuple[int, int] | None:
         """A slot for a request whose prompt is ``prompt`` and which will use ``need`` positions, and how
         many of the prompt's tokens it already holds; None when no slot is free."""

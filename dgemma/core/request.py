@@ -100,7 +100,6 @@ class Request:
     pending: torch.Tensor | None = None  # [C] the canvas to commit next
     ready_step: int = 0  # the engine step since which it waits for the encoder (commit or prompt chunk)
     result: RowResult = field(default_factory=RowResult)
-    error: str | None = None
     arrival: float = field(default_factory=time.monotonic)
     first_canvas_at: float | None = None
     finished_at: float | None = None
@@ -108,7 +107,3 @@ class Request:
     @property
     def done(self) -> bool:
         return self.status in (FINISHED, ABORTED)
-
-    def cached_ids(self) -> list[int]:
-        """The token ids whose K/V this request's slot holds once its prompt is encoded."""
-        return self.prompt_ids + self.result.committed_ids
