@@ -12,6 +12,7 @@ closed early aborts its request. Not thread-safe (the server runs its own core o
 
 from __future__ import annotations
 
+import copy
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -185,12 +186,16 @@ class Engine:
                 core.abort(req.request_id)
 
     @torch.inference_mode()
-    def generate(self, prompts, params: SamplingParams | None = None, **overrides):
-        """Complete one prompt (-> Completion) or a list of prompts (-> list[Completion])."""
+    def generate(self, prompts, params: SamplingParams | None = None, *,
+                 constraint: CanvasConstraint | Sequence[CanvasConstraint | None] | None = None, **overrides):
+        """Complete one prompt (-> Completion) or a list of prompts (-> list[Completion]).
+
+        ``constraint``: fixed tokens, allowed sets or starting tokens on any canvas (``dgemma.constraints``);
+        one for every prompt (each row gets its own copy) or a list with one per prompt."""
         ids, single = self._batch(prompts)
         p = self.params(params, **overrides)
         self.check_length(ids, p)
-        reqs = self._submit_rows(ids, p)
+        reqs = self._submit_rows(ids, p, constraints=self._row_constraints(constraint, len(ids)))
         try:
             for req in reqs:
                 for _ in self.events(req):
@@ -222,6 +227,20 @@ class Engine:
             raise
         return reqs
 
+    @staticmethod
+    def _row_constraints(constraint, n: int) -> list[CanvasConstraint | None] | None:
+        """One constraint per row: a list as given (checked for length), else a copy of one for each row
+        (a constraint may keep per-request state)."""
+        if constraint is None:
+            return None
+        if isinstance(constraint, (list, tuple)):
+            if len(constraint) != n:
+                raise ValueError(f"{len(constraint)} constraints for {n} prompts: give one, or one per prompt")
+            return list(constraint)
+        if not isinstance(constraint, CanvasConstraint):
+            raise ValueError("constraint must be a dgemma.constraints.CanvasConstraint (or a list, one per prompt)")
+        return [constraint] if n == 1 else [copy.deepcopy(constraint) for _ in range(n)]
+
     def _drop(self, reqs: list[Request]) -> None:
         """Abort those of ``reqs`` that are not done and forget their events."""
         for req in reqs:
@@ -229,16 +248,16 @@ class Engine:
             if not req.done:
                 self.core.abort(req.request_id)
 
-    def stream(self, prompt: Prompt, params: SamplingParams | None = None, step_events: bool = True,
-               **overrides) -> Iterator[StepUpdate | CanvasUpdate]:
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None, step_events: bool = True, *,
+               constraint: CanvasConstraint | None = None, **overrides) -> Iterator[StepUpdate | CanvasUpdate]:
         """Yield a StepUpdate per denoising step (unless ``step_events`` is False) and a CanvasUpdate per
-        committed canvas of one prompt."""
+        committed canvas of one prompt (``constraint``: as in :meth:`generate`)."""
         ids, _ = self._batch([prompt])
         p = self.params(params, **overrides)
         self.check_length(ids, p)
         # No grad mode is held across the yields (a suspended generator would leak it into the caller):
         # ``EngineCore.step`` runs in inference mode itself.
-        req = self._submit_rows(ids, p, step_events)[0]
+        req = self._submit_rows(ids, p, step_events, self._row_constraints(constraint, 1))[0]
         yield from self.updates(self.events(req), req, self.completion)
 
     def updates(self, events: Iterator[StepEvent | CanvasEvent], req: Request,

@@ -322,3 +322,23 @@ def test_engine_submit_takes_a_constraint(engine):
     events = list(engine.events(req))
     assert isinstance(events[-1], CanvasEvent) and req.result.token_ids[c + 1] == 250
     assert req.result.token_ids == _run(engine, _prompt(5, 6), 9, con)[0].token_ids
+
+
+def test_generate_and_stream_take_a_constraint(engine):
+    c = engine.config.canvas_length
+    fixed = torch.full((c,), -1)
+    fixed[2], fixed[c - 1] = 260, 261
+    con = constraints.pinned(fixed, canvases=(1, 2))
+    kw = dict(KW, max_new_tokens=3 * c)
+    batch = engine.generate([_prompt(5, 6), _prompt(7, 1)], seed=4, constraint=con, **kw)
+    for out in batch:
+        for k in (1, 2):
+            assert out.token_ids[k * c + 2] == 260 and out.token_ids[k * c + c - 1] == 261
+    alone = engine.generate(_prompt(7, 1), seed=4, constraint=con, **kw)
+    assert alone.token_ids == batch[1].token_ids
+    events = list(engine.stream(_prompt(7, 1), seed=4, constraint=con, **kw))
+    drafts = [e for e in events if hasattr(e, "draft_tokens") and e.canvas > 0]
+    assert drafts and all(e.draft_tokens[2] == 260 and e.draft_tokens[c - 1] == 261 for e in drafts)
+    assert events[-1].completion.token_ids == alone.token_ids
+    with pytest.raises(ValueError, match="one per prompt"):
+        engine.generate([_prompt(5, 6), _prompt(7, 1)], constraint=[con], **kw)
