@@ -12,7 +12,8 @@ A :class:`CanvasConstraint` gives, for each canvas (and each restart of it), a :
 
 The core calls ``start(canvas, attempt)`` when a denoising of a canvas begins and ``update(canvas, attempt,
 step, draft)`` after each of its steps; a rule that ``update`` returns holds from the next step on (what a
-grammar needs). Re-noised positions take uniform noise over the whole vocabulary (the model's input noise),
+grammar needs). ``finish(canvas, tokens)`` turns the kept attempt's tokens into the canvas's output (a
+grammar cuts each value at the terminator the model placed, as EOS cuts an answer). Re-noised positions take uniform noise over the whole vocabulary (the model's input noise),
 whatever their set: only what the sampler draws and the draft are constrained. ``EngineCore.add`` checks
 what it can (``validate``: static rules); a rule that ``start`` or ``update`` returns later is checked when
 it arrives, and a bad one raises ValueError from ``EngineCore.step``, as any failing step does.
@@ -105,6 +106,14 @@ class CanvasConstraint:
         restarts): a new rule for the next step, or None to keep the current one."""
         return None
 
+    def finish(self, canvas: int, tokens: torch.Tensor) -> torch.Tensor:
+        """The output of canvas ``canvas`` from the tokens of its kept attempt (``[C]``, what the last
+        step drew under the rules): unchanged by default. A grammar whose rules let the model choose where
+        a value ends (a terminator allowed at several positions) cuts each value there and pads the rest,
+        as EOS cuts the answer; it must keep the fixed tokens. Called once per canvas, before the canvas is
+        emitted and committed to the cache."""
+        return tokens
+
     def validate(self, length: int, vocab: int) -> None:
         """Raise ValueError for what can be checked before the request runs (static rules)."""
 
@@ -180,6 +189,11 @@ class Combined(CanvasConstraint):
             if new is not None:
                 self.current[i], changed = new, True
         return self._merged() if changed else None
+
+    def finish(self, canvas: int, tokens: torch.Tensor) -> torch.Tensor:
+        for p in self.parts:
+            tokens = p.finish(canvas, tokens)
+        return tokens
 
     def _merged(self) -> CanvasRule | None:
         out = None

@@ -342,3 +342,51 @@ def test_generate_and_stream_take_a_constraint(engine):
     assert events[-1].completion.token_ids == alone.token_ids
     with pytest.raises(ValueError, match="one per prompt"):
         engine.generate([_prompt(5, 6), _prompt(7, 1)], constraint=[con], **kw)
+
+
+class _CutAtTerminator(CanvasConstraint):
+    """A toy grammar: token 7 may end the text anywhere; ``finish`` pads everything after the first 7 with 9."""
+
+    def __init__(self):
+        self.seen = []
+
+    def finish(self, canvas, tokens):
+        self.seen.append((canvas, tokens.clone()))
+        hit = (tokens == 7).nonzero()
+        if len(hit):
+            tokens[int(hit[0]) + 1:] = 9
+        return tokens
+
+
+def test_finish_shapes_the_output_and_what_is_committed(engine):
+    c = engine.config.canvas_length
+    idx = torch.zeros(c, dtype=torch.long)
+    table = torch.zeros(1, engine.config.vocab_size, dtype=torch.bool)
+    table[0, [7, 30, 31]] = True
+    grammar = _CutAtTerminator()
+    con = constraints.Combined(constraints.allowed(idx, table, canvases=(0, 1)), grammar)
+    core = EngineCore(engine.model, max_num_seqs=1, grow=True)
+    req = core.add(_prompt(5, 2), engine.params(seed=1, **{**KW, "max_new_tokens": 2 * c}), constraint=con)
+    slot = None
+    while core.has_work():
+        core.step()
+        slot = req.slot if req.slot is not None else slot
+    out = req.result.token_ids
+    assert [k for k, _ in grammar.seen] == [0, 1]
+    for k, raw in grammar.seen:
+        part = out[k * c:(k + 1) * c]
+        hit = raw.tolist().index(7) if 7 in raw.tolist() else c
+        assert part[: hit + 1] == raw.tolist()[: hit + 1] and all(t == 9 for t in part[hit + 1:])
+    assert any(7 in raw.tolist()[:-1] for _, raw in grammar.seen)  # the cut happened, not only in theory
+    # the cache holds the finished first canvas, so the second was conditioned on it
+    assert core.pool.held[slot][len(_prompt(5, 2)):] == out[:c]
+
+    class Bad(CanvasConstraint):
+        def finish(self, canvas, tokens):
+            return tokens[:-1]
+
+    core = EngineCore(engine.model, max_num_seqs=1, grow=True)
+    core.add([2, 3], engine.params(**KW), constraint=Bad())
+    with pytest.raises(ValueError, match="finish must return"):
+        while core.has_work():
+            core.step()

@@ -238,6 +238,15 @@ class EngineCore:
             rule = CanvasRule(rule.fixed, rule.set_index, rule.table.to(self.model.device), rule.initial)
         return rule
 
+    def _finished(self, req: Request, tokens: torch.Tensor) -> torch.Tensor:
+        """The constraint's ``finish`` of a canvas's kept tokens, checked (ValueError)."""
+        out = req.constraint.finish(req.canvas, tokens.clone())
+        c, vocab = self.cfg.canvas_length, self.cfg.vocab_size
+        if not isinstance(out, torch.Tensor) or out.shape != (c,) or out.is_floating_point() or bool(
+                ((out < 0) | (out >= vocab)).any()):
+            raise ValueError(f"constraint.finish must return {c} token ids in [0, {vocab})")
+        return out.long().to(tokens.device)
+
     def _denoise(self, rows: list[Request], events: list) -> None:
         """One decoder pass and one sampler step for ``rows``, then each row's stopping rule."""
         c, d, vocab, device = self.cfg.canvas_length, self.cfg.hidden_size, self.cfg.vocab_size, self.model.device
@@ -295,6 +304,8 @@ class EngineCore:
             return
         req.attempt = 0
         tokens = req.best.tokens
+        if req.constraint is not None:  # e.g. a grammar cuts each slot at the terminator the model chose
+            tokens = self._finished(req, tokens)
         budget = p.max_new_tokens - len(req.result.token_ids)
         new, hit_eos = sampler.cut(tokens.tolist(), set(p.eos_token_id or ()), budget)
         req.result.token_ids += new
