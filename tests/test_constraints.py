@@ -390,3 +390,15 @@ def test_finish_shapes_the_output_and_what_is_committed(engine):
     with pytest.raises(ValueError, match="finish must return"):
         while core.has_work():
             core.step()
+
+
+def test_result_entropy_is_over_the_free_positions(engine):
+    c = engine.config.canvas_length
+    fixed = torch.full((c,), -1)
+    fixed[: c // 2] = 300
+    res_free, ev_free = _run(engine, _prompt(5, 2), 2, max_new_tokens=2 * c)
+    res_half, ev_half = _run(engine, _prompt(5, 2), 2, constraints.pinned(fixed, canvases=(0, 1)), max_new_tokens=2 * c)
+    for res, events, free in ((res_free, ev_free, c), (res_half, ev_half, c // 2)):
+        assert len(res.entropy) == 2
+        last = [e for e in events if e.canvas == 0][-1]  # no restarts: the kept attempt is the last one
+        assert res.entropy[0] == pytest.approx(last.mean_entropy * c / free, rel=1e-6)

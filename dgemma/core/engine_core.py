@@ -277,7 +277,8 @@ class EngineCore:
                 hist.append(a)
                 del hist[: -p.stability_threshold]
             settled = stable and out.mean_entropy[i] < p.confidence_threshold
-            r.last = Attempt(a, settled, out.mean_entropy[i])
+            fixed = 0 if r.rule is None or r.rule.fixed is None else int((r.rule.fixed >= 0).sum())
+            r.last = Attempt(a, settled, out.mean_entropy[i], out.mean_entropy[i] * c / max(1, c - fixed))
             if r.step_events:
                 mask = out.accepted[i]
                 events.append(StepEvent(r.request_id, r.canvas, r.result.steps[-1], a.tolist(), int(mask.sum()),
@@ -304,6 +305,7 @@ class EngineCore:
             return
         req.attempt = 0
         tokens = req.best.tokens
+        req.result.entropy.append(req.best.free_entropy)
         if req.constraint is not None:  # e.g. a grammar cuts each slot at the terminator the model chose
             tokens = self._finished(req, tokens)
         budget = p.max_new_tokens - len(req.result.token_ids)

@@ -56,6 +56,9 @@ class RowResult:
     prompt_tokens: int = 0
     committed_ids: list[int] = field(default_factory=list)  # whole canvases committed to the cache, in order
     cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache (not encoded)
+    # each canvas's kept attempt: the mean entropy of its last step over the positions a constraint did
+    # not fix (the model's own uncertainty about what it chose; lower is more confident)
+    entropy: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -64,7 +67,8 @@ class Attempt:
 
     tokens: torch.Tensor  # [C]
     settled: bool
-    entropy: float
+    entropy: float  # mean over the canvas, fixed positions counting 0
+    free_entropy: float = 0.0  # mean over the positions the constraint left free
 
     def qualifies(self, params: SamplingParams) -> bool:
         """Kept without a restart: settled, and below ``restart_entropy`` when that is set."""
