@@ -322,6 +322,19 @@ class Engine:
     def completion(self, row: RowResult) -> Completion:
         return Completion(self.decode(row.token_ids), row.token_ids, row.finish_reason, row.steps, row.prompt_tokens)
 
+    # ------------------------------------------------------------------ editing (dgemma.editing)
+    def infill(self, prefix, suffix, length=None, **params):
+        """The text between ``prefix`` and ``suffix`` (an ``editing.Infill``): see ``dgemma.editing.infill``."""
+        from dgemma import editing
+
+        return editing.infill(self, prefix, suffix, length, **params)
+
+    def edit(self, text: str, start: int, end: int, instruction: str | None = None, **params) -> str:
+        """``text`` with characters ``[start, end)`` rewritten, the rest unchanged: see ``dgemma.editing.edit``."""
+        from dgemma import editing
+
+        return editing.edit(self, text, start, end, instruction, **params)
+
 
 def load(source=None, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None,
          cuda_graphs: bool | None = None) -> Engine:
