@@ -9,8 +9,8 @@ so that the answer starts with the prefix) is in the KV cache. The gap takes the
 generation, canvases ``0 .. g`` with ``g = (L - 1) // C``. Its positions may hold any token but EOS, pad,
 BOS and the tokenizer's special tokens (one allowed set), and EOS stopping is off, so the gap is exactly
 ``L`` tokens. The rest of canvas ``g`` holds the suffix's first tokens, fixed (held at every step and in the
-output); if the suffix ends there, an end token (the model's EOS; with an instruction ``<turn|>`` when it is
-one) is fixed after it and the positions after that are free. Canvases of pure suffix are not denoised: a
+output); if the suffix ends there, an end token (the model's EOS; with an instruction ``<turn|>`` when the
+model or its tokenizer stops on it) is fixed after it and the positions after that are free. Canvases of pure suffix are not denoised: a
 canvas never sees the canvases after it, so they cannot change the gap. A gap that ends exactly on a canvas
 boundary has no suffix on its canvases, and the suffix then only takes part in choosing the length.
 
@@ -81,7 +81,7 @@ def infill(engine: Engine, prefix: str | Sequence[int], suffix: str | Sequence[i
 def rewrite(engine: Engine, text: str, start: int, end: int, instruction: str | None = None, *,
             length: int | Sequence[int] | None = None, on_event: OnEvent | None = None, **params) -> Infill:
     """The new text for ``text[start:end]`` (character offsets) as an :class:`Infill`; see :func:`edit`."""
-    _check_span(text, start, end)
+    check_span(text, start, end)
     before, span, after = text[:start], text[start:end], text[end:]
     if engine.tokenizer is None:
         raise ValueError("this model has no tokenizer, so it cannot edit text")
@@ -112,7 +112,7 @@ def edit(engine: Engine, text: str, start: int, end: int, instruction: str | Non
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def _check_span(text: str, start: int, end: int) -> None:
+def check_span(text: str, start: int, end: int) -> None:
     if not isinstance(text, str):
         raise ValueError(f"the text must be a str, got {type(text).__name__}")
     for name, value in (("start", start), ("end", end)):
@@ -151,10 +151,13 @@ def _bos(engine: Engine) -> list[int]:
 
 
 def _end_token(engine: Engine, eos: tuple[int, ...], chat: bool) -> int | None:
-    """The token fixed after a suffix that ends on the gap's last canvas: ``<turn|>`` in a chat answer when it is
-    an EOS, else the first EOS; None when the model has none."""
-    turn = engine.tokenizer.token_to_id("<turn|>") if engine.tokenizer is not None else None
-    return turn if chat and turn in eos else eos[0] if eos else None
+    """The token fixed after a suffix that ends on the gap's last canvas: in a chat answer ``<turn|>`` when the
+    model or its tokenizer stops on it, else the first EOS; None when the model has none."""
+    tok = engine.tokenizer
+    turn = tok.token_to_id("<turn|>") if tok is not None else None
+    if chat and turn is not None and (turn in eos or turn in tok.stop_ids):
+        return turn
+    return eos[0] if eos else None
 
 
 def _gap_set(engine: Engine, banned: set[int]) -> torch.Tensor:
@@ -204,7 +207,7 @@ def _fill(engine: Engine, prompt: list[int], suffix: list[int], lengths: list[in
         raise ValueError("choosing the gap's length needs a suffix (or a model with an EOS token) to score "
                          "it: give one length")
     seed = base.seed if base.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
-    banned = set(eos) | {t for t in (base.pad_token_id, engine.config.pad_token_id, engine.config.bos_token_id)
+    banned = set(eos) | {t for t in (end, base.pad_token_id, engine.config.pad_token_id, engine.config.bos_token_id)
                          if t is not None}
     table = _gap_set(engine, banned)
     runs: dict[int, Completion | None] = {}
@@ -236,8 +239,10 @@ def _drive(engine: Engine, reqs: dict, on_event: OnEvent | None) -> dict[int, Co
     out = {}
     try:
         while streams:
-            for n in list(streams):  # round robin: a stream's next() pops its queue or steps the core once
-                event = next(streams[n], None)
+            # Round robin: a stream's next() pops its queue or steps the core once. Every stream has started
+            # before ``on_event`` runs, so if it raises, closing them aborts every request.
+            round_ = [(n, next(streams[n], None)) for n in list(streams)]
+            for n, event in round_:
                 if event is None:
                     del streams[n]
                     continue
