@@ -10,9 +10,10 @@ generation, canvases ``0 .. g`` with ``g = (L - 1) // C``. Its positions may hol
 BOS and the tokenizer's special tokens (one allowed set), and EOS stopping is off, so the gap is exactly
 ``L`` tokens. The rest of canvas ``g`` holds the suffix's first tokens, fixed (held at every step and in the
 output); if the suffix ends there, an end token (the model's EOS; with an instruction ``<turn|>`` when the
-model or its tokenizer stops on it) is fixed after it and the positions after that are free. Canvases of pure suffix are not denoised: a
-canvas never sees the canvases after it, so they cannot change the gap. A gap that ends exactly on a canvas
-boundary has no suffix on its canvases, and the suffix then only takes part in choosing the length.
+model or its tokenizer stops on it) is fixed after it and the positions after that are free. Canvases of
+pure suffix are not denoised: a canvas never sees the canvases after it, so they cannot change the gap. A
+gap that ends exactly on a canvas boundary has no suffix on its canvases, and the suffix then only takes
+part in choosing the length.
 
 Choosing the length (``length=None`` or a list of lengths). Every candidate runs as its own request on the
 core, in one batch, with the same seed. Each is then scored by the encoder (the model's causal mode, trained

@@ -153,7 +153,8 @@ def test_edit_keeps_the_text_outside_the_span_byte_identical(engine, start, end,
 def test_engine_methods_and_explicit_lengths(engine):
     assert engine.edit(TEXT, 3, 9, length=4, seed=5, **KW) == editing.edit(engine, TEXT, 3, 9, length=4, seed=5, **KW)
     r = engine.infill("ab", "cd", 4, seed=5, **KW)
-    assert isinstance(r, editing.Infill) and r.token_ids == editing.infill(engine, "ab", "cd", 4, seed=5, **KW).token_ids
+    assert isinstance(r, editing.Infill)
+    assert r.token_ids == editing.infill(engine, "ab", "cd", 4, seed=5, **KW).token_ids
     deleted = editing.rewrite(engine, TEXT, 3, 9, length=0, **KW)  # length 0 deletes the span, nothing runs
     assert (deleted.text, deleted.completion) == ("", None)
     assert engine.edit(TEXT, 3, 9, length=0) == TEXT[:3] + TEXT[9:]
