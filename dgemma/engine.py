@@ -187,15 +187,20 @@ class Engine:
 
     @torch.inference_mode()
     def generate(self, prompts, params: SamplingParams | None = None, *,
-                 constraint: CanvasConstraint | Sequence[CanvasConstraint | None] | None = None, **overrides):
+                 constraint: CanvasConstraint | Sequence[CanvasConstraint | None] | None = None,
+                 json_schema: dict | None = None, response_format: dict | None = None, **overrides):
         """Complete one prompt (-> Completion) or a list of prompts (-> list[Completion]).
 
         ``constraint``: fixed tokens, allowed sets or starting tokens on any canvas (``dgemma.constraints``);
-        one for every prompt (each row gets its own copy) or a list with one per prompt."""
+        one for every prompt (each row gets its own copy) or a list with one per prompt.
+        ``json_schema`` (or OpenAI's ``response_format``): the answer is JSON that validates against it
+        (``dgemma.structured``; ``max_new_tokens`` is raised to what its layout needs)."""
         ids, single = self._batch(prompts)
         p = self.params(params, **overrides)
-        self.check_length(ids, p)
-        reqs = self._submit_rows(ids, p, constraints=self._row_constraints(constraint, len(ids)))
+        plan, p = self._structured(json_schema, response_format, p)
+        self._check_structured_length(ids, p, plan)
+        rows = self._with_plan(self._row_constraints(constraint, len(ids)), plan, len(ids))
+        reqs = self._submit_rows(ids, p, constraints=rows)
         try:
             for req in reqs:
                 for _ in self.events(req):
@@ -227,6 +232,56 @@ class Engine:
             raise
         return reqs
 
+    def _structured(self, json_schema, response_format, p: SamplingParams):
+        """``(plan or None, params)`` for a JSON Schema or an OpenAI ``response_format``: the compiled layout
+        (``dgemma.structured``), and ``max_new_tokens`` raised to what it needs."""
+        from dgemma.structured import compile_schema
+
+        if response_format is not None:
+            if json_schema is not None:
+                raise ValueError("give json_schema or response_format, not both")
+            kind = response_format.get("type") if isinstance(response_format, dict) else None
+            if kind == "text":
+                return None, p
+            if kind == "json_object":
+                json_schema = {"type": "object"}
+            elif kind == "json_schema":
+                spec = response_format.get("json_schema")
+                if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+                    raise ValueError('response_format json_schema needs {"json_schema": {"schema": {...}}}')
+                json_schema = spec["schema"]
+            else:
+                raise ValueError('response_format must be {"type": "text"}, {"type": "json_object"} or '
+                                 '{"type": "json_schema", "json_schema": {"schema": ...}}')
+        if json_schema is None:
+            return None, p
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer, so it cannot write JSON output")
+        eos = p.eos_token_id
+        plan = compile_schema(json_schema, self.tokenizer, self.config.canvas_length,
+                              eos_token_id=eos[0] if eos else None)
+        if p.max_new_tokens < plan.max_new_tokens:
+            p = p.replace(max_new_tokens=plan.max_new_tokens)
+        return plan, p
+
+    def _check_structured_length(self, ids: list[list[int]], p: SamplingParams, plan) -> None:
+        try:
+            self.check_length(ids, p)
+        except ValueError as e:
+            if plan is None:
+                raise
+            raise ValueError(f"the JSON layout needs {plan.max_new_tokens} answer tokens: {e}") from None
+
+    @staticmethod
+    def _with_plan(rows: list | None, plan, n: int) -> list | None:
+        """Each row's constraint with a fresh one of ``plan`` (it keeps per-request state)."""
+        if plan is None:
+            return rows
+        from dgemma.constraints import Combined
+
+        rows = rows or [None] * n
+        return [plan.constraint() if r is None else Combined(plan.constraint(), r) for r in rows]
+
     @staticmethod
     def _row_constraints(constraint, n: int) -> list[CanvasConstraint | None] | None:
         """One constraint per row: a list as given (checked for length), else a copy of one for each row
@@ -249,15 +304,19 @@ class Engine:
                 self.core.abort(req.request_id)
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None, step_events: bool = True, *,
-               constraint: CanvasConstraint | None = None, **overrides) -> Iterator[StepUpdate | CanvasUpdate]:
+               constraint: CanvasConstraint | None = None, json_schema: dict | None = None,
+               response_format: dict | None = None, **overrides) -> Iterator[StepUpdate | CanvasUpdate]:
         """Yield a StepUpdate per denoising step (unless ``step_events`` is False) and a CanvasUpdate per
-        committed canvas of one prompt (``constraint``: as in :meth:`generate`)."""
+        committed canvas of one prompt (``constraint``, ``json_schema``, ``response_format``: as in
+        :meth:`generate`)."""
         ids, _ = self._batch([prompt])
         p = self.params(params, **overrides)
-        self.check_length(ids, p)
+        plan, p = self._structured(json_schema, response_format, p)
+        self._check_structured_length(ids, p, plan)
+        rows = self._with_plan(self._row_constraints(constraint, 1), plan, 1)
         # No grad mode is held across the yields (a suspended generator would leak it into the caller):
         # ``EngineCore.step`` runs in inference mode itself.
-        req = self._submit_rows(ids, p, step_events, self._row_constraints(constraint, 1))[0]
+        req = self._submit_rows(ids, p, step_events, rows)[0]
         yield from self.updates(self.events(req), req, self.completion)
 
     def updates(self, events: Iterator[StepEvent | CanvasEvent], req: Request,
