@@ -150,12 +150,12 @@ def _any_of(schema: dict, path: str) -> Any:
     if not isinstance(alts, list) or len(alts) != 2 or not all(isinstance(a, dict) for a in alts):
         raise _err(path, "`anyOf` is supported only as [schema, {\"type\": \"null\"}]", "anyOf")
     nulls = [i for i, a in enumerate(alts) if {k: v for k, v in a.items() if k not in ANNOTATIONS} == {"type": "null"}]
-    if len(nulls) != 1:
+    if not nulls:
         raise _err(path, "`anyOf` is supported only as [schema, {\"type\": \"null\"}]", "anyOf")
     if any(k not in ANNOTATIONS for k in schema if k != "anyOf"):
         extra = next(k for k in schema if k not in ANNOTATIONS and k != "anyOf")
         raise _err(path, f"`anyOf` beside `{extra}` is not supported", extra)
-    other = 1 - nulls[0]
+    other = 1 - nulls[-1]
     inner = _node(alts[other], f"{path}/anyOf/{other}")
     if isinstance(inner, Choice):
         return Choice(inner.values + ([None] if None not in inner.values else []))
