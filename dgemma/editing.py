@@ -94,6 +94,8 @@ def rewrite(engine: Engine, text: str, start: int, end: int, instruction: str | 
                      False, on_event, params)
     if not instruction.strip():
         raise ValueError("the instruction is empty")
+    if engine.tokenizer.chat_template is None:
+        raise ValueError("this model has no chat template, so it cannot follow an instruction: edit without one")
     marked = f"{before}{MARK_OPEN}{span}{MARK_CLOSE}{after}"
     message = EDIT_REQUEST.format(instruction=instruction.strip(), open=MARK_OPEN, close=MARK_CLOSE, marked=marked)
     prompt = engine.chat_ids([{"role": "user", "content": message}]) + _ids(engine, before)

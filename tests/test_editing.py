@@ -242,7 +242,8 @@ def test_cli_user_mistakes_are_one_line_and_exit_2(path, tmp_path, capsys):
              (["edit", str(ok), "--span", "4:2"], "reversed"),
              (["edit", str(ok), "--span", "0:9"], "out of range"),
              (["infill", "--prefix", "a", "--suffix", "b", "--max-new-tokens", "8", "--model", str(path)],
-              "max_new_tokens")]
+              "max_new_tokens"),
+             (["edit", str(ok), "--span", "0:2", "--instruction", "x"], "no chat template")]  # the Sudoku model
     for argv, message in cases:
         rc, out, err = _main(capsys, *argv)
         assert rc == 2 and out == "", argv
