@@ -156,11 +156,12 @@ def test_solve_prints_one_answer_per_puzzle_in_order(trained, tmp_path):
 
 
 def test_eval_reports_both_decoders(trained):
-    proc = _cli("eval", "--model", str(trained), "-n", "3", "--buckets", "medium", "--json", "--pin",
+    proc = _cli("eval", "--model", str(trained), "-n", "3", "--buckets", "medium", "--json", "--constrain",
                 "--restarts", "0")
     assert proc.returncode == 0, proc.stderr[-2000:]
     row = json.loads(proc.stdout)["medium"]
-    for mode in ("diffusion", "spec-sampler", "diffusion-pinned", "autoregressive"):
+    assert row["diffusion-constrained"]["clue_preservation"] == 1.0  # even the untrained model keeps them
+    for mode in ("diffusion", "spec-sampler", "diffusion-constrained", "autoregressive"):
         r = row[mode]
         assert r["puzzles"] == 3 and 0 <= r["exact"] <= 1 and 0 <= r["cell_accuracy"] <= 1
         assert 0 <= r["clue_preservation"] <= 1 and r["seconds_per_puzzle"] > 0
@@ -189,6 +190,11 @@ def test_solve_show_draws_boards_and_gives_the_same_answers(trained, tmp_path):
     merged = _cli("solve", str(tmp_path / "in.txt"), "--model", str(trained), "--show", *once, merged=True)
     lines = merged.stdout.splitlines()
     assert "done: 64 steps" in lines and plain.stdout.strip() in lines
+    # --pin, the old name of --constrain: the untrained model's answer keeps every clue and fills every blank
+    pinned = _cli("solve", str(tmp_path / "in.txt"), "--model", str(trained), "--show", "--pin", *once)
+    answer = sb.parse(pinned.stdout.strip())
+    assert pinned.returncode == 1 and "------+-------+------" in pinned.stderr  # still no solution
+    assert all(a == p for a, p in zip(answer, sb.parse(PUZZLE)) if p) and 0 not in answer
 
 
 def test_render_marks_clues_and_changes():
@@ -249,9 +255,77 @@ def test_embedded_model_solves_fixed_puzzles():
     exact = sum(a == s for (_, s), (a, _) in zip(pairs, answers))
     assert exact >= EMBEDDED_MIN_EXACT, exact
     assert all(a[i] == p[i] for (p, _), (a, _) in zip(pairs, answers) for i in range(81) if p[i])
-    pinned = solve_boards(engine, [p for p, _ in pairs[:8]], pin=True)  # clues pinned: kept by construction
-    assert all(a[i] == p[i] for (p, _), (a, _) in zip(pairs, pinned) for i in range(81) if p[i])
-    assert sum(a == s for (_, s), (a, _) in zip(pairs, pinned)) >= 4
+    held = solve_boards(engine, [p for p, _ in pairs[:8]], constrain=True)  # clues held by the constraint
+    assert all(a[i] == p[i] for (p, _), (a, _) in zip(pairs, held) for i in range(81) if p[i])
+    assert sum(a == s for (_, s), (a, _) in zip(pairs, held)) >= 6
+
+
+@pytest.fixture(scope="module")
+def scrambled():
+    """The embedded model with random weights (seeded): it writes any of its 16 tokens anywhere."""
+    import torch
+
+    import dgemma
+    from dgemma.embedded import default_model
+
+    engine = dgemma.load(default_model(), dtype="float32")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for w in engine.model.parameters():
+            w.copy_(torch.randn(w.shape, generator=g) * 0.5)
+    return engine
+
+
+def test_clue_constraint_holds_on_every_step_of_every_restart(scrambled):
+    """Under ``clue_constraint`` every draft of a stream (each step of each of 3 attempts) has the clues'
+    tokens at the clue cells, a digit 1-9 in every blank and <eos> after the 81 cells; free, the same random
+    model writes other tokens there."""
+    from dgemma.engine import CanvasUpdate, StepUpdate
+    from dgemma.sudoku.cli import SOLVE_DEFAULTS, CellTokens, clue_constraint
+
+    engine, board = scrambled, sb.parse(PUZZLE)
+    cells = CellTokens(engine)
+    assert cells.digits == [task.SPECIALS.__len__() + d for d in range(10)] and cells.eos == 1
+    # no canvas settles (confidence threshold 0): each attempt runs to its 3-step cap, then restarts
+    params = {**SOLVE_DEFAULTS, "max_denoising_steps": 3, "confidence_threshold": 0, "restarts": 2}
+
+    def drafts(constraint):
+        events = list(engine.stream(PUZZLE, constraint=constraint, **params))
+        steps = [e for e in events if isinstance(e, StepUpdate)]
+        done = [e for e in events if isinstance(e, CanvasUpdate) and e.completion is not None]
+        assert [e.attempt for e in steps] == [0] * 3 + [1] * 3 + [2] * 3 and len(done) == 1
+        return [e.draft_tokens for e in steps], done[0].completion
+
+    held, completion = drafts(clue_constraint(engine, board))
+    digits = set(cells.digits[1:])
+    for draft in held:
+        assert all(draft[i] == cells.digits[v] for i, v in enumerate(board) if v)
+        assert all(draft[i] in digits for i, v in enumerate(board) if not v)
+        assert draft[81] == cells.eos
+    answer = task.answer_board(completion.text)
+    assert all(a == p for a, p in zip(answer, board) if p) and 0 not in answer
+    assert len(completion.token_ids) == 81 and set(completion.token_ids) <= digits
+    free, _ = drafts(None)
+    assert any(draft[i] not in digits for draft in free for i, v in enumerate(board) if not v)
+    assert any(draft[i] != cells.digits[v] for draft in free for i, v in enumerate(board) if v)
+
+
+def test_clue_constraint_needs_one_token_per_cell(scrambled, monkeypatch):
+    from types import SimpleNamespace
+
+    from dgemma.errors import DgemmaError
+    from dgemma.sudoku.cli import CellTokens, clue_constraint
+
+    rule = clue_constraint(scrambled, sb.parse(PUZZLE)).start(0, 5)  # any attempt of canvas 0 gets it
+    assert rule is not None and int((rule.fixed >= 0).sum()) == sb.clues(sb.parse(PUZZLE)) + 1  # clues, <eos>
+    assert int((rule.set_index == 0).sum()) == 81 - sb.clues(sb.parse(PUZZLE)) and rule.table.sum() == 9
+    short = SimpleNamespace(tokenizer=scrambled.tokenizer, decode=scrambled.decode,
+                            config=SimpleNamespace(canvas_length=64, vocab_size=16))
+    with pytest.raises(DgemmaError, match="one token per cell"):
+        CellTokens(short)
+    monkeypatch.setattr(scrambled.tokenizer, "encode", lambda text: [4] * (len(text) // 2))  # 2 digits a token
+    with pytest.raises(DgemmaError, match="one token per cell"):
+        CellTokens(scrambled)
 
 
 def test_commands_use_the_embedded_model_without_model_option():
@@ -321,9 +395,10 @@ def test_eval_help_explains_every_option_and_its_default():
             blocks[name] = line
         elif line.strip():
             blocks[name] += " " + line.strip()
-    for option in ("-n", "--buckets", "--seed", "--batch", "--no-ar", "--pin", "--restarts", "--restart-entropy",
-                   "--json", "--model", "--device", "--dtype"):
+    for option in ("-n", "--buckets", "--seed", "--batch", "--no-ar", "--constrain", "--restarts",
+                   "--restart-entropy", "--json", "--model", "--device", "--dtype"):
         assert "default" in blocks[option], blocks[option]
+    assert "--constrain, --pin" in text and "diffusion-constrained" in blocks["--constrain"].replace("- ", "-")
     assert "(default 1000)" in blocks["-n"] and "spec-sampler" in blocks["--restarts"].replace("- ", "-")
 
 

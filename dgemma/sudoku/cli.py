@@ -9,6 +9,10 @@
   its own seed, ``task.bucket_puzzles``).
 * ``solve``: puzzles as arguments, files or stdin, one per line -> one 81-digit answer per line, in order;
   an answer that is not a solution is named on stderr (``board.problems``) and the exit status is 1.
+
+``--constrain`` (alias ``--pin``) on ``solve`` and ``eval``: a canvas constraint (``dgemma.constraints``,
+:func:`clue_constraint`) holds every clue cell at its digit, lets a blank cell take only the digits 1-9 and
+holds ``<eos>`` after the 81 cells, on every step of every attempt (restarts included).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from dgemma.sudoku import task
 
 EVAL_SEED = 1_000_003  # differs from every training seed the commands use by default
 SPEC_SAMPLER = "spec-sampler"  # the eval row with no restarts: the sampler exactly as the spec has it
+CONSTRAINED = "diffusion-constrained"  # the eval row of --constrain: the solve defaults under the clue constraint
 SOLVE_DEFAULTS = {"max_new_tokens": task.CANVAS, "max_denoising_steps": 32, "t_max": 0.2, "t_min": 0.05,
                   "stability_threshold": 1, "confidence_threshold": 0.005, "entropy_bound": 0.1,
                   # A board that does not settle, or settles less sure than 1e-12 nats per cell, is solved again
@@ -95,9 +100,11 @@ def add_parsers(sub) -> None:
                         "beside greedy (default: greedy only)")
     e.add_argument("--no-diffusion", dest="diffusion", action="store_false",
                    help="skip the diffusion row (for a model trained with `sudoku train --objective ar`)")
-    e.add_argument("--pin", action="store_true",
-                   help="also decode with the clues pinned in the canvas (they cannot change), side by side "
-                        "(default: off)")
+    e.add_argument("--constrain", "--pin", dest="constrain", action="store_true",
+                   help="also decode under the clue constraint, side by side, row 'diffusion-constrained': clue "
+                        "cells held at their digit, blanks limited to the digits 1-9, <eos> after the 81 cells, "
+                        "on every step of every restart; the solve defaults otherwise (--pin is an alias; "
+                        "default: off)")
     e.add_argument("--restarts", type=int, metavar="N",
                    help="also score diffusion with up to N restarts of boards that do not settle (or are not "
                         "sure enough, see --restart-entropy), side by side with the solve defaults; N = 0 is "
@@ -119,7 +126,10 @@ def add_parsers(sub) -> None:
     v.add_argument("--batch", type=int, default=32, help="puzzles decoded together (default %(default)s)")
     v.add_argument("--show", action="store_true", help="draw each board live as it is denoised (on stderr)")
     v.add_argument("--seed", type=int, default=SOLVE_DEFAULTS["seed"], help="sampling seed (default 0)")
-    v.add_argument("--pin", action="store_true", help="pin the clues in the canvas, so they cannot change")
+    v.add_argument("--constrain", "--pin", dest="constrain", action="store_true",
+                   help="decode under the clue constraint: clue cells held at their digit, blanks limited to the "
+                        "digits 1-9, <eos> after the 81 cells, on every step of every restart (--pin is an "
+                        "alias; default: off, the canvas is free)")
     v.add_argument("--restarts", type=int, metavar="N",
                    help="denoise a board that does not settle within the step cap again, up to N times "
                         f"(default {SOLVE_DEFAULTS['restarts']})")
@@ -215,32 +225,81 @@ def _bar(what: str, total: int):
         yield lambda n: bar.advance(task_id, n)
 
 
-def pinned_clues(engine, board: sb.Board) -> list[int]:
-    """A ``pinned_canvas`` row for ``board``: each clue's digit token at its cell, -1 elsewhere (and at EOS)."""
-    text = sb.format_board(board)
-    ids = engine.encode_prompt(text)[-81:]  # the 81 cells, after <bos>
-    if len(ids) != 81 or engine.decode(ids) != text or engine.config.canvas_length < 81:
-        raise DgemmaError("--pin needs a model that writes a board as one token per cell (as `dgemma sudoku "
-                          "train` makes it)")
-    return [t if cell else -1 for cell, t in zip(board, ids)] + [-1] * (engine.config.canvas_length - 81)
+CONSTRAIN_ERROR = ("--constrain needs a model that writes a board as one token per cell and the digits 1-9 as "
+                   "one token each, in a canvas of at least 81 positions (as `dgemma sudoku train` makes it)")
+
+
+class CellTokens:
+    """A model's tokens for the board: ``digits[d]`` is the token of digit ``d`` (0-9), ``eos`` the end token
+    (None: the tokenizer has none), ``canvas`` the canvas length. Raises DgemmaError (``CONSTRAIN_ERROR``)
+    unless each digit is one token and the canvas holds the 81 cells."""
+
+    def __init__(self, engine):
+        digits = "0123456789"
+        ids = engine.tokenizer.encode(digits) if engine.tokenizer is not None else []
+        self.canvas = engine.config.canvas_length
+        if len(ids) != 10 or engine.decode(ids) != digits or self.canvas < 81 or \
+                any(engine.decode([t]) != d for t, d in zip(ids, digits)):
+            raise DgemmaError(CONSTRAIN_ERROR)
+        import torch
+
+        self.engine, self.digits, self.eos = engine, ids, engine.tokenizer.eos_id
+        # one allowed set: the digits 1-9 (a blank cell may not stay 0, nor take <eos> or another token)
+        self.table = torch.zeros(1, engine.config.vocab_size, dtype=torch.bool)  # [1, V]
+        self.table[0, ids[1:]] = True
+
+    def rule(self, board: sb.Board):
+        """The clue constraint of ``board`` for one canvas: clues fixed, blanks in the 1-9 set, ``<eos>`` fixed
+        at position 81 (when the canvas has it), later positions free."""
+        import torch
+
+        from dgemma.constraints import CanvasRule
+
+        text = sb.format_board(board)
+        cells = self.engine.encode_prompt(text)[-81:]  # the prompt writes each cell as the answer does
+        if len(cells) != 81 or self.engine.decode(cells) != text or \
+                any(t != self.digits[v] for t, v in zip(cells, board)):
+            raise DgemmaError(CONSTRAIN_ERROR)
+        fixed = torch.full((self.canvas,), -1, dtype=torch.long)
+        index = torch.full((self.canvas,), -1, dtype=torch.long)
+        for i, v in enumerate(board):
+            if v:
+                fixed[i] = self.digits[v]
+            else:
+                index[i] = 0
+        if self.canvas > 81 and self.eos is not None:
+            fixed[81] = self.eos
+        return CanvasRule(fixed=fixed, set_index=index, table=self.table)
+
+
+def clue_constraint(engine, board: sb.Board, cells: CellTokens | None = None):
+    """``board``'s canvas constraint (``dgemma.constraints.Rules`` on canvas 0, so on every restart of it):
+    each clue cell fixed to its digit's token, each blank cell limited to the digits 1-9, ``<eos>`` fixed after
+    the 81 cells. ``cells``: the model's :class:`CellTokens` (made when not given). DgemmaError for a model that
+    does not write one token per cell."""
+    from dgemma.constraints import Rules
+
+    return Rules({0: (cells or CellTokens(engine)).rule(board)})
 
 
 def solve_boards(engine, boards: list[sb.Board], batch: int = 32, tick=None, seed: int = SOLVE_DEFAULTS["seed"],
-                 pin: bool = False, restarts: int | None = None, restart_entropy: float | None = None):
+                 constrain: bool = False, restarts: int | None = None, restart_entropy: float | None = None):
     """Diffusion answers for ``boards``: ``[(answer board, steps)]``; ``tick(n)`` after each batch.
 
-    Reproducible for a given ``seed`` (each row of a batch equals its solo run). ``pin``: the clues are
-    pinned in the canvas (``SamplingParams.pinned_canvas``), so they cannot change. ``restarts`` and
-    ``restart_entropy`` (default: the solve defaults'): boards that do not settle within the step cap, or
-    settle with a mean entropy at or above ``restart_entropy``, are denoised again from noise, up to
-    ``restarts`` times, and the most confident attempt is kept (``SamplingParams.restarts``).
+    Reproducible for a given ``seed`` (each row of a batch equals its solo run). ``constrain``: each board
+    decodes under its :func:`clue_constraint` (clues held, blanks limited to 1-9, on every step and restart).
+    ``restarts`` and ``restart_entropy`` (default: the solve defaults'): boards that do not settle within the
+    step cap, or settle with a mean entropy at or above ``restart_entropy``, are denoised again from noise, up
+    to ``restarts`` times, and the most confident attempt is kept (``SamplingParams.restarts``).
     """
     extra = _restart_options(restarts, restart_entropy)
+    cells = CellTokens(engine) if constrain else None
     out = []
     for i in range(0, len(boards), batch):
-        chunk = [sb.format_board(b) for b in boards[i: i + batch]]
-        pins = {"pinned_canvas": [pinned_clues(engine, b) for b in boards[i: i + batch]]} if pin else {}
-        for c in engine.generate(chunk, **{**SOLVE_DEFAULTS, "seed": seed, **extra, **pins}):
+        chunk = boards[i: i + batch]
+        rules = [clue_constraint(engine, b, cells) for b in chunk] if constrain else None
+        for c in engine.generate([sb.format_board(b) for b in chunk], constraint=rules,
+                                 **{**SOLVE_DEFAULTS, "seed": seed, **extra}):
             out.append((task.answer_board(c.text), sum(c.steps)))
         if tick:
             tick(len(chunk))
@@ -311,6 +370,8 @@ def _eval(args) -> int:
     if any(not t > 0 for t in args.ar_temperature):
         raise DgemmaError("--ar-temperature values must be positive (greedy decoding is always scored)")
     engine = options.load_engine(args)
+    if args.constrain:
+        CellTokens(engine)  # a model that cannot be constrained fails before the puzzles are drawn
     rows = {}
     for name in buckets:
         pairs = bucket_pairs(name, args.n, args.seed)
@@ -322,8 +383,8 @@ def _eval(args) -> int:
             name_h = f"-below{h:g}" if h is not None else ""
             modes[f"diffusion-restarts{n}{name_h}" if n else SPEC_SAMPLER] = lambda tick: solve_boards(
                 engine, boards, args.batch, tick, restarts=n, restart_entropy=h)
-        if args.pin:
-            modes["diffusion-pinned"] = lambda tick: solve_boards(engine, boards, args.batch, tick, pin=True)
+        if args.constrain:
+            modes[CONSTRAINED] = lambda tick: solve_boards(engine, boards, args.batch, tick, constrain=True)
         if args.ar:
             modes["autoregressive"] = lambda tick: [(a, None) for a in ar_boards(engine, boards, args.batch, tick)]
             for t in args.ar_temperature:
@@ -351,18 +412,20 @@ def _solve(args) -> int:
     _check_restarts(args)
     engine = options.load_engine(args)
     boards = [b for b, _ in puzzles]
+    cells = CellTokens(engine) if args.constrain else None  # a model that cannot be constrained fails first
 
     def answers():
         if not args.show:
-            yield from (a for a, _ in solve_boards(engine, boards, args.batch, seed=args.seed, pin=args.pin,
-                                                   restarts=args.restarts, restart_entropy=args.restart_entropy))
+            yield from (a for a, _ in solve_boards(engine, boards, args.batch, seed=args.seed,
+                                                   constrain=args.constrain, restarts=args.restarts,
+                                                   restart_entropy=args.restart_entropy))
             return
         from dgemma.sudoku.view import solve_live
 
         extra = _restart_options(args.restarts, args.restart_entropy)
         for b in boards:
-            pins = {"pinned_canvas": pinned_clues(engine, b)} if args.pin else {}
-            yield solve_live(engine, b, {**SOLVE_DEFAULTS, "seed": args.seed, **extra, **pins})
+            yield solve_live(engine, b, {**SOLVE_DEFAULTS, "seed": args.seed, **extra},
+                             constraint=clue_constraint(engine, b, cells) if cells else None)
 
     invalid = 0
     for k, ((board, where), answer) in enumerate(zip(puzzles, answers()), 1):

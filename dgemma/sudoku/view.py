@@ -39,15 +39,17 @@ def render(puzzle: sb.Board, draft: sb.Board, previous: sb.Board | None, status:
     return out
 
 
-def solve_live(engine, puzzle: sb.Board, params: dict, console: Console | None = None) -> sb.Board:
-    """Denoise one puzzle, redrawing the board at every step; returns the final answer."""
+def solve_live(engine, puzzle: sb.Board, params: dict, console: Console | None = None,
+               constraint=None) -> sb.Board:
+    """Denoise one puzzle, redrawing the board at every step; returns the final answer. ``constraint``: a
+    canvas constraint for the stream (``dgemma.sudoku.cli.clue_constraint``)."""
     from dgemma.engine import CanvasUpdate, StepUpdate
 
     console = console or Console(stderr=True)
     previous = None
     answer = puzzle
     with Live(render(puzzle, puzzle, None, "step 0"), console=console, auto_refresh=False) as live:
-        for event in engine.stream(sb.format_board(puzzle), **params):
+        for event in engine.stream(sb.format_board(puzzle), constraint=constraint, **params):
             if isinstance(event, StepUpdate):
                 draft = task.answer_board(engine.decode(event.draft_tokens))
                 again = f"attempt {event.attempt + 1}  " if event.attempt else ""
