@@ -208,3 +208,47 @@ def test_clear_errors(engine):
     plan = compile_schema({"type": "boolean"}, engine.tokenizer, 12)
     with pytest.raises(ValueError, match="compiled for canvases of 12"):
         engine.generate("x", constraint=plan.constraint())
+
+
+def _sentencepiece_like():
+    """A Gemma-like tokenizer: ``▁`` for space, multi-character pieces, byte fallback (so a lone byte of a
+    UTF-8 character decodes to U+FFFD), special tokens, and a decoder that strips one leading space."""
+    from tokenizers import AddedToken, Tokenizer as HF, decoders, models, normalizers
+
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>"]
+    pieces = [(s, 0.0) for s in specials] + [(f"<0x{b:02X}>", -10.0) for b in range(256)]
+    chars = [chr(c) for c in range(33, 127)] + ["▁"]
+    pieces += [(ch, -2.0) for ch in chars]
+    pieces += [(p, -1.0) for p in ["▁the", "▁a", "ab", "name", '":', '{"', "ing", "▁▁", "null", "true", "12"]]
+    tok = HF(models.Unigram(pieces, unk_id=3, byte_fallback=True))
+    tok.normalizer = normalizers.Replace(" ", "▁")
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
+    from dgemma.tokenizer import Tokenizer
+
+    return Tokenizer(tok, {"eos_token": "<eos>"})
+
+
+def test_a_sentencepiece_like_tokenizer():
+    from test_structured_property import _simulate
+
+    tok = _sentencepiece_like()
+    schema = {"type": "object", "properties": {
+        "name": {"type": "string"}, "short": {"type": "string", "maxLength": 3},
+        "tag": {"enum": ["the", "a b", "é"]}, "n": {"type": ["integer", "null"], "minimum": 10, "maximum": 12},
+        "ok": {"type": "boolean"}}, "required": ["name"]}
+    plan = compile_schema(schema, tok, 16, eos_token_id=1, limits=Limits(string_tokens=4))
+    v = plan.builder.v
+    assert v.texts[tok.token_to_id("▁the")] == " the"  # the leading space survives (decoded after an anchor)
+    assert v.texts[tok.token_to_id("<0xC3>")] is None and v.texts[1] is None  # a partial byte, a special
+    rows = {str(k[1]): plan.table[i] for i, k in enumerate(plan.keys)}
+    assert bool(rows["('str', None)"][tok.token_to_id("▁the")])  # multi-character pieces in free strings
+    assert not bool(rows["('str', 1)"][tok.token_to_id("▁the")])  # not where maxLength bounds characters
+    texts = set()
+    for seed in range(40):
+        ids = _simulate(plan, seed, len(v.texts))
+        text = tok.decode(ids[:-1])
+        texts.add(text)
+        _valid(text, schema)
+    assert len(texts) == 40

@@ -289,7 +289,10 @@ class Builder:
         for a in rest:
             pick = next((t for t in a if t not in selectors and t != self.v.ws), None)
             while pick is None:
-                t = next(pool)
+                t = next(pool, None)
+                if t is None:
+                    raise SchemaError("`enum` has more values than this tokenizer has distinct tokens to choose "
+                                      "them by", "enum")
                 pick = t if t not in selectors and t != self.v.ws else None
             selectors.append(pick)
         length = max(len(a) for a in rest)
