@@ -19,6 +19,7 @@ from typing import Any, AsyncIterator
 
 from dgemma.server.output import ChoiceText
 from dgemma.server.protocol import ApiError, ChatCompletionRequest, CompletionRequest, choice_seed, to_sampling_params
+from dgemma.server.structured import Forced, forced_output
 from dgemma.server.worker import Collector
 
 log = logging.getLogger("dgemma.server")
@@ -58,6 +59,9 @@ def start(server, request, body, chat: bool) -> "Generation":
                        param="model", code="model_not_found")
     cfg = server.engine.config
     params = to_sampling_params(body, server.defaults, server.limits, cfg.canvas_length, cfg.vocab_size)
+    forced = forced_output(server, body, chat, body.budget())
+    if forced is not None:
+        params = params.replace(max_new_tokens=forced.need)
     prompts = [chat_prompt(server, body)] if chat else completion_prompts(server, body)
     if len(prompts) * body.n > server.limits.max_n:
         raise ApiError(400, f"{len(prompts)} prompts x n={body.n} choices is above this server's limit of "
@@ -73,33 +77,39 @@ def start(server, request, body, chat: bool) -> "Generation":
         except ValueError as e:
             raise ApiError(400, str(e), param=field, code="context_length_exceeded") from None
     jobs = [(ids, params.replace(seed=choice_seed(params.seed, i))) for ids in prompts for i in range(body.n)]
+    if forced is not None:  # each choice: one request per candidate, each with its own constraint
+        jobs = [(ids, p, con) for ids, p in jobs for con in forced.constraints()]
     collector = Collector()
     server.worker.start()
-    drafts = bool(body.stream and body.include_drafts)
+    drafts = bool(body.stream and body.include_drafts) and (forced is None or len(forced.plans) == 1)
     rids = server.worker.submit(jobs, collector, step_events=drafts, max_queue=server.limits.max_queue)
     if rids is None:
         raise ApiError(429, f"the server is busy ({server.worker.queue_depth()} requests waiting); retry shortly",
                        code="queue_full", headers={"Retry-After": "1"})
     if body.user:
         log.info("request %s from user %r: %d choices", rids[0], body.user, len(rids))
-    return Generation(server, body, chat, prompts, rids, collector, t0)
+    return Generation(server, body, chat, prompts, rids, collector, t0, 1 if forced is None else len(forced.plans))
 
 
 class Generation:
-    """One HTTP request's choices in flight."""
+    """One HTTP request's choices in flight. With ``candidates`` k > 1 (a forced call among k tools), choice
+    i runs as core requests ``i*k .. i*k+k-1``; its text is the most confident candidate's, sent whole when
+    all k are done."""
 
     def __init__(self, server, body, chat: bool, prompts: list[list[int]], rids: list[int],
-                 collector: Collector, t0: float):
+                 collector: Collector, t0: float, candidates: int = 1):
         self.server, self.body, self.chat, self.prompts = server, body, chat, prompts
-        self.rids, self.collector, self.t0 = rids, collector, t0
+        self.rids, self.collector, self.t0, self.k = rids, collector, t0, candidates
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
         engine = server.engine
         tools = chat and body.uses_tools()
+        n = len(rids) // candidates
         self.texts = [ChoiceText(lambda ids, skip: engine.decode(ids, skip_special_tokens=skip), chat,
-                                 body.stops(), tools) for _ in rids]
-        self.finish: list[str | None] = [None] * len(rids)
-        self.results: list[Any] = [None] * len(rids)
+                                 body.stops(), tools) for _ in range(n)]
+        self.finish: list[str | None] = [None] * n
+        self.results: list[Any] = [None] * n
+        self.pending: dict[int, tuple[list[int], Any]] = {}  # candidate index -> (its tokens, its result)
         self.first_canvas = False
 
     # ------------------------------------------------------------------ shared
@@ -107,10 +117,27 @@ class Generation:
     def done(self) -> bool:
         return all(f is not None for f in self.finish)
 
+    def _candidate(self, index: int, update):
+        """Collect a candidate's update (k > 1); the choice's update once all its candidates are done."""
+        choice = index // self.k
+        tokens, _ = self.pending.get(index, ([], None))
+        self.pending[index] = (tokens + list(update.tokens or []), update.result if update.finished else None)
+        done = [self.pending.get(choice * self.k + j) for j in range(self.k)]
+        if any(d is None or d[1] is None for d in done):
+            return None
+        best = Forced.best([list(getattr(r, "entropy", []) or []) for _, r in done])
+        return type(update)(tokens=done[best][0], finished=True, result=done[best][1])
+
     def _take(self, index: int, update) -> tuple[dict[str, Any], bool]:
-        """Apply one choice's update: (its stream delta, whether it just finished). Raises ApiError on failure."""
+        """Apply one core request's update to its choice (``index`` // k): (the choice's stream delta, whether
+        it just finished). Raises ApiError on failure."""
         if update.error is not None:
             raise ApiError(update.status, update.error, type=None if update.status < 500 else "server_error")
+        if self.k > 1:
+            update = self._candidate(index, update)
+            if update is None:
+                return {}, False
+            index //= self.k
         if self.finish[index] is not None:
             return {}, False
         delta: dict[str, Any] = {}
@@ -121,7 +148,7 @@ class Generation:
             delta = self.texts[index].feed(update.tokens)
         text = self.texts[index]
         if text.stopped:
-            self.server.worker.abort([self.rids[index]])
+            self.server.worker.abort(self.rids[index * self.k:(index + 1) * self.k])
             self.finish[index] = "stop"
         elif update.finished:
             self.results[index] = update.result
@@ -145,7 +172,7 @@ class Generation:
 
     def _abort_rest(self) -> bool:
         """Abort the choices still running; whether there were any."""
-        left = [rid for rid, f in zip(self.rids, self.finish) if f is None]
+        left = [rid for i, rid in enumerate(self.rids) if self.finish[i // self.k] is None]
         self.server.worker.abort(left)
         return bool(left)
 
@@ -246,9 +273,10 @@ class Generation:
                     yield self._chunk(i, {"role": "assistant", "content": ""})
             while not self.done:
                 for index, update in sorted((await self.collector.get()).items()):
-                    if update.draft is not None and self.body.include_drafts and self.finish[index] is None:
-                        yield self._draft(index, update.draft)
+                    if update.draft is not None and self.body.include_drafts and self.finish[index // self.k] is None:
+                        yield self._draft(index, update.draft)  # (drafts are off for k > 1 candidates)
                     delta, finished = self._take(index, update)
+                    index //= self.k
                     if finished:
                         delta = _merge(delta, self.texts[index].finish())
                         yield self._chunk(index, delta, self._reason(index))

@@ -8,6 +8,8 @@ and are validated by ``SamplingParams``. ``temperature`` and ``top_p`` are accep
 sampler's temperature is the ``t_max`` -> ``t_min`` schedule over the denoising steps.
 ``include_drafts: true`` adds a ``draft`` chunk per denoising step to a stream (dgemma's extension);
 ``ignore_eos: true`` generates ``max_tokens`` tokens whatever the model says (as vLLM's field of that name).
+``response_format`` (``json_object`` / ``json_schema``) and forced tool calls are compiled into canvas
+constraints by ``dgemma.server.structured``.
 """
 
 from __future__ import annotations
@@ -93,6 +95,7 @@ class SamplingFields(_Body):
     restart_entropy: float | None = None
     initial_canvas: list[Int] | None = None
     pinned_canvas: list[Int] | None = None
+    response_format: dict[str, Any] | None = None
 
     def budget(self) -> int | None:
         return self.max_tokens

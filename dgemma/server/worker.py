@@ -127,10 +127,10 @@ class CoreWorker:
         with self._lock:
             return self._core_running
 
-    def submit(self, jobs: list[tuple[list[int], Any]], collector: Collector, step_events: bool = False,
+    def submit(self, jobs: list[tuple], collector: Collector, step_events: bool = False,
                max_queue: int | None = None) -> list[int] | None:
-        """Queue one core request per ``(prompt_ids, params)``; their ids, or None when the waiting queue
-        would grow past ``max_queue`` (the free slots do not count as queue)."""
+        """Queue one core request per ``(prompt_ids, params)`` or ``(prompt_ids, params, constraint)``; their
+        ids, or None when the waiting queue would grow past ``max_queue`` (free slots do not count as queue)."""
         loop = asyncio.get_running_loop()
         with self._lock:
             if max_queue is not None:
@@ -139,8 +139,9 @@ class CoreWorker:
                     return None
             self._undrained += len(jobs)
             ids = [next(self._ids) for _ in jobs]
-        for index, (rid, (prompt, params)) in enumerate(zip(ids, jobs)):
-            self._inbox.put(("add", rid, prompt, params, step_events, _Target(loop, collector, index)))
+        for index, (rid, job) in enumerate(zip(ids, jobs)):
+            prompt, params, constraint = (*job, None)[:3]
+            self._inbox.put(("add", rid, prompt, params, step_events, _Target(loop, collector, index), constraint))
         return ids
 
     def abort(self, request_ids: list[int]) -> None:
@@ -186,9 +187,10 @@ class CoreWorker:
             self._publish(drained)
         return True
 
-    def _add(self, rid, prompt, params, step_events, target: _Target) -> None:
+    def _add(self, rid, prompt, params, step_events, target: _Target, constraint=None) -> None:
         try:
-            target.request = self.core.add(prompt, params, request_id=rid, step_events=step_events)
+            target.request = self.core.add(prompt, params, request_id=rid, step_events=step_events,
+                                           constraint=constraint)
         except ValueError as e:
             self._send({target.loop: [(target.collector, target.index, "error", str(e), 400)]})
             return
