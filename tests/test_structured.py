@@ -181,6 +181,10 @@ def test_batches_rows_and_combined_constraints(engine):
     assert len(outs) == 3 and len({o.text for o in outs}) > 1
     for out in outs:
         _valid(out.text, PERSON)
+    plan = compile_schema(PERSON, engine.tokenizer, engine.config.canvas_length, eos_token_id=1)
+    one = plan.constraint()  # one constraint for a batch: each row gets a copy with its own state
+    outs = engine.generate(prompts, constraint=one, max_new_tokens=plan.max_new_tokens, seed=4, **FAST)
+    assert all(_valid(o.text, PERSON) for o in outs) and one.closed == [False] * len(one.closed)
 
 
 def test_max_new_tokens_is_raised_and_whitespace_pads_without_eos(engine):

@@ -151,7 +151,7 @@ def engine(ckpt_factory):
     return dgemma.load(ckpt_factory("tiny"), dtype=torch.float32)
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                  HealthCheck.function_scoped_fixture])
 @given(schema=schemas(), seed=st.integers(0, 2**31))
 def test_the_tiny_model_writes_valid_json_for_every_seed(engine, schema, seed):

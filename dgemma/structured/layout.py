@@ -34,7 +34,7 @@ class Limits:
     array_items: int = 3  # most items of an array without maxItems (at least its minItems)
     object_entries: int = 3  # most free entries of an object without listed properties
     int_digits: int = 6  # digits of an integer without a bound on that side
-    pattern_repeat: int = 3  # extra repetitions of a pattern's `+` / `*` beyond their minimum
+    pattern_repeat: int = 6  # extra repetitions of a pattern's `+` / `*` beyond their minimum
 
 
 @dataclass
@@ -219,12 +219,15 @@ class Builder:
         for i, a in enumerate(atoms):
             if i == len(atoms) - 1:
                 break
-            counts.append(a.max if a.max is not None else a.min + self.limits.pattern_repeat)
+            counts.append(self._repeats(a))
         last = atoms[-1] if atoms else None
         fixed = sum(counts)
-        lo = (last.min if last else 0)
-        hi = (last.max if last and last.max is not None else lo + self.limits.pattern_repeat) if last else 0
-        lo, hi = max(lo, n.min - fixed), min(hi, n.max - fixed if n.max is not None else hi)
+        lo = last.min if last else 0
+        hi = self._repeats(last) if last else 0
+        lo = max(lo, n.min - fixed)
+        if last is not None and (last.max is None or last.max >= lo):
+            hi = max(hi, lo)  # room for minLength in the last atom
+        hi = min(hi, n.max - fixed if n.max is not None else hi)
         i = len(counts) - 1
         while hi < lo and i >= 0 and n.max is not None:  # shorten earlier atoms toward their minimum
             cut = min(counts[i] - atoms[i].min, lo - hi)
@@ -241,6 +244,11 @@ class Builder:
             keys += [_key((), ("class", last.cls)) if o < lo else _key((self.v.quote,), ("class", last.cls))
                      for o in range(hi)]
         return keys
+
+    def _repeats(self, a) -> int:
+        """How many times a pattern atom is written (its most, up to ``pattern_repeat`` beyond its least)."""
+        most = a.min + self.limits.pattern_repeat
+        return most if a.max is None else min(a.max, most)
 
     def integer(self, n: Int) -> None:
         span = 10 ** self.limits.int_digits - 1

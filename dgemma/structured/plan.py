@@ -18,13 +18,12 @@ guarantee, and the tests check it with random weights over generated schemas.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
 from dgemma.constraints import CanvasConstraint, CanvasRule
-from dgemma.structured.layout import FIXED, PAD, SLOT, Builder, Limits
-from dgemma.structured.schema import check_schema
+from dgemma.structured.layout import FIXED, PAD, SLOT, Builder, Limits, Position
+from dgemma.structured.schema import SchemaError, check_schema
 from dgemma.structured.vocab import Vocabulary
 
 OFF, ON = "off", "on"
@@ -94,8 +93,6 @@ def compile_schema(schema: dict | None, tokenizer, canvas_length: int, *, eos_to
     b.text(suffix)
     b.flush()
     if eos_token_id is not None:
-        from dgemma.structured.layout import Position
-
         b.add(Position(FIXED, int(eos_token_id)))
     keys: list = []
     index: dict = {}
@@ -125,8 +122,6 @@ def _row(vocab: Vocabulary, key) -> torch.Tensor:
         else:  # a pattern's character class: one-character tokens of its characters
             chars = [t for ch, t in vocab.char_of.items() if ch in cls[1]]
             if not chars:
-                from dgemma.structured.schema import SchemaError
-
                 raise SchemaError("`pattern` has a character class that no single token writes (or that needs an "
                                   "escape in JSON)", "pattern")
             ids |= set(chars)
@@ -143,6 +138,13 @@ class SchemaConstraint(CanvasConstraint):
         self.closed = [False] * len(b.slots)  # string / integer slots: ended
         self.choice: list[int | None] = [None] * len(b.slots)  # enum slots: the alternative
         self.vocab = plan.table.shape[1]
+
+    def __deepcopy__(self, memo) -> "SchemaConstraint":
+        """A copy with its own state that shares the plan (its table is read-only)."""
+        new = SchemaConstraint(self.plan)
+        new.region, new.closed, new.choice = list(self.region), list(self.closed), list(self.choice)
+        new.vocab = self.vocab
+        return new
 
     def validate(self, length: int, vocab: int) -> None:
         if length != self.plan.canvas_length:
