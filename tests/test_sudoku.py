@@ -169,9 +169,9 @@ def test_eval_reports_both_decoders(trained):
     # The solve defaults restart unsure boards, and every attempt's steps count.
     assert row["diffusion"]["mean_steps"] >= row["spec-sampler"]["mean_steps"]
     assert "medium: generating 3 puzzles" in proc.stderr  # said before the slow part starts
-    one = _cli("eval", "--model", str(trained), "-n", "2", "--buckets", "medium", "--json", "--no-ar",
+    one = _cli("eval", "--model", str(trained), "-n", "2", "--skip", "1", "--buckets", "medium", "--json", "--no-ar",
                "--restarts", "1", "--restart-entropy", "1e-30")
-    assert "diffusion-restarts1-below1e-30" in json.loads(one.stdout)["medium"]
+    assert json.loads(one.stdout)["medium"]["diffusion-restarts1-below1e-30"]["puzzles"] == 2  # puzzles 2 and 3
     for bad in (["--restart-entropy", "0"], ["--restarts", "-1"]):
         proc = _cli("eval", "--model", str(trained), "-n", "1", *bad)
         assert proc.returncode == 2 and "restart" in proc.stderr and "Traceback" not in proc.stderr
@@ -395,7 +395,7 @@ def test_eval_help_explains_every_option_and_its_default():
             blocks[name] = line
         elif line.strip():
             blocks[name] += " " + line.strip()
-    for option in ("-n", "--buckets", "--seed", "--batch", "--no-ar", "--constrain", "--restarts",
+    for option in ("-n", "--buckets", "--seed", "--skip", "--batch", "--no-ar", "--constrain", "--restarts",
                    "--restart-entropy", "--json", "--model", "--device", "--dtype"):
         assert "default" in blocks[option], blocks[option]
     assert "--constrain, --pin" in text and "diffusion-constrained" in blocks["--constrain"].replace("- ", "-")

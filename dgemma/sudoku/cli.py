@@ -92,6 +92,9 @@ def add_parsers(sub) -> None:
                    help="puzzle seed; each bucket draws from SEED plus its own offset ("
                         + ", ".join(f"{b} +{o}" for b, o in task.BUCKET_SEED_OFFSETS.items())
                         + "), so the buckets do not share solution grids (default %(default)s)")
+    e.add_argument("--skip", type=int, default=0, metavar="K",
+                   help="score puzzles K+1 to K+n of each bucket (the first K are drawn and left out), so that "
+                        "runs can split a bucket between them (default %(default)s)")
     e.add_argument("--batch", type=int, default=32, help="puzzles decoded together (default %(default)s)")
     e.add_argument("--no-ar", dest="ar", action="store_false",
                    help="skip greedy autoregressive decoding of the same weights (default: score it too)")
@@ -360,8 +363,8 @@ def bucket_pairs(name: str, n: int, seed: int) -> list[tuple[sb.Board, sb.Board]
 
 
 def _eval(args) -> int:
-    if args.n < 1 or args.batch < 1:
-        raise DgemmaError("-n and --batch must be positive")
+    if args.n < 1 or args.batch < 1 or args.skip < 0:
+        raise DgemmaError("-n and --batch must be positive, --skip at least 0")
     buckets = [b.strip() for b in args.buckets.split(",") if b.strip()]
     for name in buckets:
         if name not in sb.BUCKETS:
@@ -374,7 +377,7 @@ def _eval(args) -> int:
         CellTokens(engine)  # a model that cannot be constrained fails before the puzzles are drawn
     rows = {}
     for name in buckets:
-        pairs = bucket_pairs(name, args.n, args.seed)
+        pairs = bucket_pairs(name, args.skip + args.n, args.seed)[args.skip:]
         boards = [p for p, _ in pairs]
         modes = {"diffusion": lambda tick: solve_boards(engine, boards, args.batch, tick)} if args.diffusion else {}
         if args.restarts is not None or args.restart_entropy is not None:
