@@ -8,6 +8,7 @@ sets allow can be the last step's draw, so this is the guarantee itself), and th
 
 from __future__ import annotations
 
+import functools
 import json
 
 import jsonschema
@@ -17,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import dgemma
-from dgemma.structured import Limits, compile_schema
+from dgemma.structured import Limits, SchemaError, check_schema, compile_schema
 from dgemma.tokenizer import byte_tokenizer
 
 SMALL = Limits(string_tokens=4, array_items=2, object_entries=2, int_digits=3, pattern_repeat=2)
@@ -163,3 +164,31 @@ def test_the_tiny_model_writes_valid_json_for_every_seed(engine, schema, seed):
     for out in outs:
         assert out.finish_reason == "stop"
         _valid(out.text, schema)
+
+
+_KEYS = ["type", "properties", "required", "additionalProperties", "items", "minItems", "maxItems", "minLength",
+         "maxLength", "enum", "const", "pattern", "minimum", "maximum", "exclusiveMinimum", "anyOf", "title"]
+_LEAF = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(), st.text(max_size=5),
+                  st.sampled_from(["object", "array", "string", "integer", "number", "boolean", "null", "x"]))
+_ANY_JSON = st.recursive(_LEAF, lambda inner: st.one_of(
+    st.lists(inner, max_size=3), st.dictionaries(st.one_of(st.sampled_from(_KEYS), st.text(max_size=3)), inner,
+                                                 max_size=4)), max_leaves=12)
+
+
+@functools.lru_cache(maxsize=1)
+def _tokenizer():
+    return byte_tokenizer(512)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.dictionaries(st.sampled_from(_KEYS), _ANY_JSON, max_size=5))
+def test_malformed_schemas_are_a_schema_error_never_a_crash(schema):
+    """What a client may send as a schema (the server turns SchemaError into a 400; anything else would be a 500)."""
+    try:
+        check_schema(schema)
+    except SchemaError:
+        return
+    try:
+        compile_schema(schema, _tokenizer(), 16, eos_token_id=1)
+    except ValueError:
+        pass

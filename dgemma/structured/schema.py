@@ -85,18 +85,18 @@ def _err(path: str, text: str, keyword: str) -> SchemaError:
 
 
 def _int(schema: dict, key: str, path: str) -> int | None:
-    v = schema.get(key)
-    if v is None:
+    if key not in schema:
         return None
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or v != int(v):
+    v = schema[key]
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or v != int(v):
         raise _err(path, f"`{key}` must be a non-negative integer, got {v!r}", key)
     return int(v)
 
 
 def _number(schema: dict, key: str, path: str) -> float | int | None:
-    v = schema.get(key)
-    if v is None:
+    if key not in schema:
         return None
+    v = schema[key]
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
         raise _err(path, f"`{key}` must be a finite number, got {v!r}", key)
     return v
@@ -115,6 +115,7 @@ def _node(schema: Any, path: str) -> Any:
     for key in schema:
         if key not in KNOWN:
             raise _err(path, f"unsupported JSON Schema keyword `{key}`", key)
+    _check_values(schema, path)
     if "anyOf" in schema:
         return _any_of(schema, path)
     types = schema.get("type")
@@ -136,6 +137,24 @@ def _node(schema: Any, path: str) -> Any:
     if "enum" in schema or "const" in schema:
         return _choice(schema, path)
     return node
+
+
+def _check_values(schema: dict, path: str) -> None:
+    """The keywords' values have their JSON Schema types, whatever the schema's type (an enum value is
+    checked against every keyword beside it)."""
+    for key in ("minItems", "maxItems", "minLength", "maxLength"):
+        _int(schema, key, path)
+    for key in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
+        _number(schema, key, path)
+    if "pattern" in schema and not isinstance(schema["pattern"], str):
+        raise _err(path, "`pattern` must be a string", "pattern")
+    if "enum" in schema and (not isinstance(schema["enum"], list) or not schema["enum"]):
+        raise _err(path, "`enum` must be a non-empty list", "enum")
+    if not isinstance(schema.get("properties", {}), dict):
+        raise _err(path, "`properties` must be an object", "properties")
+    required = schema.get("required", [])
+    if not isinstance(required, list) or not all(isinstance(r, str) for r in required):
+        raise _err(path, "`required` must be a list of property names", "required")
 
 
 def _inferred(schema: dict) -> str:
