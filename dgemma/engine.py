@@ -235,24 +235,15 @@ class Engine:
     def _structured(self, json_schema, response_format, p: SamplingParams):
         """``(plan or None, params)`` for a JSON Schema or an OpenAI ``response_format``: the compiled layout
         (``dgemma.structured``), and ``max_new_tokens`` raised to what it needs."""
-        from dgemma.structured import compile_schema
+        from dgemma.structured import compile_schema, from_response_format
 
         if response_format is not None:
             if json_schema is not None:
                 raise ValueError("give json_schema or response_format, not both")
-            kind = response_format.get("type") if isinstance(response_format, dict) else None
-            if kind == "text":
+            wanted, json_schema = from_response_format(response_format)
+            if not wanted:
                 return None, p
-            if kind == "json_object":
-                json_schema = {"type": "object"}
-            elif kind == "json_schema":
-                spec = response_format.get("json_schema")
-                if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
-                    raise ValueError('response_format json_schema needs {"json_schema": {"schema": {...}}}')
-                json_schema = spec["schema"]
-            else:
-                raise ValueError('response_format must be {"type": "text"}, {"type": "json_object"} or '
-                                 '{"type": "json_schema", "json_schema": {"schema": ...}}')
+            json_schema = {"type": "object"} if json_schema is None else json_schema
         if json_schema is None:
             return None, p
         if self.tokenizer is None:

@@ -19,7 +19,7 @@ from typing import Any
 
 from dgemma.server.protocol import ApiError
 from dgemma.server.tools import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
-from dgemma.structured import SchemaError, check_schema, compile_schema
+from dgemma.structured import SchemaError, check_schema, compile_schema, from_response_format
 
 
 @dataclass
@@ -42,22 +42,13 @@ class Forced:
 
 def _schema_of(body) -> tuple[dict[str, Any] | None, bool] | None:
     """``(schema or None for any object, True)`` of ``response_format``; None when it asks for plain text."""
-    fmt = body.response_format
-    if fmt is None:
+    if body.response_format is None:
         return None
-    kind = fmt.get("type")
-    if kind == "text":
-        return None
-    if kind == "json_object":
-        return None, True
-    if kind == "json_schema":
-        spec = fmt.get("json_schema")
-        if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
-            raise ApiError(400, "response_format json_schema needs an object `json_schema` with a `schema` object",
-                           param="response_format.json_schema.schema")
-        return spec["schema"], True
-    raise ApiError(400, f"response_format type {kind!r} is not supported: use text, json_object or json_schema",
-                   param="response_format.type")
+    try:
+        wanted, schema = from_response_format(body.response_format)
+    except SchemaError as e:
+        raise ApiError(400, str(e), param=f"response_format.{e.keyword}") from None
+    return (schema, True) if wanted else None
 
 
 def _forced_tools(body) -> list[Any] | None:

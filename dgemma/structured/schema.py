@@ -102,6 +102,25 @@ def _number(schema: dict, key: str, path: str) -> float | int | None:
     return v
 
 
+def from_response_format(fmt: Any) -> tuple[bool, dict | None]:
+    """``(JSON wanted, its schema or None for any object)`` of an OpenAI ``response_format``: ``{"type":
+    "text"}``, ``{"type": "json_object"}`` or ``{"type": "json_schema", "json_schema": {"schema": {...}}}``.
+    A bad one is a SchemaError whose ``keyword`` is the field at fault (``type``, ``json_schema.schema``)."""
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind == "text":
+        return False, None
+    if kind == "json_object":
+        return True, None
+    if kind == "json_schema":
+        spec = fmt.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+            raise SchemaError('response_format json_schema needs {"json_schema": {"schema": {...}}}',
+                              "json_schema.schema")
+        return True, spec["schema"]
+    raise SchemaError(f"response_format type {kind!r} is not supported: use text, json_object or json_schema",
+                      "type")
+
+
 def check_schema(schema: Any) -> Any:
     """Raise SchemaError unless ``schema`` is within the supported subset; returns its node tree."""
     return _node(schema, "")
