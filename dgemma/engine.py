@@ -233,27 +233,10 @@ class Engine:
         return reqs
 
     def _structured(self, json_schema, response_format, p: SamplingParams):
-        """``(plan or None, params)`` for a JSON Schema or an OpenAI ``response_format``: the compiled layout
-        (``dgemma.structured``), and ``max_new_tokens`` raised to what it needs."""
-        from dgemma.structured import compile_schema, from_response_format
+        """``(plan or None, params)``: ``dgemma.structured.request_plan`` for this model."""
+        from dgemma.structured import request_plan
 
-        if response_format is not None:
-            if json_schema is not None:
-                raise ValueError("give json_schema or response_format, not both")
-            wanted, json_schema = from_response_format(response_format)
-            if not wanted:
-                return None, p
-            json_schema = {"type": "object"} if json_schema is None else json_schema
-        if json_schema is None:
-            return None, p
-        if self.tokenizer is None:
-            raise ValueError("this model has no tokenizer, so it cannot write JSON output")
-        eos = p.eos_token_id
-        plan = compile_schema(json_schema, self.tokenizer, self.config.canvas_length,
-                              eos_token_id=eos[0] if eos else None)
-        if p.max_new_tokens < plan.max_new_tokens:
-            p = p.replace(max_new_tokens=plan.max_new_tokens)
-        return plan, p
+        return request_plan(json_schema, response_format, self.tokenizer, self.config.canvas_length, p)
 
     def _check_structured_length(self, ids: list[list[int]], p: SamplingParams, plan) -> None:
         try:

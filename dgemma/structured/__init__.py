@@ -9,8 +9,9 @@ expressions), ``numbers.py`` (integers as digit sets), ``vocab.py`` (token texts
 """
 
 from dgemma.structured.layout import Limits
-from dgemma.structured.plan import Plan, SchemaConstraint, compile_schema
+from dgemma.structured.plan import Plan, SchemaConstraint, compile_schema, request_plan
 from dgemma.structured.schema import SchemaError, check_schema, from_response_format
 from dgemma.structured.vocab import Vocabulary
 
-__all__ = ["SchemaError", "check_schema", "from_response_format", "compile_schema", "Plan", "SchemaConstraint", "Limits", "Vocabulary"]
+__all__ = ["SchemaError", "check_schema", "from_response_format", "compile_schema", "request_plan", "Plan",
+           "SchemaConstraint", "Limits", "Vocabulary"]

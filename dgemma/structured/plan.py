@@ -23,7 +23,7 @@ import torch
 
 from dgemma.constraints import CanvasConstraint, CanvasRule
 from dgemma.structured.layout import FIXED, PAD, SLOT, Builder, Limits, Position
-from dgemma.structured.schema import SchemaError, check_schema
+from dgemma.structured.schema import SchemaError, check_schema, from_response_format
 from dgemma.structured.vocab import Vocabulary
 
 OFF, ON = "off", "on"
@@ -272,3 +272,24 @@ class SchemaConstraint(CanvasConstraint):
         elif o == int(slot.signed) and slot.zero_cut and drawn == b.v.digits[0]:
             self.closed[s] = True
         return drawn
+
+
+def request_plan(json_schema, response_format, tokenizer, canvas_length: int, params):
+    """``(plan or None, params)`` of a call's ``json_schema`` or OpenAI ``response_format`` (at most one):
+    the compiled layout, and ``params.max_new_tokens`` raised to what it needs. ValueError for a bad one."""
+    if response_format is not None:
+        if json_schema is not None:
+            raise ValueError("give json_schema or response_format, not both")
+        wanted, json_schema = from_response_format(response_format)
+        if not wanted:
+            return None, params
+        json_schema = {"type": "object"} if json_schema is None else json_schema
+    if json_schema is None:
+        return None, params
+    if tokenizer is None:
+        raise ValueError("this model has no tokenizer, so it cannot write JSON output")
+    eos = params.eos_token_id
+    plan = compile_schema(json_schema, tokenizer, canvas_length, eos_token_id=eos[0] if eos else None)
+    if params.max_new_tokens < plan.max_new_tokens:
+        params = params.replace(max_new_tokens=plan.max_new_tokens)
+    return plan, params
