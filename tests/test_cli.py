@@ -107,6 +107,25 @@ def test_json_reports_text_ids_steps_and_timings(model, expected):
     assert len(t["canvas_s"]) == 2 and 0 < t["first_canvas_s"] <= t["canvas_s"][1] <= t["seconds"]
 
 
+def test_json_schema_answers_validate_and_a_bad_schema_is_one_line(model, tmp_path):
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9},
+                                               "ok": {"type": "boolean"}}, "required": ["n"]}
+    (tmp_path / "s.json").write_text(json.dumps(schema))
+    (tmp_path / "any.json").write_text("{}")
+    (tmp_path / "bad.json").write_text('{"type": "string", "format": "email"}')
+    for seed in ("1", "2"):
+        proc = _cli("generate", "hello", "--model", model, "--json-schema", str(tmp_path / "s.json"), *ARGS,
+                    "--seed", seed)
+        assert proc.returncode == 0, proc.stderr
+        jsonschema.validate(json.loads(proc.stdout), schema)
+    proc = _cli("generate", "hello", "--model", model, "--json-schema", str(tmp_path / "any.json"), *ARGS)
+    assert proc.returncode == 0 and isinstance(json.loads(proc.stdout), dict)
+    for name, message in (("bad.json", "format"), ("missing.json", "No such file")):
+        proc = _cli("generate", "hello", "--model", model, "--json-schema", str(tmp_path / name), *ARGS)
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_chat_answers_each_piped_line_with_the_cached_history(model):
     proc = _cli("chat", "--model", model, *ARGS, stdin="Hello there\n\n/reset\nHello there\nAnd then?\n")
     assert proc.returncode == 0, proc.stderr

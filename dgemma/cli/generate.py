@@ -3,6 +3,7 @@
 On a terminal the canvas is drawn live at every denoising step (``dgemma.view.terminal``), then the final
 text is printed (as Markdown with ``--render markdown``). Piped or with ``--plain``: only the final text.
 ``--json``: text, token ids, steps per canvas, finish reason, timings and the CPU threads used.
+``--json-schema FILE``: the answer is JSON that validates against that schema (``dgemma.structured``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ def add_parser(sub) -> None:
     out.add_argument("--json", action="store_true", help="print text, token ids, steps per canvas and timings as JSON")
     g.add_argument("--render", choices=("text", "markdown"), default="text",
                    help="live view and final text as plain text (default) or Markdown")
+    g.add_argument("--json-schema", metavar="FILE",
+                   help="answer with JSON that validates against this JSON Schema file (`{}`: any JSON object)")
     add_sampling_options(g)
 
 
@@ -36,6 +39,7 @@ def run(parser, args) -> int:
         raise ValueError("the prompt is empty (give it as an argument or on stdin)")
     if args.think and not args.chat:
         raise ValueError("--think needs --chat")
+    schema = _schema(args.json_schema)
     engine = load_engine(args)
     if args.chat:
         prompt = engine.chat_ids([{"role": "user", "content": prompt}], args.think)
@@ -43,11 +47,11 @@ def run(parser, args) -> int:
     live = not (args.plain or args.json) and sys.stdout.isatty()
     t0 = time.perf_counter()
     if live:
-        state = _live(engine, prompt, params, args.render == "markdown")
+        state = _live(engine, prompt, params, args.render == "markdown", schema)
         completion, canvas_s = state.completion, state.canvas_seconds
     else:
         completion, canvas_s = None, []
-        for event in engine.stream(prompt, params, step_events=False):
+        for event in engine.stream(prompt, params, step_events=False, **schema):
             canvas_s.append(time.perf_counter() - t0)
             completion = event.completion or completion
     seconds = time.perf_counter() - t0
@@ -77,11 +81,26 @@ def run(parser, args) -> int:
     return 0
 
 
-def _live(engine, prompt, params, markdown: bool):
+def _schema(path: str | None) -> dict:
+    """``stream`` keywords for ``--json-schema FILE``: ``{"json_schema": ...}`` or ``{"response_format":
+    json_object}`` for an empty schema; {} without the option. A file that is not a JSON object: ValueError."""
+    if path is None:
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            schema = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"--json-schema {path}: {e}") from None
+    if not isinstance(schema, dict):
+        raise ValueError(f"--json-schema {path}: a JSON Schema is a JSON object")
+    return {"json_schema": schema} if schema else {"response_format": {"type": "json_object"}}
+
+
+def _live(engine, prompt, params, markdown: bool, schema: dict):
     from rich.console import Console
 
     from dgemma.view.state import CanvasState
     from dgemma.view.terminal import PieceCache, live
 
-    return live(engine.stream(prompt, params), CanvasState.for_params(params), PieceCache.for_engine(engine),
-                Console(), markdown=markdown)
+    return live(engine.stream(prompt, params, **schema), CanvasState.for_params(params),
+                PieceCache.for_engine(engine), Console(), markdown=markdown)
