@@ -5,24 +5,31 @@ request per candidate gap length on the engine core, choosing the length, and sp
 original text. No model code: the engine is an argument.
 
 Layout. The prompt (the prefix's tokens; with an instruction, the chat prompt and then the prefix's tokens,
-so that the answer starts with the prefix) is in the KV cache. The gap takes the first ``L`` positions of the
-generation, canvases ``0 .. g`` with ``g = (L - 1) // C``. Its positions may hold any token but EOS, pad,
-BOS and the tokenizer's special tokens (one allowed set), and EOS stopping is off, so the gap is exactly
-``L`` tokens. The rest of canvas ``g`` holds the suffix's first tokens, fixed (held at every step and in the
-output); if the suffix ends there, an end token (the model's EOS; with an instruction ``<turn|>`` when the
-model or its tokenizer stops on it) is fixed after it and the positions after that are free. Canvases of
-pure suffix are not denoised: a canvas never sees the canvases after it, so they cannot change the gap. A
-gap that ends exactly on a canvas boundary has no suffix on its canvases, and the suffix then only takes
-part in choosing the length.
+so that the answer starts with the prefix) is in the KV cache. The gap of ``L`` tokens comes at the start of
+the generation, after ``k`` tokens (below). Its positions may hold any token but EOS, pad, BOS and the
+tokenizer's special tokens (one allowed set), and EOS stopping is off, so the gap is exactly ``L`` tokens. The
+rest of the gap's last canvas holds the suffix's first tokens, fixed (held at every step and in the output); if
+the suffix ends there, an end token (the model's EOS; with an instruction ``<turn|>`` when the model or its
+tokenizer stops on it) is fixed after it and the positions after that are free. Canvases of pure suffix are
+not denoised: a canvas never sees the canvases after it, so they cannot change the gap. So that the suffix
+always takes part, the gap's last canvas keeps at least ``m = min(len(suffix) + 1 if there is an end token,
+max(1, C // 4))`` positions after the gap: when ``L`` alone would leave fewer (a gap that ends on a canvas
+boundary leaves none), the prefix's last ``k`` tokens move out of the prompt onto the start of the first
+canvas, fixed, with ``k + L + m`` a whole number of canvases (the most gap positions that see ``m`` tokens of
+suffix; :func:`shift`). They are context the canvas attends to both ways and are re-encoded with it at commit,
+so the tokens before the gap are the same either way. At most the prefix's own tokens move (the prompt keeps
+BOS or its first token, and the chat template): with fewer, ``k`` is as many as there are if that still
+leaves ``m`` positions, else 0. Gaps that leave ``m`` positions by themselves run as before (``k = 0``). The
+returned gap is the ``L`` tokens after the ``k``; ``Infill.moved`` is ``k``.
 
 Choosing the length (``length=None`` or a list of lengths). Every candidate runs as its own request on the
 core, in one batch, with the same seed. Each is then scored by the encoder (the model's causal mode, trained
 with a next-token loss beside the diffusion loss) as the mean log-probability of the *score window* (the
-suffix's first ``C`` tokens, plus the end token when the suffix is shorter) given the prompt and that
-candidate's gap: the length whose gap leads best into the fixed suffix wins (ties: the shorter). The window is
-the same tokens for every candidate, so the scores compare. One extra encoder pass over prompt + gap + window
-per candidate, batched. The defaults: :data:`INFILL_LENGTHS`, or for an edit the span's token length scaled
-by :data:`EDIT_SCALES`.
+suffix's first ``C`` tokens, plus the end token when the suffix is shorter) given the whole prompt (moved
+tokens included, whatever each candidate's ``k``) and that candidate's gap: the length whose gap leads best
+into the fixed suffix wins (ties: the shorter). The window is the same tokens for every candidate, so the
+scores compare. One extra encoder pass over prompt + gap + window per candidate, batched. The defaults:
+:data:`INFILL_LENGTHS`, or for an edit the span's token length scaled by :data:`EDIT_SCALES`.
 
 Text. The gap's text is decoded in context (the prompt's last tokens before it, then removed), so a
 tokenizer that strips a leading space at the start of a decode does not eat it. :func:`edit` builds its result
@@ -45,6 +52,7 @@ if TYPE_CHECKING:  # the engine is an argument; importing it here would make a c
 
 INFILL_LENGTHS = (4, 8, 16, 32, 64)  # candidate gap lengths (tokens) of an infill when none is given
 EDIT_SCALES = (0.5, 0.75, 1.0, 1.5, 2.0)  # an edit's candidates: the span's token length times these
+CONTEXT_SHARE = 4  # the gap's last canvas keeps >= C // 4 positions (at least 1) of suffix, when it has them
 CONTEXT_TOKENS = 8  # prompt tokens decoded before the gap so that its text is cut from a decode in context
 MARK_OPEN, MARK_CLOSE = "<edit>", "</edit>"  # what marks the span in an instruction's copy of the text
 EDIT_REQUEST = ("{instruction}\n\nApply this only to the part of the text between {open} and {close}. Reply with "
@@ -56,15 +64,17 @@ OnEvent = Callable[[int, "StepUpdate | CanvasUpdate"], None]
 @dataclass
 class Infill:
     """What :func:`infill` gives: the gap's ``text`` and ``token_ids`` (``length`` tokens), the chosen run's
-    ``completion`` (the gap, then its last canvas: fixed suffix tokens, end token, free positions; None for a
-    gap of 0 tokens), and ``scores`` (length -> mean log-probability of the score window; empty when one length
-    was given)."""
+    ``completion`` (``moved`` prefix tokens, the gap, then the rest of its last canvas: fixed suffix tokens,
+    end token, free positions; None for a gap of 0 tokens), ``scores`` (length -> mean log-probability of the
+    score window; empty when one length was given), and ``moved`` (how many of the prefix's last tokens the
+    chosen run had on its first canvas instead of in its prompt; see the module docstring)."""
 
     text: str
     length: int
     token_ids: list[int]
     completion: Completion | None
     scores: dict[int, float] = field(default_factory=dict)
+    moved: int = 0
 
 
 def infill(engine: Engine, prefix: str | Sequence[int], suffix: str | Sequence[int],
@@ -76,7 +86,8 @@ def infill(engine: Engine, prefix: str | Sequence[int], suffix: str | Sequence[i
     CanvasUpdates as they come. ``params``: sampling overrides as in ``Engine.generate`` (``seed`` ...; not
     ``max_new_tokens``, which the gap sets). Text or token ids; text needs the model's tokenizer."""
     prompt = engine.encode_prompt(prefix)  # BOS first, as any prompt
-    return _fill(engine, prompt, _ids(engine, suffix), _lengths(length, INFILL_LENGTHS), False, on_event, params)
+    return _fill(engine, prompt, _ids(engine, suffix), _lengths(length, INFILL_LENGTHS), False, len(prompt) - 1,
+                 on_event, params)
 
 
 def rewrite(engine: Engine, text: str, start: int, end: int, instruction: str | None = None, *,
@@ -90,16 +101,17 @@ def rewrite(engine: Engine, text: str, start: int, end: int, instruction: str | 
     default = sorted({max(1, round(n * s)) for s in EDIT_SCALES}) if n else INFILL_LENGTHS
     lengths = _lengths(length, default)
     if instruction is None:
-        return _fill(engine, engine.encode_prompt(before) if before else _bos(engine), _ids(engine, after), lengths,
-                     False, on_event, params)
+        prompt = engine.encode_prompt(before) if before else _bos(engine)
+        return _fill(engine, prompt, _ids(engine, after), lengths, False, len(prompt) - 1, on_event, params)
     if not instruction.strip():
         raise ValueError("the instruction is empty")
     if engine.tokenizer.chat_template is None:
         raise ValueError("this model has no chat template, so it cannot follow an instruction: edit without one")
     marked = f"{before}{MARK_OPEN}{span}{MARK_CLOSE}{after}"
     message = EDIT_REQUEST.format(instruction=instruction.strip(), open=MARK_OPEN, close=MARK_CLOSE, marked=marked)
-    prompt = engine.chat_ids([{"role": "user", "content": message}]) + _ids(engine, before)
-    return _fill(engine, prompt, _ids(engine, after), lengths, True, on_event, params)
+    head = _ids(engine, before)  # only the answer's own tokens move, never the chat template's
+    prompt = engine.chat_ids([{"role": "user", "content": message}]) + head
+    return _fill(engine, prompt, _ids(engine, after), lengths, True, len(head), on_event, params)
 
 
 def edit(engine: Engine, text: str, start: int, end: int, instruction: str | None = None, *,
@@ -178,27 +190,47 @@ def _gap_set(engine: Engine, banned: set[int]) -> torch.Tensor:
     return ok
 
 
-def layout(length: int, suffix: list[int], canvas: int, end: int | None, table: torch.Tensor) -> Rules:
-    """The rules of a gap of ``length`` tokens followed by ``suffix``: canvases before the last gap canvas allow
-    the gap set (row 0 of ``table``) everywhere; the last one holds the rest of the gap, then as much of the
+def shift(length: int, context: int, canvas: int, movable: int) -> int:
+    """How many of the prompt's last tokens move onto the first canvas so that the gap's last canvas keeps
+    ``context`` positions for what follows the gap: 0 when it already does (or the gap is empty); else the
+    ``k`` with ``k + length + context`` a whole number of canvases (the most gap positions that still see that
+    much suffix), or fewer when only ``movable`` tokens may move, as long as that still leaves ``context``
+    positions; 0 when it cannot."""
+    def room(k: int) -> int:  # positions after the gap on its last canvas
+        return canvas - ((k + length - 1) % canvas + 1)
+
+    if length == 0 or room(0) >= context:
+        return 0
+    k = min(-(length + context) % canvas, movable)
+    return k if room(k) >= context else 0
+
+
+def layout(length: int, suffix: list[int], canvas: int, end: int | None, table: torch.Tensor,
+           head: Sequence[int] = ()) -> Rules:
+    """The rules of ``head`` (the prefix's last tokens moved out of the prompt, fewer than ``canvas``), then a
+    gap of ``length`` tokens, then ``suffix``: the head is fixed at the start of canvas 0, the gap's positions
+    allow the gap set (row 0 of ``table``), and the gap's last canvas holds, after the gap, as much of the
     suffix as fits, fixed, then ``end`` (if not None) when the suffix ends there; free after that."""
-    last = (length - 1) // canvas
-    everywhere = torch.zeros(canvas, dtype=torch.long)
-    rules = {k: CanvasRule(set_index=everywhere, table=table) for k in range(last)}
-    fixed = torch.full((canvas,), -1, dtype=torch.long)
-    index = torch.full((canvas,), -1, dtype=torch.long)
-    offset = length - last * canvas  # gap positions on the last canvas
-    index[:offset] = 0
-    room = canvas - offset
-    held = suffix[:room] + ([end] if end is not None and len(suffix) < room else [])
-    fixed[offset:offset + len(held)] = torch.tensor(held, dtype=torch.long)
-    rules[last] = CanvasRule(fixed=fixed, set_index=index, table=table)
+    start, total = len(head), len(head) + length
+    last = (total - 1) // canvas
+    size = (last + 1) * canvas
+    fixed = torch.full((size,), -1, dtype=torch.long)
+    index = torch.full((size,), -1, dtype=torch.long)
+    index[start:total] = 0
+    room = size - total
+    held = list(head) + [-1] * length + suffix[:room] + ([end] if end is not None and len(suffix) < room else [])
+    fixed[:len(held)] = torch.tensor(held, dtype=torch.long)
+    rules = {}
+    for k in range(last + 1):
+        f, i = fixed[k * canvas:(k + 1) * canvas], index[k * canvas:(k + 1) * canvas]
+        rules[k] = CanvasRule(fixed=f.clone() if bool((f >= 0).any()) else None, set_index=i.clone(), table=table)
     return Rules(rules)
 
 
-def _fill(engine: Engine, prompt: list[int], suffix: list[int], lengths: list[int], chat: bool,
+def _fill(engine: Engine, prompt: list[int], suffix: list[int], lengths: list[int], chat: bool, movable: int,
           on_event: OnEvent | None, overrides: dict) -> Infill:
-    """Run every candidate length (one batch, one seed), score them if there are several, keep the best."""
+    """Run every candidate length (one batch, one seed), score them if there are several, keep the best.
+    ``movable``: how many of the prompt's last tokens (the prefix's) may move onto the first canvas."""
     if "max_new_tokens" in overrides:
         raise ValueError("an infill sets max_new_tokens from the gap's length: give `length` instead")
     base = engine.params(**overrides)
@@ -213,6 +245,8 @@ def _fill(engine: Engine, prompt: list[int], suffix: list[int], lengths: list[in
     banned = set(eos) | {t for t in (end, base.pad_token_id, engine.config.pad_token_id, engine.config.bos_token_id)
                          if t is not None}
     table = _gap_set(engine, banned)
+    context = min(len(suffix) + (end is not None), max(1, c // CONTEXT_SHARE))  # what the last gap canvas keeps
+    moved = {n: shift(n, context, c, movable) for n in lengths}
     runs: dict[int, Completion | None] = {}
     reqs = {}
     try:
@@ -220,18 +254,20 @@ def _fill(engine: Engine, prompt: list[int], suffix: list[int], lengths: list[in
             if n == 0:
                 runs[n] = None
                 continue
-            p = base.replace(eos_token_id=(), seed=seed, max_new_tokens=((n - 1) // c + 1) * c)
-            reqs[n] = engine.submit(prompt, p, step_events=on_event is not None,
-                                    constraint=layout(n, suffix, c, end, table))
+            k = moved[n]
+            p = base.replace(eos_token_id=(), seed=seed, max_new_tokens=((k + n - 1) // c + 1) * c)
+            reqs[n] = engine.submit(prompt[:len(prompt) - k], p, step_events=on_event is not None,
+                                    constraint=layout(n, suffix, c, end, table, prompt[len(prompt) - k:]))
         runs.update(_drive(engine, reqs, on_event))
     finally:  # an error or Ctrl-C: no candidate stays on the core
         for req in reqs.values():
             if not req.done:
                 engine.core.abort(req.request_id)
-    gaps = {n: [] if run is None else run.token_ids[:n] for n, run in runs.items()}
+    gaps = {n: [] if run is None else run.token_ids[moved[n]:moved[n] + n] for n, run in runs.items()}
+    # the moved tokens are context before the gap either way: every candidate is scored after the whole prompt
     scores = _scores(engine, prompt, gaps, window) if len(lengths) > 1 else {}
     best = max(lengths, key=lambda n: (scores[n], -n)) if scores else lengths[0]
-    return Infill(_gap_text(engine, prompt, gaps[best]), best, gaps[best], runs[best], scores)
+    return Infill(_gap_text(engine, prompt, gaps[best]), best, gaps[best], runs[best], scores, moved[best])
 
 
 def _drive(engine: Engine, reqs: dict, on_event: OnEvent | None) -> dict[int, Completion]:
