@@ -128,10 +128,11 @@ def step_reference(model, h: torch.Tensor, temperature: float | torch.Tensor, u:
 
 
 @torch.no_grad()
-def tempered_logits(x: torch.Tensor, weight: torch.Tensor, cap: float | None, temperature: float | torch.Tensor,
+def tempered_logits(x: torch.Tensor, embedding, cap: float | None, temperature: float | torch.Tensor,
                     block: int | None = None) -> torch.Tensor:
-    """``[m, V]`` fp32 ``softcap(x @ weight.T) / temperature`` for ``x [m, d]``, ``weight [V, d]``;
-    ``temperature`` is a number or float64 ``[m, 1]`` (one per row, see :func:`per_row`).
+    """``[m, V]`` fp32 ``softcap(x @ E.T) / temperature`` for ``x [m, d]`` and the tied embedding ``E [V, d]``
+    (the model's ``embed_tokens``, a :class:`~dgemma.model.layers.TiedEmbedding`); ``temperature`` is a
+    number or float64 ``[m, 1]`` (one per row, see :func:`per_row`).
 
     The soft-cap ``cap * tanh(z / cap)`` is computed as ``2 cap sigmoid(2 z / cap) - cap``: the same
     function (rounding aside: an absolute error of about ``cap * eps / T``), and PyTorch's CPU sigmoid is
@@ -142,7 +143,7 @@ def tempered_logits(x: torch.Tensor, weight: torch.Tensor, cap: float | None, te
     the GEMM may pick other kernels for other widths, which round differently). For sampling only: no
     autograd graph (the blocks are written in place).
     """
-    m, vocab = x.shape[0], weight.shape[0]
+    m, vocab = x.shape[0], embedding.num_embeddings
     block = block or vocab
     z = torch.empty(m, vocab, device=x.device)
     if cap is None:
@@ -153,10 +154,7 @@ def tempered_logits(x: torch.Tensor, weight: torch.Tensor, cap: float | None, te
         scale, shift = 2.0 * cap / temperature, cap / temperature
     for lo in range(0, vocab, block):
         part = z[:, lo:lo + block]  # [m, b] view, row stride V
-        if weight.dtype == x.dtype == torch.float32:
-            torch.mm(x, weight[lo:lo + block].t(), out=part)
-        else:
-            part.copy_(F.linear(x, weight[lo:lo + block]))
+        embedding.logits_block(x, lo, min(lo + block, vocab), out=part)
         if cap is None:
             part.div_(scale)
         else:
@@ -176,14 +174,13 @@ def entropy_from_softmax(p: torch.Tensor, z: torch.Tensor, top: torch.Tensor) ->
     return (p.unsqueeze(1) @ z.unsqueeze(2)).view(-1) - torch.log(p_top).view(-1)
 
 
-def vocab_block(weight: torch.Tensor) -> int | None:
+def vocab_block(embedding) -> int | None:
     """Columns per block of :func:`tempered_logits` on this device: about 4 MB of the weight on a CPU
     (2048 rows at d = 512 in fp32; 1024 and 2048 measured alike, 3200 and 4096 slower), None (one block)
     on a GPU, whose GEMM kernels tile for their own caches."""
-    if weight.device.type != "cpu":
+    if embedding.device.type != "cpu":
         return None
-    row_bytes = weight.shape[1] * weight.element_size()
-    return max(64, (4 << 20) // row_bytes // 64 * 64)
+    return max(64, (4 << 20) // embedding.row_bytes // 64 * 64)
 
 
 @torch.no_grad()
@@ -198,11 +195,11 @@ def step_fused(model, h: torch.Tensor, temperature: float | torch.Tensor, u: tor
     ``block``: vocabulary columns per LM-head block (default :func:`vocab_block`).
     """
     n, c, d = h.shape
-    vocab, weight = model.cfg.vocab_size, model.embed_tokens.weight  # tied LM head / embedding [V, d]
+    vocab, embedding = model.cfg.vocab_size, model.embed_tokens  # tied LM head / embedding [V, d]
     cap = model.cfg.final_logit_softcapping
     budget = chunk_bytes or CHUNK_BYTES.get(h.device.type, CHUNK_BYTES["cuda"])
     m = max(1, budget // (4 * vocab)) if chunk_bytes else max(MIN_CHUNK_ROWS, budget // (4 * vocab))
-    block = block or vocab_block(weight)
+    block = block or vocab_block(embedding)
     flat, u = h.reshape(n * c, d), u.reshape(n * c).to(h.device)
     temps = per_row(temperature, n)
     if isinstance(temps, torch.Tensor):
@@ -219,7 +216,7 @@ def step_fused(model, h: torch.Tensor, temperature: float | torch.Tensor, u: tor
     for lo in range(0, n * c, m):
         hi = min(lo + m, n * c)
         t = temps[lo:hi] if isinstance(temps, torch.Tensor) else temps
-        z = tempered_logits(flat[lo:hi], weight, cap, t, block)  # [m, V] fp32
+        z = tempered_logits(flat[lo:hi], embedding, cap, t, block)  # [m, V] fp32
         last = None
         if mask is not None and bool((idx[lo:hi] >= 0).any()):  # a host check: no sync
             last = mask.apply(z, rows[lo:hi])  # [m]
@@ -233,7 +230,7 @@ def step_fused(model, h: torch.Tensor, temperature: float | torch.Tensor, u: tor
         if soft:
             # The reference feeds back the logits in the model dtype; in fp32 that is p itself.
             q = p if model.dtype == torch.float32 else F.softmax(z.to(model.dtype), -1, dtype=torch.float32)
-            out_soft[lo:hi] = (q.to(model.dtype) @ weight) * scale
+            out_soft[lo:hi] = embedding.soft_embed(q.to(model.dtype)) * scale
         entropy[lo:hi] = entropy_from_softmax(p, z, top)  # last: it overwrites z
     return StepStats(
         entropy=entropy.view(n, c), argmax=argmax.view(n, c), sampled=sampled.view(n, c),

@@ -50,16 +50,16 @@ def test_tempered_logits_blocks_and_soft_cap(ckpt_factory, dtype):
     an absolute error of a few ``cap * eps / T``, what tanh's own rounding gives at the cap)."""
     model = dgemma.load(ckpt_factory("odd"), dtype=dtype).model
     h, _ = _hidden(model)
-    flat, weight, cap = h.reshape(-1, h.shape[-1]), model.embed_tokens.weight, model.cfg.final_logit_softcapping
+    flat, head, cap = h.reshape(-1, h.shape[-1]), model.embed_tokens, model.cfg.final_logit_softcapping
     for temperature in (1.0, 0.05):
         tol = dict(rtol=0, atol=8 * cap / temperature * torch.finfo().eps)
-        whole = denoise.tempered_logits(flat, weight, cap, temperature)
-        torch.testing.assert_close(denoise.tempered_logits(flat, weight, cap, temperature, block=64), whole, **tol)
+        whole = denoise.tempered_logits(flat, head, cap, temperature)
+        torch.testing.assert_close(denoise.tempered_logits(flat, head, cap, temperature, block=64), whole, **tol)
         ref = model.logits(flat) / temperature  # tanh soft-cap
         assert ref.abs().max() > 0.5 * cap / temperature  # the cap is reached: both ends of tanh are tested
         torch.testing.assert_close(whole, ref, **tol)
-        assert torch.equal(denoise.tempered_logits(flat, weight, None, temperature),
-                           F.linear(flat, weight).float() / temperature)
+        assert torch.equal(denoise.tempered_logits(flat, head, None, temperature),
+                           F.linear(flat, head.weight).float() / temperature)
 
 
 @torch.inference_mode()

@@ -20,7 +20,8 @@ from torch import nn
 
 from dgemma.cache import KVCache
 from dgemma.config import ModelConfig
-from dgemma.model.layers import Attention, GatedMLP, RMSNorm, rms_norm, rope_cos_sin, rope_inv_freq
+from dgemma.model.layers import (Attention, GatedMLP, RMSNorm, TiedEmbedding, rms_norm, rope_cos_sin,
+                                  rope_inv_freq)
 from dgemma.model.moe import Experts, Router
 
 
@@ -177,7 +178,7 @@ class DiffusionGemma(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = TiedEmbedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_conditioning = SelfConditioning(cfg)
@@ -195,11 +196,11 @@ class DiffusionGemma(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.embed_tokens.weight.dtype
+        return self.embed_tokens.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.embed_tokens.weight.device
+        return self.embed_tokens.device
 
     def embed_scale(self) -> float:
         """``sqrt(d)`` rounded to the weight dtype first (bf16: sqrt(2816) = 53.07 -> 53.0), as the reference
@@ -208,7 +209,7 @@ class DiffusionGemma(nn.Module):
         return float(torch.tensor(self.cfg.embed_scale, dtype=self.dtype))
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.embed_tokens(ids) * self.embed_scale()
+        return self.embed_tokens.lookup(ids) * self.embed_scale()
 
     def run_layers(self, x: torch.Tensor, positions: torch.Tensor, kv, encoder: bool,
                    checkpoint: bool = False) -> torch.Tensor:
@@ -245,7 +246,7 @@ class DiffusionGemma(nn.Module):
     def soft_embedding(self, sc_logits: torch.Tensor) -> torch.Tensor:
         """``softmax(sc_logits) @ E * sqrt(d)``: ``[B, C, V]`` -> ``[B, C, d]``."""
         probs = F.softmax(sc_logits, dim=-1, dtype=torch.float32).to(self.dtype)
-        return (probs @ self.embed_tokens.weight) * self.embed_scale()
+        return self.embed_tokens.soft_embed(probs) * self.embed_scale()
 
     def decode(
         self,
@@ -288,6 +289,6 @@ class DiffusionGemma(nn.Module):
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Tied LM head and tanh soft-cap, in fp32."""
-        out = F.linear(h, self.embed_tokens.weight).float()
+        out = self.embed_tokens.logits(h).float()
         cap = self.cfg.final_logit_softcapping
         return out if cap is None else torch.tanh(out / cap) * cap

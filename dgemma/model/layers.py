@@ -1,4 +1,4 @@
-"""Building blocks of the DiffusionGemma text stack: RMSNorm, RoPE, gated MLP, attention.
+"""Building blocks of the DiffusionGemma text stack: RMSNorm, RoPE, gated MLP, attention, the tied embedding.
 
 Numerics follow spec section 3.2-3.5: RMSNorm in fp32 with a plain ``w`` (no ``1 + w``), the power -0.5
 instead of rsqrt, tanh-GELU, attention scale 1.0 (q/k RMS norms replace 1/sqrt(d)), K = V on full layers,
@@ -80,6 +80,51 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+
+
+class TiedEmbedding(nn.Embedding):
+    """The ``[V, d]`` matrix shared by the input embedding, the LM head and the soft embedding (spec: tied).
+
+    The weight boundary: ``lookup``, ``logits``, ``logits_block`` and ``soft_embed`` are the only readers of
+    the matrix (the model's scaling and soft-cap stay outside), so a quantised store replaces these methods
+    without touching the model, the sampler or training. An ``nn.Embedding``: the same parameter
+    (``weight``), initialisation and ``forward`` (the lookup).
+    """
+
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows of ``ids [...]`` -> ``[..., d]``."""
+        return F.embedding(ids, self.weight)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The LM head's products ``h [..., d] @ E.T -> [..., V]``, in ``h``'s dtype (no soft-cap)."""
+        return F.linear(h, self.weight)
+
+    def logits_block(self, x: torch.Tensor, lo: int, hi: int, out: torch.Tensor) -> None:
+        """Vocabulary columns ``lo:hi`` of the LM head: ``x [m, d] @ E[lo:hi].T`` written into ``out [m, hi - lo]``
+        (fp32; a strided view is fine)."""
+        block = self.weight[lo:hi]
+        if block.dtype == x.dtype == torch.float32:
+            torch.mm(x, block.t(), out=out)
+        else:
+            out.copy_(F.linear(x, block))
+
+    def soft_embed(self, probs: torch.Tensor) -> torch.Tensor:
+        """A probability-weighted embedding: ``probs [..., V] @ E -> [..., d]`` (self-conditioning)."""
+        return probs @ self.weight
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of what the lookups and products return (the model's compute dtype)."""
+        return self.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.weight.device
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one vocabulary row as stored (the LM head's block size is chosen from it)."""
+        return self.weight.shape[1] * self.weight.element_size()
 
 
 class Attention(nn.Module):

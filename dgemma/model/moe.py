@@ -9,6 +9,11 @@ pair per expert hit (the loop: fast on CPU) or through two grouped GEMMs over al
 128 experts would be thousands of small launches per step). ``Experts.grouped`` picks: ``None`` (default)
 chooses the grouped GEMM for bf16 on CUDA, ``True``/``False`` force it (tests compare both with the
 reference).
+
+The weight boundary: :meth:`Experts.mm` and :meth:`Experts.grouped_mm` are the only readers of the two
+expert tensors (``x @ W[e].T`` for one expert's rows, and the same for every expert's slice at once); the
+routing dispatch, the activation and the combine around them read no weights. A quantised store replaces
+those two methods and nothing else.
 """
 
 from __future__ import annotations
@@ -52,9 +57,24 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(e, d, i))
         self.grouped: bool | None = None  # None: grouped GEMM for bf16 on CUDA, the per-expert loop elsewhere
 
-    def _expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
-        return F.linear(F.gelu(gate, approximate="tanh") * up, self.down_proj[e])
+    # ---------------------------------------------------------------- the weight boundary
+    def mm(self, name: str, e: int, x: torch.Tensor) -> torch.Tensor:
+        """``x [M, in] @ W[e].T -> [M, out]`` for ``name`` ``"gate_up_proj"`` or ``"down_proj"``: the rows routed
+        to expert ``e``."""
+        return F.linear(x, getattr(self, name)[e])
+
+    def grouped_mm(self, name: str, xs: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        """``xs [M, in]`` sorted by expert, ``offs [E]`` int32 end of each expert's rows -> ``[M, out]``: each
+        expert's rows times its ``W[e].T``, one grouped GEMM over all experts."""
+        if _GROUPED_MM is None:
+            raise RuntimeError("this torch has no grouped_mm; set Experts.grouped = False")
+        return _GROUPED_MM(xs, getattr(self, name).transpose(-2, -1), offs=offs)
+
+    # ---------------------------------------------------------------- routing dispatch (reads no weights)
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert ``e``'s gated MLP on its rows ``x [M, d]`` -> ``[M, d]``."""
+        gate, up = self.mm("gate_up_proj", e, x).chunk(2, dim=-1)
+        return self.mm("down_proj", e, F.gelu(gate, approximate="tanh") * up)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """``x [N, d]``, ``weights/idx [N, k]`` -> ``[N, d]``: tokens grouped by expert.
@@ -88,17 +108,14 @@ class Experts(nn.Module):
         parts, start = [], 0
         for e, c in enumerate(counts):
             if c:
-                parts.append(self._expert(e, xs[start : start + c]))
+                parts.append(self.expert(e, xs[start : start + c]))
                 start += c
         return parts[0] if len(parts) == 1 else torch.cat(parts) if parts else torch.empty_like(xs)
 
     def _grouped(self, xs: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
         """``xs [M, d]`` sorted by expert, ``offs [E]`` int32 end of each expert's rows -> ``[M, d]``."""
-        if _GROUPED_MM is None:
-            raise RuntimeError("this torch has no grouped_mm; set Experts.grouped = False")
-        h = _GROUPED_MM(xs, self.gate_up_proj.transpose(-2, -1), offs=offs)  # [M, 2I]
-        gate, up = h.chunk(2, dim=-1)
-        return _GROUPED_MM(F.gelu(gate, approximate="tanh") * up, self.down_proj.transpose(-2, -1), offs=offs)
+        gate, up = self.grouped_mm("gate_up_proj", xs, offs).chunk(2, dim=-1)  # [M, I] each
+        return self.grouped_mm("down_proj", F.gelu(gate, approximate="tanh") * up, offs)
 
 
 def combine(ys: torch.Tensor, order: torch.Tensor, k: int, gather: bool) -> torch.Tensor:
@@ -122,5 +139,5 @@ def experts_reference(experts: Experts, x: torch.Tensor, weights: torch.Tensor, 
     for t in range(x.shape[0]):
         for slot in range(idx.shape[1]):
             e = int(idx[t, slot])
-            out[t] += (experts._expert(e, x[t : t + 1])[0] * weights[t, slot]).to(x.dtype)
+            out[t] += (experts.expert(e, x[t : t + 1])[0] * weights[t, slot]).to(x.dtype)
     return out
