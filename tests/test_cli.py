@@ -188,7 +188,8 @@ def test_info_matches_the_loaded_model(model):
     assert info["parameters"]["total"] == total
     cfg = net.cfg
     assert info["parameters"]["active_per_token"] == _touched_by_one_token(net)
-    assert info["bytes"]["bfloat16"] == 2 * total and info["architecture"]["canvas_length"] == cfg.canvas_length
+    stored = sum(t.numel() for t in net.state_dict().values())  # the parameters and each layer's two scalars
+    assert info["bytes"]["bfloat16"] == 2 * stored and info["architecture"]["canvas_length"] == cfg.canvas_length
     text = _cli("info", model).stdout
     assert "parameters" in text and "defaults" in text
 

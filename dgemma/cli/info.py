@@ -5,20 +5,22 @@ from __future__ import annotations
 
 import json
 
-# Bytes per parameter of each storage format (quantised formats: weights only, scales not counted).
-FORMATS = (("float32", 4.0), ("bfloat16", 2.0), ("int8", 1.0), ("int4", 0.5))
-
 
 def add_parser(sub) -> None:
     p = sub.add_parser("info", help="architecture, parameter counts, memory per dtype and generation defaults")
     p.add_argument("model", nargs="?", help="checkpoint directory or Hugging Face repo id (default: the embedded model)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--quant", choices=("int8", "int4"), help="also print the weights' bytes per part in this format")
+    p.add_argument("--quant-embedding", choices=("bfloat16", "int8"), default="bfloat16",
+                   help="the tied embedding in the quantised formats (default: bfloat16)")
 
 
-def summary(source: str) -> dict:
+def summary(source: str, embedding: str = "bfloat16") -> dict:
+    """``embedding``: how the quantised formats store the tied embedding (``bfloat16`` or ``int8``)."""
     from dgemma import loading
     from dgemma.model.moe import Experts
     from dgemma.params import SamplingParams
+    from dgemma.quant import accounting
 
     ckpt = loading.resolve_source(source, configs_only=True)
     cfg = loading.read_config(ckpt)
@@ -40,7 +42,11 @@ def summary(source: str) -> dict:
             "context": cfg.max_position_embeddings,
         },
         "parameters": {"total": total, "active_per_token": active, "experts": experts},
-        "bytes": {name: int(total * b) for name, b in FORMATS},
+        "bytes": {fmt: accounting.total_bytes(cfg, fmt, embedding) for fmt in accounting.FORMATS},
+        "bytes_by_part": {fmt: accounting.bytes_by_part(cfg, fmt, embedding) for fmt in accounting.FORMATS},
+        "quantization": {"int8": "per output channel, symmetric", "int4": f"groups of {accounting.GROUP_SIZE}, "
+                         "symmetric, packed two per byte", "scales": "bfloat16", "embedding": embedding,
+                         "kept": "norms, layer scalars and router in bfloat16"},
         "generation_defaults": {k: v for k, v in defaults.__dict__.items() if v is not None},
     }
 
@@ -55,7 +61,7 @@ def _human(n: float, unit: str = "") -> str:
 def run(parser, args) -> int:
     from dgemma.embedded import default_model
 
-    info = summary(args.model or str(default_model()))
+    info = summary(args.model or str(default_model()), args.quant_embedding)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -68,7 +74,15 @@ def run(parser, args) -> int:
     print(f"vocabulary   {a['vocab_size']}; canvas {a['canvas_length']} tokens; context {a['context']}")
     print(f"parameters   {_human(p['total'])} total, {_human(p['active_per_token'])} active per token "
           f"({_human(p['experts'])} in experts)")
+    q = info["quantization"]
     print("memory       " + ", ".join(f"{k} {_human(v, 'B')}" for k, v in info["bytes"].items())
-          + " (weights; quantised sizes without scales)")
+          + f" (weights; int8 and int4 with their {q['scales']} scales, embedding {q['embedding']})")
+    if args.quant:
+        parts = info["bytes_by_part"][args.quant]
+        total = info["bytes"][args.quant]
+        print(f"{args.quant} parts   ({q[args.quant]}; {q['kept']})")
+        for part, n in parts.items():
+            print(f"  {part:<18} {n:>16,} B  {_human(n, 'B'):>10}  {100 * n / total:5.1f}%")
+        print(f"  {'total':<18} {total:>16,} B  {_human(total, 'B'):>10}")
     print("defaults     " + ", ".join(f"{k}={v}" for k, v in info["generation_defaults"].items()))
     return 0
