@@ -107,23 +107,26 @@ def test_json_reports_text_ids_steps_and_timings(model, expected):
     assert len(t["canvas_s"]) == 2 and 0 < t["first_canvas_s"] <= t["canvas_s"][1] <= t["seconds"]
 
 
-def test_json_schema_answers_validate_and_a_bad_schema_is_one_line(model, tmp_path):
+def test_json_schema_answers_validate_and_a_bad_schema_is_one_line(model, tmp_path, capsys):
+    """In-process (``dgemma.cli.main``), as the other commands' outputs are checked above through a subprocess."""
+    from dgemma.cli import main
+
     jsonschema = pytest.importorskip("jsonschema")
     schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9},
                                                "ok": {"type": "boolean"}}, "required": ["n"]}
     (tmp_path / "s.json").write_text(json.dumps(schema))
     (tmp_path / "any.json").write_text("{}")
     (tmp_path / "bad.json").write_text('{"type": "string", "format": "email"}')
-    for seed in ("1", "2"):
-        proc = _cli("generate", "hello", "--model", model, "--json-schema", str(tmp_path / "s.json"), *ARGS,
-                    "--seed", seed)
-        assert proc.returncode == 0, proc.stderr
-        jsonschema.validate(json.loads(proc.stdout), schema)
-    proc = _cli("generate", "hello", "--model", model, "--json-schema", str(tmp_path / "any.json"), *ARGS)
-    assert proc.returncode == 0 and isinstance(json.loads(proc.stdout), dict)
+    for name, seed in (("s.json", "1"), ("s.json", "2"), ("any.json", "3")):
+        assert main(["generate", "hello", "--model", model, "--json-schema", str(tmp_path / name), *ARGS,
+                     "--seed", seed]) == 0
+        out = json.loads(capsys.readouterr().out)
+        jsonschema.validate(out, schema if name == "s.json" else {"type": "object"})
     for name, message in (("bad.json", "format"), ("missing.json", "No such file")):
-        proc = _cli("generate", "hello", "--model", model, "--json-schema", str(tmp_path / name), *ARGS)
-        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+        with pytest.raises(SystemExit) as stop:
+            main(["generate", "hello", "--model", model, "--json-schema", str(tmp_path / name), *ARGS])
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and message in err and len(err.strip().splitlines()) == 1
 
 
 def test_chat_answers_each_piped_line_with_the_cached_history(model):

@@ -2,8 +2,6 @@
 parts that add up, a hand count on the tiny preset, and ``dgemma info`` reporting the same figures."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 
@@ -86,13 +84,15 @@ def test_unknown_formats_are_refused():
         total_bytes(cfg, "int4", embedding="int4")
 
 
-def test_info_reports_the_accounting(tmp_path):
+def test_info_reports_the_accounting(tmp_path, capsys):
+    from dgemma.cli import main
+
     (tmp_path / "config.json").write_text(json.dumps(PRESETS["tiny"]()))
     cfg = preset_config("tiny")
 
     def info(*args):
-        return subprocess.run([sys.executable, "-m", "dgemma", "info", str(tmp_path), *args],
-                              check=True, capture_output=True, text=True).stdout
+        assert main(["info", str(tmp_path), *args]) == 0
+        return capsys.readouterr().out
 
     report = json.loads(info("--json", "--quant-embedding", "int8"))
     for fmt in accounting.FORMATS:
