@@ -33,7 +33,7 @@ from dgemma.embedded import default_model
 from dgemma.fileio import atomic_write_text
 from dgemma.sudoku import board as sb
 from dgemma.sudoku import task
-from dgemma.sudoku.cli import SOLVE_DEFAULTS
+from dgemma.sudoku.solve import SOLVE_DEFAULTS
 
 THRESHOLDS = (None, 1e-6, 1e-9, 1e-12, 1e-15)
 

@@ -22,7 +22,7 @@ PUZZLE = "3002814501500300602800000030700120460439675026010587390000900000150006
 
 _SOLVE = f"""
 import time, dgemma
-from dgemma.sudoku.cli import SOLVE_DEFAULTS
+from dgemma.sudoku.solve import SOLVE_DEFAULTS
 e = dgemma.load()
 e.generate("{PUZZLE}", **SOLVE_DEFAULTS)
 t = time.perf_counter()

@@ -221,7 +221,7 @@ def test_training_outputs_load_in_transformers(saved, tmp_path):
 
 def test_sudoku_train_output_loads_in_transformers(tmp_path, capsys):
     from dgemma.cli import main
-    from dgemma.sudoku.cli import SOLVE_DEFAULTS
+    from dgemma.sudoku.solve import SOLVE_DEFAULTS
 
     assert main(["sudoku", "train", "--out", str(tmp_path), "--puzzles", "8", "--augment", "1", "--steps", "1",
                  "--set", "train.batch_size=4", "--set", "train.micro_batch=4", "--set", "train.save_every=0"]) == 0

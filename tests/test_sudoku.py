@@ -229,7 +229,7 @@ def test_embedded_generation_config_holds_the_solve_defaults():
     from dgemma.embedded import default_model
     from dgemma.loading import read_generation_config
     from dgemma.params import SamplingParams
-    from dgemma.sudoku.cli import SOLVE_DEFAULTS
+    from dgemma.sudoku.solve import SOLVE_DEFAULTS
 
     gen = read_generation_config(default_model())  # generation_config.json + dgemma_generation.json
     params = SamplingParams.from_generation_config(gen)  # (takes no seed from a file: a seed is per call)
@@ -247,7 +247,7 @@ def test_embedded_model_solves_fixed_puzzles():
     puzzles (its 1,000-puzzle figures are in its card), never changing a clue."""
     import dgemma
     from dgemma.embedded import default_model
-    from dgemma.sudoku.cli import solve_boards
+    from dgemma.sudoku.solve import solve_boards
 
     engine = dgemma.load(default_model())
     pairs = list(task.puzzles(24, sb.BUCKETS["unsloth"], seed=2024))
@@ -281,7 +281,7 @@ def test_clue_constraint_holds_on_every_step_of_every_restart(scrambled):
     tokens at the clue cells, a digit 1-9 in every blank and <eos> after the 81 cells; free, the same random
     model writes other tokens there."""
     from dgemma.engine import CanvasUpdate, StepUpdate
-    from dgemma.sudoku.cli import SOLVE_DEFAULTS, CellTokens, clue_constraint
+    from dgemma.sudoku.solve import SOLVE_DEFAULTS, CellTokens, clue_constraint
 
     engine, board = scrambled, sb.parse(PUZZLE)
     cells = CellTokens(engine)
@@ -314,7 +314,7 @@ def test_clue_constraint_needs_one_token_per_cell(scrambled, monkeypatch):
     from types import SimpleNamespace
 
     from dgemma.errors import DgemmaError
-    from dgemma.sudoku.cli import CellTokens, clue_constraint
+    from dgemma.sudoku.solve import CellTokens, clue_constraint
 
     rule = clue_constraint(scrambled, sb.parse(PUZZLE)).start(0, 5)  # any attempt of canvas 0 gets it
     assert rule is not None and int((rule.fixed >= 0).sum()) == sb.clues(sb.parse(PUZZLE)) + 1  # clues, <eos>

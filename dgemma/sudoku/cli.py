@@ -11,7 +11,7 @@
   an answer that is not a solution is named on stderr (``board.problems``) and the exit status is 1.
 
 ``--constrain`` (alias ``--pin``) on ``solve`` and ``eval``: a canvas constraint (``dgemma.constraints``,
-:func:`clue_constraint`) holds every clue cell at its digit, lets a blank cell take only the digits 1-9 and
+:func:`dgemma.sudoku.solve.clue_constraint`) holds every clue cell at its digit, lets a blank cell take only the digits 1-9 and
 holds ``<eos>`` after the 81 cells, on every step of every attempt (restarts included).
 """
 
@@ -29,17 +29,11 @@ from dgemma.errors import DgemmaError
 from dgemma.fileio import atomic_write_text
 from dgemma.sudoku import board as sb
 from dgemma.sudoku import task
+from dgemma.sudoku.solve import SOLVE_DEFAULTS, CellTokens, ar_boards, clue_constraint, restart_options, solve_boards
 
 EVAL_SEED = 1_000_003  # differs from every training seed the commands use by default
 SPEC_SAMPLER = "spec-sampler"  # the eval row with no restarts: the sampler exactly as the spec has it
 CONSTRAINED = "diffusion-constrained"  # the eval row of --constrain: the solve defaults under the clue constraint
-SOLVE_DEFAULTS = {"max_new_tokens": task.CANVAS, "max_denoising_steps": 32, "t_max": 0.2, "t_min": 0.05,
-                  "stability_threshold": 1, "confidence_threshold": 0.005, "entropy_bound": 0.1,
-                  # A board that does not settle, or settles less sure than 1e-12 nats per cell, is solved again
-                  # from fresh noise, up to 7 times; the most confident attempt is kept (chosen on validation
-                  # puzzles, seed 4242: of 2,132 attempts that settled below 1e-12, 2,125 were right;
-                  # benchmarks/sudoku_restart_study.py redoes the study).
-                  "restarts": 7, "restart_entropy": 1e-12, "seed": 0}
 
 
 def _clue_range(args) -> tuple[int, int]:
@@ -228,106 +222,6 @@ def _bar(what: str, total: int):
         yield lambda n: bar.advance(task_id, n)
 
 
-CONSTRAIN_ERROR = ("--constrain needs a model that writes a board as one token per cell and the digits 1-9 as "
-                   "one token each, in a canvas of at least 81 positions (as `dgemma sudoku train` makes it)")
-
-
-class CellTokens:
-    """A model's tokens for the board: ``digits[d]`` is the token of digit ``d`` (0-9), ``eos`` the end token
-    (None: the tokenizer has none), ``canvas`` the canvas length. Raises DgemmaError (``CONSTRAIN_ERROR``)
-    unless each digit is one token and the canvas holds the 81 cells."""
-
-    def __init__(self, engine):
-        digits = "0123456789"
-        ids = engine.tokenizer.encode(digits) if engine.tokenizer is not None else []
-        self.canvas = engine.config.canvas_length
-        if len(ids) != 10 or engine.decode(ids) != digits or self.canvas < 81 or \
-                any(engine.decode([t]) != d for t, d in zip(ids, digits)):
-            raise DgemmaError(CONSTRAIN_ERROR)
-        import torch
-
-        self.engine, self.digits, self.eos = engine, ids, engine.tokenizer.eos_id
-        # one allowed set: the digits 1-9 (a blank cell may not stay 0, nor take <eos> or another token)
-        self.table = torch.zeros(1, engine.config.vocab_size, dtype=torch.bool)  # [1, V]
-        self.table[0, ids[1:]] = True
-
-    def rule(self, board: sb.Board):
-        """The clue constraint of ``board`` for one canvas: clues fixed, blanks in the 1-9 set, ``<eos>`` fixed
-        at position 81 (when the canvas has it), later positions free."""
-        import torch
-
-        from dgemma.constraints import CanvasRule
-
-        text = sb.format_board(board)
-        cells = self.engine.encode_prompt(text)[-81:]  # the prompt writes each cell as the answer does
-        if len(cells) != 81 or self.engine.decode(cells) != text or \
-                any(t != self.digits[v] for t, v in zip(cells, board)):
-            raise DgemmaError(CONSTRAIN_ERROR)
-        fixed = torch.full((self.canvas,), -1, dtype=torch.long)
-        index = torch.full((self.canvas,), -1, dtype=torch.long)
-        for i, v in enumerate(board):
-            if v:
-                fixed[i] = self.digits[v]
-            else:
-                index[i] = 0
-        if self.canvas > 81 and self.eos is not None:
-            fixed[81] = self.eos
-        return CanvasRule(fixed=fixed, set_index=index, table=self.table)
-
-
-def clue_constraint(engine, board: sb.Board, cells: CellTokens | None = None):
-    """``board``'s canvas constraint (``dgemma.constraints.Rules`` on canvas 0, so on every restart of it):
-    each clue cell fixed to its digit's token, each blank cell limited to the digits 1-9, ``<eos>`` fixed after
-    the 81 cells. ``cells``: the model's :class:`CellTokens` (made when not given). DgemmaError for a model that
-    does not write one token per cell."""
-    from dgemma.constraints import Rules
-
-    return Rules({0: (cells or CellTokens(engine)).rule(board)})
-
-
-def solve_boards(engine, boards: list[sb.Board], batch: int = 32, tick=None, seed: int = SOLVE_DEFAULTS["seed"],
-                 constrain: bool = False, restarts: int | None = None, restart_entropy: float | None = None):
-    """Diffusion answers for ``boards``: ``[(answer board, steps)]``; ``tick(n)`` after each batch.
-
-    Reproducible for a given ``seed`` (each row of a batch equals its solo run). ``constrain``: each board
-    decodes under its :func:`clue_constraint` (clues held, blanks limited to 1-9, on every step and restart).
-    ``restarts`` and ``restart_entropy`` (default: the solve defaults'): boards that do not settle within the
-    step cap, or settle with a mean entropy at or above ``restart_entropy``, are denoised again from noise, up
-    to ``restarts`` times, and the most confident attempt is kept (``SamplingParams.restarts``).
-    """
-    extra = _restart_options(restarts, restart_entropy)
-    cells = CellTokens(engine) if constrain else None
-    out = []
-    for i in range(0, len(boards), batch):
-        chunk = boards[i: i + batch]
-        rules = [clue_constraint(engine, b, cells) for b in chunk] if constrain else None
-        for c in engine.generate([sb.format_board(b) for b in chunk], constraint=rules,
-                                 **{**SOLVE_DEFAULTS, "seed": seed, **extra}):
-            out.append((task.answer_board(c.text), sum(c.steps)))
-        if tick:
-            tick(len(chunk))
-    return out
-
-
-def ar_boards(engine, boards: list[sb.Board], batch: int = 32, tick=None, temperature: float = 0.0,
-              seed: int = 0) -> list[sb.Board]:
-    """Left-to-right answers of the same weights (encoder mode, one token per pass): greedy, or sampled at
-    ``temperature`` (seeded; each batch draws from ``seed`` + its index)."""
-    import torch
-
-    from dgemma.bench.baselines import autoregressive
-
-    out = []
-    for i in range(0, len(boards), batch):
-        ids = torch.tensor([engine.encode_prompt(sb.format_board(b)) for b in boards[i: i + batch]])
-        with torch.no_grad():
-            run = autoregressive(engine.model, ids, 81, temperature=temperature, seed=seed + i)
-        out += [task.answer_board(engine.decode(t)) for t in run.tokens]
-        if tick:
-            tick(len(ids))
-    return out
-
-
 def _scored(pairs, what: str, solve) -> dict:
     """Score ``solve(tick) -> [(answer, steps or None)]`` on ``pairs``; the summary plus seconds per puzzle."""
     t0 = time.perf_counter()
@@ -339,17 +233,11 @@ def _scored(pairs, what: str, solve) -> dict:
     return {**score.summary(), "seconds_per_puzzle": (time.perf_counter() - t0) / len(pairs)}
 
 
-def _restart_options(restarts: int | None, restart_entropy: float | None) -> dict:
-    """Sampling overrides for the given restart settings (None: keep the solve defaults')."""
-    return {**({} if restarts is None else {"restarts": restarts}),
-            **({} if restart_entropy is None else {"restart_entropy": restart_entropy})}
-
-
 def _check_restarts(args) -> None:
     """Fail on bad ``--restarts`` / ``--restart-entropy`` before loading a model (SamplingParams' own rules)."""
     from dgemma.params import SamplingParams
 
-    SamplingParams(**{**SOLVE_DEFAULTS, **_restart_options(args.restarts, args.restart_entropy)})
+    SamplingParams(**{**SOLVE_DEFAULTS, **restart_options(args.restarts, args.restart_entropy)})
 
 
 def bucket_pairs(name: str, n: int, seed: int) -> list[tuple[sb.Board, sb.Board]]:
@@ -425,7 +313,7 @@ def _solve(args) -> int:
             return
         from dgemma.sudoku.view import solve_live
 
-        extra = _restart_options(args.restarts, args.restart_entropy)
+        extra = restart_options(args.restarts, args.restart_entropy)
         for b in boards:
             yield solve_live(engine, b, {**SOLVE_DEFAULTS, "seed": args.seed, **extra},
                              constraint=clue_constraint(engine, b, cells) if cells else None)
