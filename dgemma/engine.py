@@ -28,6 +28,7 @@ from dgemma.errors import LoadError
 from dgemma.graphs import GraphedDecoder
 from dgemma.model import DiffusionGemma
 from dgemma.params import SamplingParams
+from dgemma.quant.apply import check_options, quantize_model
 from dgemma.tokenizer import Tokenizer, split_thinking
 
 Prompt = str | Sequence[int]
@@ -370,12 +371,15 @@ class Engine:
 
 
 def load(source=None, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None,
-         cuda_graphs: bool | None = None) -> Engine:
+         cuda_graphs: bool | None = None, quant: str | None = None) -> Engine:
     """An Engine for a checkpoint directory or Hugging Face Hub repo id (safetensors only); with no
     ``source``, the model embedded in the package (``dgemma.embedded``), as the command line does.
 
     ``cuda_graphs``: replay the denoising steps of a canvas from CUDA graphs (see ``dgemma.graphs``);
-    None (default) turns them on for a model on CUDA."""
+    None (default) turns them on for a model on CUDA. ``quant`` (``int8`` / ``int4``): ``quantize_model`` with its
+    defaults once the whole float model has loaded (peak memory: the float model's; tensor by tensor is to come)."""
+    if quant is not None:
+        check_options(quant)  # before anything loads
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype.removeprefix("torch."), None)
         if not isinstance(dtype, torch.dtype):
@@ -385,6 +389,7 @@ def load(source=None, device: str | torch.device | None = None, dtype: torch.dty
 
         source = default_model()
     model, _, gen, ckpt = loading.load_weights(source, device=device, dtype=dtype)
+    model = quantize_model(model, quant) if quant is not None else model
     tokenizer = Tokenizer.from_dir(ckpt) if (ckpt / "tokenizer.json").is_file() else None
     try:
         defaults = SamplingParams.from_generation_config(gen)

@@ -258,3 +258,14 @@ def test_bad_options_are_one_clear_value_error(ckpt_factory):
     assert isinstance(model.embed_tokens, TiedEmbedding)
     with pytest.raises(ValueError, match="already quantised"):
         quantize_model(model, "int4")
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_load_quantizes_after_loading(ckpt_factory, scheme):
+    engine = dgemma.load(ckpt_factory("tiny"), dtype="bfloat16", quant=scheme)
+    model = engine.model
+    assert model.quantization == {"scheme": scheme, "group_size": 64, "embedding": "bfloat16"}
+    assert sum(stored_bytes(model).values()) == accounting.total_bytes(model.cfg, scheme)
+    assert engine.generate("Hello there", max_new_tokens=8, seed=0).token_ids
+    with pytest.raises(ValueError, match="int3"):  # refused before anything loads
+        dgemma.load("/no/such/checkpoint", quant="int3")

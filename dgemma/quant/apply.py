@@ -23,7 +23,7 @@ _ALIASES = {"bf16": "bfloat16"}
 QUANTIZED = (QuantizedLinear, QuantizedExperts, Int8Embedding)
 
 
-def check_options(scheme: str, group_size: int, embedding: str) -> str:
+def check_options(scheme: str, group_size: int = formats.GROUP_SIZE, embedding: str = "bfloat16") -> str:
     """Validate the options (one ValueError naming the bad one); returns the embedding's canonical name."""
     if scheme not in formats.SCHEMES:
         raise ValueError(f"unknown quantisation scheme `{scheme}`; choose one of: {', '.join(formats.SCHEMES)}")
