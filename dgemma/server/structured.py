@@ -106,7 +106,7 @@ def forced_output(server, body, chat: bool, budget: int | None) -> Forced | None
         alternatives = [(json_format[0], "", "", "response_format.json_schema.schema")]
     else:
         alternatives = []
-        for i, tool in enumerate(tools):
+        for tool in tools:
             schema = tool.function.parameters or {"type": "object", "properties": {}}
             index = body.tools.index(tool)
             alternatives.append((schema, f"{TOOL_CALL_OPEN}call:{tool.function.name}", TOOL_CALL_CLOSE,
