@@ -11,9 +11,9 @@ Compute, per call, in the activation's dtype:
   expert's rows; for the embedding the rows read, or blocks of ``EMBED_BLOCK`` vocabulary rows) and matmul;
 * int8 on the CPU with bf16 / fp16 activations: ``torch.ops.aten._weight_int8pack_mm`` (int8 codes ``[N, K]``
   contiguous, one scale per output row in the activation's dtype), which never materialises the float weight.
-  It is not used for fp32 activations: on an AVX2 CPU (no AVX-512) torch 2.13's fp32 variant is a scalar
-  loop, 2-12x slower than dequantise-then-matmul, while the bf16 one is 4-8x faster than dequantising to
-  bf16 (``[M, 512] x [2048, 512]``, M = 1..64, one thread). ``fast`` forces either path (tests).
+  It is not used for fp32 activations: on an AVX2 CPU (no AVX-512) torch 2.13's fp32 variant ran 2-20x
+  slower than dequantise-then-matmul, while the bf16 one ran 3-8x faster than dequantising to bf16 and
+  matmul (``[M, 512] x [2048, 512]``, M = 1..1024, one thread). ``fast`` forces either path (tests).
 * int4: dequantise-then-matmul only in this increment (torch's CPU int4 kernels want asymmetric
   scale-and-zero tensors in their own packed layout and widths divisible by the group; a later increment).
 """
