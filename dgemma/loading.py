@@ -361,6 +361,10 @@ def save_checkpoint(model: DiffusionGemma, path, generation_config: dict[str, An
 
     ``state`` (dgemma names, e.g. gathered from FSDP shards) is written instead of the model's own tensors.
     """
+    if state is None and getattr(model, "quantization", None):
+        raise ValueError(f"this model is quantized ({model.quantization['scheme']}); writing a quantized "
+                         f"checkpoint is not supported yet: save the float model, and quantize when loading "
+                         f"(dgemma.load(path, quant=...))")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     config = model.cfg.to_hf_dict()

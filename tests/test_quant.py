@@ -261,11 +261,14 @@ def test_bad_options_are_one_clear_value_error(ckpt_factory):
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
-def test_load_quantizes_after_loading(ckpt_factory, scheme):
+def test_load_quantizes_after_loading(ckpt_factory, scheme, tmp_path):
     engine = dgemma.load(ckpt_factory("tiny"), dtype="bfloat16", quant=scheme)
     model = engine.model
     assert model.quantization == {"scheme": scheme, "group_size": 64, "embedding": "bfloat16"}
     assert sum(stored_bytes(model).values()) == accounting.total_bytes(model.cfg, scheme)
     assert engine.generate("Hello there", max_new_tokens=8, seed=0).token_ids
+    with pytest.raises(ValueError, match="quantized"):  # no half-written checkpoint of codes under float names
+        engine.save_pretrained(tmp_path / "out")
+    assert not (tmp_path / "out").exists()
     with pytest.raises(ValueError, match="int3"):  # refused before anything loads
         dgemma.load("/no/such/checkpoint", quant="int3")
