@@ -22,7 +22,7 @@ import torch
 
 from dgemma import genconfig, loading, sampler
 from dgemma.config import ModelConfig
-from dgemma.constraints import CanvasConstraint
+from dgemma.constraints import CanvasConstraint, Combined
 from dgemma.core import CanvasEvent, EngineCore, Request, RowResult, StepEvent
 from dgemma.errors import LoadError
 from dgemma.graphs import GraphedDecoder
@@ -197,10 +197,7 @@ class Engine:
         ``json_schema`` (or OpenAI's ``response_format``): the answer is JSON that validates against it
         (``dgemma.structured``; ``max_new_tokens`` is raised to what its layout needs)."""
         ids, single = self._batch(prompts)
-        p = self.params(params, **overrides)
-        plan, p = self._structured(json_schema, response_format, p)
-        self._check_structured_length(ids, p, plan)
-        rows = self._with_plan(self._row_constraints(constraint, len(ids)), plan, len(ids))
+        p, rows = self._prepared(ids, params, overrides, constraint, json_schema, response_format)
         reqs = self._submit_rows(ids, p, constraints=rows)
         try:
             for req in reqs:
@@ -233,29 +230,26 @@ class Engine:
             raise
         return reqs
 
-    def _structured(self, json_schema, response_format, p: SamplingParams):
-        """``(plan or None, params)``: ``dgemma.structured.request_plan`` for this model."""
+    def _prepared(self, ids: list[list[int]], params, overrides: dict, constraint, json_schema,
+                  response_format) -> tuple[SamplingParams, list[CanvasConstraint | None] | None]:
+        """A call's params and each row's constraint: ``constraint`` (see :meth:`generate`) combined with a
+        fresh constraint of the JSON layout (``dgemma.structured.request_plan``, which also raises
+        ``max_new_tokens`` to what the layout needs). ValueError for a bad call or one past the context."""
         from dgemma.structured import request_plan
 
-        return request_plan(json_schema, response_format, self.tokenizer, self.config.canvas_length, p)
-
-    def _check_structured_length(self, ids: list[list[int]], p: SamplingParams, plan) -> None:
+        p = self.params(params, **overrides)
+        plan, p = request_plan(json_schema, response_format, self.tokenizer, self.config.canvas_length, p)
         try:
             self.check_length(ids, p)
         except ValueError as e:
             if plan is None:
                 raise
             raise ValueError(f"the JSON layout needs {plan.max_new_tokens} answer tokens: {e}") from None
-
-    @staticmethod
-    def _with_plan(rows: list | None, plan, n: int) -> list | None:
-        """Each row's constraint with a fresh one of ``plan`` (it keeps per-request state)."""
-        if plan is None:
-            return rows
-        from dgemma.constraints import Combined
-
-        rows = rows or [None] * n
-        return [plan.constraint() if r is None else Combined(plan.constraint(), r) for r in rows]
+        rows = self._row_constraints(constraint, len(ids))
+        if plan is not None:  # a plan's constraint keeps per-request state: one each
+            rows = [plan.constraint() if r is None else Combined(plan.constraint(), r)
+                    for r in (rows or [None] * len(ids))]
+        return p, rows
 
     @staticmethod
     def _row_constraints(constraint, n: int) -> list[CanvasConstraint | None] | None:
@@ -285,10 +279,7 @@ class Engine:
         committed canvas of one prompt (``constraint``, ``json_schema``, ``response_format``: as in
         :meth:`generate`)."""
         ids, _ = self._batch([prompt])
-        p = self.params(params, **overrides)
-        plan, p = self._structured(json_schema, response_format, p)
-        self._check_structured_length(ids, p, plan)
-        rows = self._with_plan(self._row_constraints(constraint, 1), plan, 1)
+        p, rows = self._prepared(ids, params, overrides, constraint, json_schema, response_format)
         # No grad mode is held across the yields (a suspended generator would leak it into the caller):
         # ``EngineCore.step`` runs in inference mode itself.
         req = self._submit_rows(ids, p, step_events, rows)[0]
