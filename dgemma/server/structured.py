@@ -40,15 +40,14 @@ class Forced:
         return min(range(len(means)), key=means.__getitem__)
 
 
-def _schema_of(body) -> tuple[dict[str, Any] | None, bool] | None:
-    """``(schema or None for any object, True)`` of ``response_format``; None when it asks for plain text."""
+def _json_format(body) -> tuple[bool, dict[str, Any] | None]:
+    """``(JSON asked for, its schema or None for any object)`` of the request's ``response_format``."""
     if body.response_format is None:
-        return None
+        return False, None
     try:
-        wanted, schema = from_response_format(body.response_format)
+        return from_response_format(body.response_format)
     except SchemaError as e:
         raise ApiError(400, str(e), param=f"response_format.{e.keyword}") from None
-    return (schema, True) if wanted else None
 
 
 def _forced_tools(body) -> list[Any] | None:
@@ -84,11 +83,11 @@ def _check(schema: dict[str, Any] | None, param: str) -> None:
 def forced_output(server, body, chat: bool, budget: int | None) -> Forced | None:
     """The compiled alternatives of what ``body`` forces, or None. ``budget``: the request's max_tokens
     (None: not given). Raises ApiError(400) for anything that cannot be honoured."""
-    json_format = _schema_of(body)
+    wants_json, json_schema = _json_format(body)
     tools = _forced_tools(body) if chat else None
-    if json_format is None and tools is None:
+    if not wants_json and tools is None:
         return None
-    if json_format is not None and tools is not None:
+    if wants_json and tools is not None:
         raise ApiError(400, "response_format cannot be combined with a forced tool call (tool_choice)",
                        param="response_format")
     param = "response_format" if tools is None else "tool_choice"
@@ -103,7 +102,7 @@ def forced_output(server, body, chat: bool, budget: int | None) -> Forced | None
         raise ApiError(400, f"model {server.model_id} has no tokenizer, so it cannot write {param} output",
                        param=param)
     if tools is None:
-        alternatives = [(json_format[0], "", "", "response_format.json_schema.schema")]
+        alternatives = [(json_schema, "", "", "response_format.json_schema.schema")]
     else:
         alternatives = []
         for tool in tools:
