@@ -28,7 +28,7 @@ from dgemma.errors import LoadError
 from dgemma.graphs import GraphedDecoder
 from dgemma.model import DiffusionGemma
 from dgemma.params import SamplingParams
-from dgemma.quant.apply import check_options, quantize_model
+from dgemma.quant.apply import QuantOptions
 from dgemma.tokenizer import Tokenizer, split_thinking
 
 Prompt = str | Sequence[int]
@@ -362,15 +362,17 @@ class Engine:
 
 
 def load(source=None, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None,
-         cuda_graphs: bool | None = None, quant: str | None = None) -> Engine:
+         cuda_graphs: bool | None = None, quant=None) -> Engine:
     """An Engine for a checkpoint directory or Hugging Face Hub repo id (safetensors only); with no
     ``source``, the model embedded in the package (``dgemma.embedded``), as the command line does.
 
     ``cuda_graphs``: replay the denoising steps of a canvas from CUDA graphs (see ``dgemma.graphs``);
-    None (default) turns them on for a model on CUDA. ``quant`` (``int8`` / ``int4``): ``quantize_model`` with its
-    defaults once the whole float model has loaded (peak memory: the float model's; tensor by tensor is to come)."""
+    None (default) turns them on for a model on CUDA. ``quant``: weight-only quantisation, a scheme name
+    (``int8``, ``int4``) or a dict / ``dgemma.quant.apply.QuantOptions`` (``scheme``, ``group_size``,
+    ``embedding``); a float checkpoint is quantised tensor by tensor as it is read (the float model is never
+    whole in memory); a checkpoint written quantised (``dgemma quantize``) loads quantised without it."""
     if quant is not None:
-        check_options(quant)  # before anything loads
+        QuantOptions.of(quant)  # bad options fail before anything loads
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype.removeprefix("torch."), None)
         if not isinstance(dtype, torch.dtype):
@@ -379,8 +381,7 @@ def load(source=None, device: str | torch.device | None = None, dtype: torch.dty
         from dgemma.embedded import default_model
 
         source = default_model()
-    model, _, gen, ckpt = loading.load_weights(source, device=device, dtype=dtype)
-    model = quantize_model(model, quant) if quant is not None else model
+    model, _, gen, ckpt = loading.load_weights(source, device=device, dtype=dtype, quant=quant)
     tokenizer = Tokenizer.from_dir(ckpt) if (ckpt / "tokenizer.json").is_file() else None
     try:
         defaults = SamplingParams.from_generation_config(gen)

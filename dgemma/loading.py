@@ -10,12 +10,10 @@ shaped tensor is named in the error. Writes the same format back (``save_checkpo
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
 import re
-import time
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +25,10 @@ from dgemma import genconfig
 from dgemma.config import ModelConfig
 from dgemma.errors import ConfigError, LoadError
 from dgemma.fileio import atomic_write
+from dgemma.hardware import cpu_has_fast_bf16
 from dgemma.model import DiffusionGemma
+from dgemma.quant import checkpoint as qcheckpoint
+from dgemma.quant.apply import QuantOptions, quantize_model
 
 log = logging.getLogger("dgemma")
 
@@ -35,6 +36,7 @@ DECODER = "model.decoder."
 ENCODER_TEXT = "model.encoder.language_model."
 _ENCODER_SCALAR = re.compile(r"^model\.encoder\.language_model\.layers\.(\d+)\.layer_scalar$")
 _SKIPPED_PREFIXES = ("model.encoder.vision_tower.", "model.encoder.embed_vision.")
+FLOAT_WEIGHTS = "model.safetensors"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt"]
 
@@ -168,9 +170,17 @@ def map_name(key: str) -> str | None:
     return key  # unknown: reported as unexpected
 
 
-def read_state_dict(ckpt: Path, model: torch.nn.Module, dtype: torch.dtype | None, device) -> dict[str, torch.Tensor]:
-    """Read and check every tensor against ``model``'s (meta) parameters; returns dgemma-named tensors."""
-    expected = {k: v.shape for k, v in model.state_dict().items()}
+def read_state_dict(ckpt: Path, model: torch.nn.Module, dtype: torch.dtype | None, device,
+                    quantize: bool = False) -> dict[str, torch.Tensor]:
+    """Read and check every tensor against ``model``'s (meta) state; returns tensors under its keys.
+
+    ``model`` may be quantised (``dgemma.quant``): a quantised checkpoint's ``W.codes`` / ``W.scale`` are read
+    as they are stored (their dtype checked, never cast), or with ``quantize`` a float checkpoint's ``W`` is
+    quantised as it is read, one tensor at a time, so the float model is never whole in memory. ``dtype``
+    casts the float tensors that stay float.
+    """
+    layout = qcheckpoint.Layout(model) if getattr(model, "quantization", None) else None
+    expected = {k: (v.shape, v.dtype) for k, v in model.state_dict().items()}
     state: dict[str, torch.Tensor] = {}
     skipped = 0
     for key, handle, file in _open_tensors(_weight_files(ckpt)):
@@ -180,23 +190,40 @@ def read_state_dict(ckpt: Path, model: torch.nn.Module, dtype: torch.dtype | Non
         name = map_name(key)
         if name is None:
             continue
-        if name not in expected:
-            raise LoadError(f"unexpected tensor {key} in {file.name}: it does not belong to this model config")
+        quantized = quantize and layout is not None and layout.quantized(name)
+        if quantized:
+            shape, stored = layout.float_shape(name), None
+        else:
+            name = layout.model_key(name) if layout is not None else name
+            if name not in expected:
+                raise LoadError(f"unexpected tensor {key} in {file.name}: it does not belong to this model config"
+                                + (" (a quantised checkpoint?)" if not layout and key.endswith((".codes", ".scale"))
+                                   else ""))
+            shape, stored = expected[name]
         try:
             tensor = handle.get_tensor(key)
         except Exception as e:
             raise LoadError(f"cannot read tensor {key} from {file} (truncated or corrupt?): {e}") from None
-        if tensor.shape != expected[name]:
-            raise LoadError(
-                f"tensor {key} in {file.name} has shape {list(tensor.shape)}, the config implies "
-                f"{list(expected[name])}"
-            )
-        if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
-            tensor = tensor.to(dtype)
-        state[name] = tensor.to(device) if device is not None else tensor
+        if tuple(tensor.shape) != tuple(shape):
+            raise LoadError(f"tensor {key} in {file.name} has shape {list(tensor.shape)}, the config implies "
+                            f"{list(shape)}")
+        if quantized:
+            parts = layout.quantize(name, tensor)
+            del tensor  # the float tensor goes before the next is read
+        elif layout is not None and layout.file_name(name) != name:  # codes or scales, as stored
+            if tensor.dtype != stored:
+                raise LoadError(f"tensor {key} in {file.name} is {tensor.dtype}; this format stores {stored}")
+            parts = {name: tensor}
+        else:
+            if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
+                tensor = tensor.to(dtype)
+            parts = {name: tensor}
+        for k, t in parts.items():
+            state[k] = t.to(device) if device is not None else t
     missing = [k for k in expected if k not in state]
     if missing:
-        raise LoadError(f"checkpoint {ckpt} is missing tensor {_checkpoint_name(missing[0])}"
+        name = layout.file_name(missing[0]) if layout is not None else missing[0]
+        raise LoadError(f"checkpoint {ckpt} is missing tensor {_checkpoint_name(name)}"
                         + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     if skipped:
         log.warning("dgemma: skipped %d vision tensors (image input is not supported yet)", skipped)
@@ -209,8 +236,10 @@ def _checkpoint_name(name: str) -> str:
 
 
 def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor] | None = None, device=None, dtype=None,
-                seed: int | None = None, embed_std: float | None = None):
+                seed: int | None = None, embed_std: float | None = None, structure: DiffusionGemma | None = None):
     """A model for ``cfg``: weights assigned from ``state`` (no copy), or randomly initialised if None.
+    ``structure``: the storage-free model ``state`` is assigned to (default ``meta_model(cfg)``; a quantised
+    one for quantised weights).
 
     The random model is allocated once, directly on ``device`` in ``dtype`` (a 26B config in bf16 needs
     its 52 GB only once, never an fp32 copy first). ``seed`` makes it reproducible on a given device;
@@ -224,8 +253,10 @@ def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor] | None = None, 
         if embed_std is not None:
             model.embed_tokens.weight.data.normal_(0.0, embed_std, generator=gen)
     else:
-        model = meta_model(cfg)
+        model = structure if structure is not None else meta_model(cfg)
         model.load_state_dict(state, strict=True, assign=True)
+        if getattr(model, "quantization", None):
+            qcheckpoint.set_compute_dtype(model, next(model.parameters()).dtype)
     # Non-persistent buffers (RoPE frequencies, fp32 whatever the weights) are not in the checkpoint.
     with torch.device(model.device):
         fresh = DiffusionGemma.rope_buffers(cfg)
@@ -247,67 +278,6 @@ def init_weights(model: DiffusionGemma, std: float = 0.02, generator: torch.Gene
                 buf.fill_(1.0)
 
 
-_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
-_PROBE_SIZE = 128  # the probe's square matmul: 4 MFLOP, well under a millisecond in fp32
-_PROBE_SLOWDOWN = 2.0  # bf16 slower than fp32 by more than this: emulated (hardware bf16 is ~1x or faster)
-
-
-def cpu_has_fast_bf16() -> bool:
-    """Whether this CPU multiplies bf16 matrices in hardware (x86: AVX-512 BF16 or AMX).
-
-    Without it PyTorch emulates bf16 matmuls, about 100x slower than fp32 (measured on an AVX2 EPYC:
-    1.5 vs 112 GFLOP/s), so a bf16 checkpoint is better run in fp32 there. On x86 Linux the answer is the
-    ``avx512_bf16`` / ``amx_bf16`` flags of /proc/cpuinfo (an AVX-512 CPU without them emulates bf16 too);
-    elsewhere a one-off timed matmul decides (``_bf16_probe``).
-    """
-    flags = _cpu_flags()
-    if flags is not None:
-        return bool(flags & _BF16_FLAGS)
-    return _bf16_probe()
-
-
-@functools.cache
-def _cpu_flags(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> frozenset[str] | None:
-    """The x86 feature flags of ``cpuinfo``'s first ``flags`` line; None where there is none (not Linux, or
-    not x86: ARM lists ``Features`` instead)."""
-    try:
-        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == "flags":
-                    return frozenset(value.split())
-    except OSError:
-        return None
-    return None
-
-
-@functools.cache
-def _bf16_probe() -> bool:
-    """Time a bf16 and an fp32 ``_PROBE_SIZE``-square matmul on one thread (best of 5 after a warm-up; one
-    thread, because threads that wait for a busy core make the timings noise): bf16 is fast unless it is more
-    than ``_PROBE_SLOWDOWN`` times slower (emulated it is 20-30x slower at this size: an AVX2 EPYC, torch
-    2.13, one thread). Runs once per process, in about 10-60 ms where bf16 is emulated."""
-    g = torch.Generator().manual_seed(0)
-    a = torch.randn(_PROBE_SIZE, _PROBE_SIZE, generator=g)  # (N, N) fp32
-
-    def best(x: torch.Tensor) -> float:
-        x @ x  # warm-up: kernel selection, first-touch allocation
-        times = []
-        for _ in range(5):
-            t0 = time.perf_counter()
-            x @ x
-            times.append(time.perf_counter() - t0)
-        return min(times)
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with torch.inference_mode():
-            return best(a.bfloat16()) <= _PROBE_SLOWDOWN * best(a)
-    finally:
-        torch.set_num_threads(threads)
-
-
 def default_dtype(device) -> torch.dtype | None:
     """The dtype to load in when the caller names none: the checkpoint's (None), except on a CPU that
     emulates bf16, where fp32 is ~50x faster for the price of twice the memory."""
@@ -317,19 +287,41 @@ def default_dtype(device) -> torch.dtype | None:
     return None
 
 
-def load_weights(source, device=None, dtype=None):
+def load_weights(source, device=None, dtype=None, quant=None):
     """``(model, config, generation_config dict, checkpoint dir)`` for a directory or Hub id.
 
     ``dtype=None`` keeps the checkpoint's dtype, except on CPUs without bf16 hardware (see default_dtype).
+    A quantised checkpoint (``dgemma quantize``) loads quantised. ``quant`` (a scheme name, a dict or
+    ``dgemma.quant.apply.QuantOptions``) quantises a float checkpoint tensor by tensor as it is read: the
+    peak is the quantised model plus one float tensor (one expert's fp32 copy while it is quantised).
     """
+    wanted = QuantOptions.of(quant) if quant is not None else None  # bad options fail before any read
     ckpt = resolve_source(source)
+    cfg = read_config(ckpt)
+    try:
+        stored = qcheckpoint.read_section(read_json(ckpt / "config.json"))
+    except ValueError as e:
+        raise LoadError(f"{ckpt / 'config.json'}: {e}") from None
+    if stored is not None and wanted is not None and not wanted.matches(stored):
+        raise LoadError(f"{ckpt} is already quantised ({stored.scheme}, group size {stored.group_size}, embedding "
+                        f"{stored.embedding}); load it without quant=, or quantise its float original")
     if dtype is None:
         dtype = default_dtype(device)
         if dtype is not None:
             log.info("dgemma: this CPU has no bf16 matmul hardware; loading in %s", dtype)
-    cfg = read_config(ckpt)
-    state = read_state_dict(ckpt, meta_model(cfg), dtype, device)
-    return build_model(cfg, state), cfg, read_generation_config(ckpt), ckpt
+    options = stored or wanted
+    structure = meta_model(cfg)
+    if options is not None:
+        quantize_model(structure, **options.as_dict())  # meta: shapes and dtypes, no work; checks group size
+    state = read_state_dict(ckpt, structure, dtype, device, quantize=stored is None and wanted is not None)
+    return build_model(cfg, state, structure=structure), cfg, read_generation_config(ckpt), ckpt
+
+
+def stored_dtype(ckpt: Path) -> torch.dtype:
+    """The dtype config.json says the checkpoint's float weights are in (float32 when it names none)."""
+    raw = read_json(Path(ckpt) / "config.json")
+    value = getattr(torch, str(raw.get("dtype") or raw.get("torch_dtype") or "float32"), None)
+    return value if isinstance(value, torch.dtype) else torch.float32
 
 
 def meta_model(cfg: ModelConfig) -> DiffusionGemma:
@@ -344,10 +336,13 @@ def export_state_dict(model: DiffusionGemma, to_cpu: bool = True,
     """dgemma parameter names -> checkpoint names (the release layout: decoder weights + encoder scalars).
 
     ``to_cpu=False`` keeps the tensors where they are (no copy), to hand them to another in-memory model.
-    ``state`` (dgemma names) replaces ``model.state_dict()``, e.g. weights gathered from shards.
+    ``state`` (dgemma names) replaces ``model.state_dict()``, e.g. weights gathered from shards. A quantised
+    model's codes and scales go under the names of the quantised checkpoint format (``dgemma.quant.checkpoint``).
     """
     out = {}
+    layout = qcheckpoint.Layout(model) if state is None and getattr(model, "quantization", None) else None
     for name, tensor in (model.state_dict() if state is None else state).items():
+        name = layout.file_name(name) if layout is not None else name
         m = re.fullmatch(r"layers\.(\d+)\.encoder_layer_scalar", name)
         key = f"{ENCODER_TEXT}layers.{m.group(1)}.layer_scalar" if m else DECODER + name
         out[key] = tensor.detach().contiguous().cpu() if to_cpu else tensor.detach()
@@ -357,22 +352,26 @@ def export_state_dict(model: DiffusionGemma, to_cpu: bool = True,
 def save_checkpoint(model: DiffusionGemma, path, generation_config: dict[str, Any] | None = None,
                     state: dict[str, torch.Tensor] | None = None) -> Path:
     """Write config.json, the generation config files (``write_generation_config``) and model.safetensors in
-    the release format.
+    the release format; a quantised model in the quantised format (``dgemma.quant.checkpoint``), which
+    dgemma reads and transformers does not.
 
     ``state`` (dgemma names, e.g. gathered from FSDP shards) is written instead of the model's own tensors.
     """
-    if state is None and getattr(model, "quantization", None):
-        raise ValueError(f"this model is quantized ({model.quantization['scheme']}); writing a quantized "
-                         f"checkpoint is not supported yet: save the float model, and quantize when loading "
-                         f"(dgemma.load(path, quant=...))")
+    quantization = getattr(model, "quantization", None) if state is None else None
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     config = model.cfg.to_hf_dict()
     config.pop("torch_dtype", None)
     tensors = export_state_dict(model, state=state)
-    dtype = tensors[DECODER + "embed_tokens.weight"].dtype
-    config["dtype"] = str(dtype).removeprefix("torch.")  # what the weights below are stored in
-    atomic_write(path / "model.safetensors", lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    # What the float weights below are stored in (a quantised model's float tensors are its parameters).
+    dtype = next(model.parameters()).dtype if quantization else tensors[DECODER + "embed_tokens.weight"].dtype
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    if quantization:
+        config[qcheckpoint.CONFIG_KEY] = qcheckpoint.config_section(QuantOptions.of(quantization))
+    name, other = ((qcheckpoint.WEIGHTS_FILE, FLOAT_WEIGHTS) if quantization else
+                   (FLOAT_WEIGHTS, qcheckpoint.WEIGHTS_FILE))
+    atomic_write(path / name, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    (path / other).unlink(missing_ok=True)  # a stale file of the other format would be read beside it
     _write_json(path / "config.json", config)
     write_generation_config(path, generation_config)
     return path

@@ -22,7 +22,7 @@ from transformers import DiffusionGemmaForBlockDiffusion
 from transformers.models.diffusion_gemma.generation_diffusion_gemma import DiffusionGemmaGenerationConfig
 
 import dgemma
-from dgemma import genconfig, loading
+from dgemma import genconfig, hardware, loading
 from dgemma.cache import KVCache
 from dgemma.params import SamplingParams
 from dgemma.train import config
@@ -280,9 +280,9 @@ def test_legacy_single_file_layout_loads_with_a_notice(ckpt_factory, tmp_path, c
     (None, False, False),
 ])
 def test_bf16_detection_drives_load_dtype_and_training_precision(monkeypatch, flags, probe, fast):
-    monkeypatch.setattr(loading, "_cpu_flags", lambda: flags)
-    monkeypatch.setattr(loading, "_bf16_probe", lambda: probe)
-    assert loading.cpu_has_fast_bf16() is fast
+    monkeypatch.setattr(hardware, "_cpu_flags", lambda: flags)
+    monkeypatch.setattr(hardware, "_bf16_probe", lambda: probe)
+    assert hardware.cpu_has_fast_bf16() is fast
     assert loading.default_dtype("cpu") == (None if fast else torch.float32)  # None: the checkpoint's dtype
     assert resolve_precision("auto", torch.device("cpu")) == (torch.bfloat16 if fast else None)
     assert resolve_precision("fp32", torch.device("cpu")) is None
@@ -293,9 +293,9 @@ def test_cpu_flags_come_from_the_x86_flags_line(tmp_path):
     x86.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16\n\nprocessor\t: 1\nflags\t\t: fpu\n")
     arm = tmp_path / "arm"
     arm.write_text("processor\t: 0\nFeatures\t: fp asimd bf16\n")
-    assert loading._cpu_flags.__wrapped__(x86) == frozenset({"fpu", "avx2", "avx512f", "avx512_bf16"})
-    assert loading._cpu_flags.__wrapped__(arm) is None
-    assert loading._cpu_flags.__wrapped__(tmp_path / "absent") is None
-    flags = loading._cpu_flags()  # this machine's
+    assert hardware._cpu_flags.__wrapped__(x86) == frozenset({"fpu", "avx2", "avx512f", "avx512_bf16"})
+    assert hardware._cpu_flags.__wrapped__(arm) is None
+    assert hardware._cpu_flags.__wrapped__(tmp_path / "absent") is None
+    flags = hardware._cpu_flags()  # this machine's
     if flags is not None:
-        assert loading.cpu_has_fast_bf16() == bool(flags & {"avx512_bf16", "amx_bf16"})
+        assert hardware.cpu_has_fast_bf16() == bool(flags & {"avx512_bf16", "amx_bf16"})

@@ -1,6 +1,6 @@
 """The ``dgemma`` command line: argparse subcommands that parse, build objects and call; no logic here.
 
-``generate``, ``chat``, ``info`` and ``edit`` / ``infill`` (this package), ``serve`` (``cli/serve.py``),
+``generate``, ``chat``, ``info``, ``quantize`` and ``edit`` / ``infill`` (this package), ``serve`` (``cli/serve.py``),
 ``bench`` (``cli/bench.py``), ``train`` / ``merge`` (``dgemma.train.cli``) and ``sudoku`` (``dgemma.sudoku.cli``).
 A user mistake (``DgemmaError`` or ``ValueError``: unknown model, offline Hub id, prompt too long, bad option
 value) prints one line, ``dgemma: ...``, and exits with status 2; Ctrl-C exits with 130 and no traceback.
@@ -15,7 +15,7 @@ from dgemma.errors import DgemmaError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from dgemma.cli import bench, chat, edit, generate, info, serve
+    from dgemma.cli import bench, chat, edit, generate, info, quantize, serve
     from dgemma.sudoku import cli as sudoku_cli
     from dgemma.train import cli as train_cli
 
@@ -24,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_parser(sub)
     chat.add_parser(sub)
     info.add_parser(sub)
+    quantize.add_parser(sub)
     serve.add_parser(sub)
     edit.add_parsers(sub)
     bench.add_parser(sub)
@@ -33,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dgemma.cli import bench, chat, edit, generate, info, serve
+    from dgemma.cli import bench, chat, edit, generate, info, quantize, serve
     from dgemma.sudoku import cli as sudoku_cli
     from dgemma.train import cli as train_cli
 
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     commands = {"generate": generate.run, "chat": chat.run, "info": info.run, "bench": bench.run, "train": train_cli.run,
                 "merge": train_cli.run, "sudoku": sudoku_cli.run, "serve": serve.run,
-                "edit": edit.run, "infill": edit.run}
+                "edit": edit.run, "infill": edit.run, "quantize": quantize.run}
     try:
         return commands[args.command](parser, args)
     except (DgemmaError, ValueError) as e:

@@ -21,6 +21,7 @@ def summary(source: str, embedding: str = "bfloat16") -> dict:
     from dgemma.model.moe import Experts
     from dgemma.params import SamplingParams
     from dgemma.quant import accounting
+    from dgemma.quant import checkpoint as qcheckpoint
 
     ckpt = loading.resolve_source(source, configs_only=True)
     cfg = loading.read_config(ckpt)
@@ -29,6 +30,7 @@ def summary(source: str, embedding: str = "bfloat16") -> dict:
     experts = sum(p.numel() for m in model.modules() if isinstance(m, Experts) for p in m.parameters())
     active = total - experts + experts * cfg.top_k_experts // max(1, cfg.num_experts)
     gen = loading.read_generation_config(ckpt)
+    stored = qcheckpoint.read_section(loading.read_json(ckpt / "config.json"))  # written by dgemma quantize
     defaults = SamplingParams.from_generation_config(gen)
     sliding = sum(1 for spec in cfg.layers if spec.is_sliding)
     return {
@@ -44,9 +46,10 @@ def summary(source: str, embedding: str = "bfloat16") -> dict:
         "parameters": {"total": total, "active_per_token": active, "experts": experts},
         "bytes": {fmt: accounting.total_bytes(cfg, fmt, embedding) for fmt in accounting.FORMATS},
         "bytes_by_part": {fmt: accounting.bytes_by_part(cfg, fmt, embedding) for fmt in accounting.FORMATS},
-        "quantization": {"int8": "per output channel, symmetric", "int4": f"groups of {accounting.GROUP_SIZE}, "
+        "quantization": {"int8": "per output channel, symmetric", "int4": f"groups of {accounting.default_group_size(cfg)}, "
                          "symmetric, packed two per byte", "scales": "bfloat16", "embedding": embedding,
                          "kept": "norms, layer scalars and router in bfloat16"},
+        "stored_quantized": stored.as_dict() if stored is not None else None,
         "generation_defaults": {k: v for k, v in defaults.__dict__.items() if v is not None},
     }
 
@@ -77,6 +80,10 @@ def run(parser, args) -> int:
     q = info["quantization"]
     print("memory       " + ", ".join(f"{k} {_human(v, 'B')}" for k, v in info["bytes"].items())
           + f" (weights; int8 and int4 with their {q['scales']} scales, embedding {q['embedding']})")
+    if info["stored_quantized"]:
+        sq = info["stored_quantized"]
+        print(f"stored       quantised {sq['scheme']} (group size {sq['group_size']}, embedding {sq['embedding']}): "
+              f"{_human(info['bytes'][sq['scheme']], 'B')} of weights with bfloat16 float parts")
     if args.quant:
         parts = info["bytes_by_part"][args.quant]
         total = info["bytes"][args.quant]

@@ -99,6 +99,23 @@ def weight_tensors(cfg: ModelConfig) -> list[WeightTensor]:
     return out
 
 
+def quantized_widths(cfg: ModelConfig) -> list[int]:
+    """The input widths of the weights the quantised formats quantise (linears and experts), sorted."""
+    return sorted({t.shape[-1] for t in weight_tensors(cfg) if t.role in ("linear", "experts")})
+
+
+def group_fits(widths: list[int], group_size: int) -> bool:
+    """Whether int4 groups of ``group_size`` are whole on every width (a width at most one group is one group)."""
+    return all(w <= group_size or w % group_size == 0 for w in widths)
+
+
+def default_group_size(cfg: ModelConfig) -> int:
+    """The int4 group size when none is asked for: 64 (the accounting's), else the largest power of two below
+    it that divides every quantised width (a model whose widths are not multiples of 64)."""
+    widths = quantized_widths(cfg)
+    return next(g for g in (GROUP_SIZE, 32, 16, 8, 4, 2, 1) if group_fits(widths, g))
+
+
 def quantized_bytes(rows: int, cols: int, fmt: str, group_size: int = GROUP_SIZE,
                     scale_bytes: int = SCALE_BYTES) -> int:
     """Bytes of ``rows`` output rows of ``cols`` inputs in ``fmt`` (``int8`` or ``int4``), scales included."""
@@ -127,16 +144,18 @@ def tensor_bytes(t: WeightTensor, fmt: str, embedding: str = "bfloat16", group_s
     return t.numel * KEPT_BYTES
 
 
-def bytes_by_part(cfg: ModelConfig, fmt: str, embedding: str = "bfloat16", group_size: int = GROUP_SIZE,
+def bytes_by_part(cfg: ModelConfig, fmt: str, embedding: str = "bfloat16", group_size: int | None = None,
                   scale_bytes: int = SCALE_BYTES) -> dict[str, int]:
-    """``{part: bytes}`` for every part of :data:`PARTS` (their sum is :func:`total_bytes`)."""
+    """``{part: bytes}`` for every part of :data:`PARTS` (their sum is :func:`total_bytes`); ``group_size``
+    None: :func:`default_group_size` (64 where it fits the widths)."""
+    group_size = default_group_size(cfg) if group_size is None else group_size
     out = dict.fromkeys(PARTS, 0)
     for t in weight_tensors(cfg):
         out[t.part] += tensor_bytes(t, fmt, embedding, group_size, scale_bytes)
     return out
 
 
-def total_bytes(cfg: ModelConfig, fmt: str, embedding: str = "bfloat16", group_size: int = GROUP_SIZE,
+def total_bytes(cfg: ModelConfig, fmt: str, embedding: str = "bfloat16", group_size: int | None = None,
                 scale_bytes: int = SCALE_BYTES) -> int:
     """Bytes of all the model's weights in ``fmt``."""
     return sum(bytes_by_part(cfg, fmt, embedding, group_size, scale_bytes).values())

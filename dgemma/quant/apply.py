@@ -14,6 +14,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dataclasses import asdict, dataclass
+from typing import Any
+
 from dgemma.model.moe import Experts, Router
 from dgemma.quant import accounting, formats
 from dgemma.quant.modules import Int8Embedding, QuantizedExperts, QuantizedLinear
@@ -23,15 +26,67 @@ _ALIASES = {"bf16": "bfloat16"}
 QUANTIZED = (QuantizedLinear, QuantizedExperts, Int8Embedding)
 
 
-def check_options(scheme: str, group_size: int = formats.GROUP_SIZE, embedding: str = "bfloat16") -> str:
+def check_options(scheme: str, group_size: int | None = None, embedding: str = "bfloat16") -> str:
     """Validate the options (one ValueError naming the bad one); returns the embedding's canonical name."""
     if scheme not in formats.SCHEMES:
         raise ValueError(f"unknown quantisation scheme `{scheme}`; choose one of: {', '.join(formats.SCHEMES)}")
-    formats.check_group_size(group_size)
+    if group_size is not None:
+        formats.check_group_size(group_size)
     embedding = _ALIASES.get(embedding, embedding)
     if embedding not in EMBEDDINGS:
         raise ValueError(f"the embedding is kept in bfloat16 (bf16) or int8, not `{embedding}`")
     return embedding
+
+
+@dataclass(frozen=True)
+class QuantOptions:
+    """How a model is quantised: ``scheme`` (``int8`` / ``int4``), ``group_size`` (int4 inputs per scale; None:
+    :func:`~dgemma.quant.accounting.default_group_size` for the model) and
+    the tied ``embedding`` (``bfloat16``: kept in the model's float dtype, or ``int8``)."""
+
+    scheme: str
+    group_size: int | None = None
+    embedding: str = "bfloat16"
+
+    def __post_init__(self):
+        object.__setattr__(self, "embedding", check_options(self.scheme, self.group_size, self.embedding))
+
+    @classmethod
+    def of(cls, value: "str | dict[str, Any] | QuantOptions") -> "QuantOptions":
+        """From a scheme name, a dict of the fields (e.g. a checkpoint's ``quantization_config``, whose other
+        keys are ignored) or an instance."""
+        if isinstance(value, QuantOptions):
+            return value
+        if isinstance(value, str):
+            return cls(value)
+        if isinstance(value, dict):
+            known = {k: value[k] for k in ("scheme", "group_size", "embedding") if k in value}
+            if "scheme" not in known:
+                raise ValueError(f"a quantisation needs a scheme ({', '.join(formats.SCHEMES)}); got {value!r}")
+            return cls(**known)
+        raise ValueError(f"quant must be a scheme name ({', '.join(formats.SCHEMES)}), not {value!r}")
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def matches(self, other: "QuantOptions") -> bool:
+        """Whether ``other`` (a model's resolved options) is what these ask for (no group size: any)."""
+        return (self.scheme, self.embedding) == (other.scheme, other.embedding) and (
+            self.group_size is None or self.scheme == "int8" or self.group_size == other.group_size)
+
+
+def check_group_size_fits(cfg, group_size: int) -> None:
+    """int4 groups are whole: ``group_size`` must divide the width of every weight the scheme quantises, or be
+    at least that width (the row is then one group), as the int4 kernels of torch and of GPU libraries want.
+    A ValueError names the first width that breaks this and the sizes that fit."""
+    widths = accounting.quantized_widths(cfg)
+    bad = [w for w in widths if w > group_size and w % group_size]
+    if bad:
+        fits = [g for g in (8, 16, 32, 64, 128, 256) if g <= widths[-1] and accounting.group_fits(widths, g)]
+        raise ValueError(f"int4 group size {group_size} does not divide the width {bad[0]} of this model's "
+                         f"weights (widths: {', '.join(map(str, widths))}); "
+                         + (f"choose one that does: {', '.join(map(str, fits))}" if fits else
+                            "choose a divisor of every width"))
 
 
 def is_quantized(model: nn.Module) -> bool:
@@ -39,15 +94,20 @@ def is_quantized(model: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def quantize_model(model: nn.Module, scheme: str = "int8", group_size: int = formats.GROUP_SIZE,
+def quantize_model(model: nn.Module, scheme: str = "int8", group_size: int | None = None,
                    embedding: str = "bfloat16") -> nn.Module:
     """Quantise ``model`` in place (and return it): ``scheme`` ``int8`` (per output channel) or ``int4``
-    (``group_size`` inputs per scale; a row's last group may be shorter); ``embedding`` ``bfloat16`` (alias
+    (``group_size`` inputs per scale, dividing every width: :func:`check_group_size_fits`; None:
+    :func:`~dgemma.quant.accounting.default_group_size`); ``embedding`` ``bfloat16`` (alias
     ``bf16``: left as it is, in the model's dtype) or ``int8``. The model's dtype stays the compute dtype.
     For inference: the codes are buffers, nothing is trained through them."""
     embedding = check_options(scheme, group_size, embedding)
     if is_quantized(model):
         raise ValueError("this model is already quantised; quantise the float model once")
+    if group_size is None:
+        group_size = accounting.default_group_size(model.cfg)
+    if scheme == "int4":  # checked on the shapes alone, before any weight is touched
+        check_group_size_fits(model.cfg, group_size)
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, nn.Linear) and not isinstance(module, Router):

@@ -80,6 +80,17 @@ def quantize_int4(w: torch.Tensor, group_size: int = GROUP_SIZE) -> tuple[torch.
     return pack_int4(codes.to(torch.int16) + INT4_OFFSET), scale
 
 
+def quantize(w: torch.Tensor, scheme: str, group_size: int = GROUP_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
+    """``w`` in ``scheme`` (:func:`quantize_int8` or :func:`quantize_int4`). A 3-D ``w [E, out, in]`` is
+    quantised one leading slice (expert) at a time, so the fp32 temporaries are one expert's, not the whole
+    tensor's (an expert tensor of the 26B model is 1 GB in bf16, its fp32 working copies several GB)."""
+    one = quantize_int8 if scheme == "int8" else (lambda x: quantize_int4(x, group_size))
+    if w.dim() < 3 or w.is_meta:
+        return one(w)
+    parts = [one(w[i]) for i in range(w.shape[0])]
+    return torch.stack([c for c, _ in parts]), torch.stack([s for _, s in parts])
+
+
 def pack_int4(nibbles: torch.Tensor) -> torch.Tensor:
     """Values in 0..15 ``[..., in]`` -> ``[..., ceil(in / 2)]`` uint8 (even inputs low, odd inputs high)."""
     if nibbles.shape[-1] % 2:  # an odd width: one padding code that dequantises to 0
