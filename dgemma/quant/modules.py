@@ -56,10 +56,7 @@ class QuantizedWeight(nn.Module):
         super().__init__()
         self.scheme, self.group_size = scheme, group_size or formats.GROUP_SIZE
         self.shape, self.width = tuple(w.shape), w.shape[-1]
-        if scheme == "int8":
-            codes, scale = formats.quantize_int8(w)
-        else:
-            codes, scale = formats.quantize_int4(w, self.group_size)
+        codes, scale = formats.quantize(w, scheme, self.group_size)
         self.register_buffer("codes", codes)
         self.register_buffer("scale", scale)
         self.fast: bool | None = None  # int8: None = the kernel where it pays (module docstring)
