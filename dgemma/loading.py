@@ -201,7 +201,11 @@ def read_state_dict(ckpt: Path, model: torch.nn.Module, dtype: torch.dtype | Non
                                    else ""))
             shape, stored = expected[name]
         try:
-            tensor = handle.get_tensor(key)
+            if quantized:  # its own short-lived mapping: the float pages leave the resident set with the tensor
+                with safe_open(str(file), framework="pt") as own:
+                    tensor = own.get_tensor(key)
+            else:
+                tensor = handle.get_tensor(key)
         except Exception as e:
             raise LoadError(f"cannot read tensor {key} from {file} (truncated or corrupt?): {e}") from None
         if tuple(tensor.shape) != tuple(shape):

@@ -33,6 +33,9 @@ def add_model_options(p: argparse.ArgumentParser, model_required: bool = False) 
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                    help="replay the denoising steps of a canvas from CUDA graphs (default: on with CUDA; "
                         "they need bf16 weights, other dtypes decode eagerly)")
+    p.add_argument("--quant", default=None, metavar="int8|int4",
+                   help="quantise the weights while loading (weight-only; a checkpoint written by dgemma quantize "
+                        "is quantised already)")
     add_threads_option(p, by_size=True)
 
 
@@ -115,10 +118,11 @@ def device_and_dtype(args: argparse.Namespace):
 def load_engine(args: argparse.Namespace):
     """The Engine for ``--model`` (or the embedded model); raises DgemmaError/ValueError on user mistakes."""
     import dgemma
+    from dgemma.quant import accounting
 
     device, dtype = device_and_dtype(args)
     requested_threads(args)  # a bad --threads / $DGEMMA_THREADS fails before the model loads
     engine = dgemma.load(model_source(args), device=device, dtype=dtype,
-                         cuda_graphs=getattr(args, "cuda_graphs", None))
-    set_threads(args, sum(p.numel() for p in engine.model.parameters()))
+                         cuda_graphs=getattr(args, "cuda_graphs", None), quant=getattr(args, "quant", None))
+    set_threads(args, sum(t.numel for t in accounting.weight_tensors(engine.model.cfg)))  # quantised or not
     return engine
