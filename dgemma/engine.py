@@ -332,7 +332,9 @@ class Engine:
     # ------------------------------------------------------------------ persistence
     def save_pretrained(self, path) -> Path:
         """Write a transformers-loadable checkpoint directory (weights, configs, tokenizer); the sampling
-        defaults go to generation_config.json and, what transformers refuses, to dgemma_generation.json."""
+        defaults go to generation_config.json and, what transformers refuses, to dgemma_generation.json.
+        A quantised model writes the quantised format (``dgemma.quant.checkpoint``), which dgemma loads and
+        transformers does not."""
         path = loading.save_checkpoint(self.model, path, self.generation_config)
         if self.tokenizer is not None:
             self.tokenizer.save(path)
