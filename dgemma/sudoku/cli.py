@@ -1,12 +1,14 @@
 """``dgemma sudoku generate | train | eval | solve``.
 
 * ``generate``: unique puzzles by clue count or bucket, seedable; one 81-character puzzle per line, or
-  JSONL with solutions.
+  JSONL with solutions. ``--rating``: minimal symmetric puzzles rated by the techniques they need
+  (``rating``, ``buckets``).
 * ``train``: writes the tokenizer, a tiny DiffusionGemma config and training data, then runs the project's
   trainer (``dgemma.train``) from scratch; the model is ``OUT/final`` (release format).
 * ``eval``: exact boards, cell accuracy, clue preservation and steps per canvas per bucket, for diffusion
   decoding and for greedy autoregressive decoding of the same weights, on fresh puzzles (each bucket from
-  its own seed, ``task.bucket_puzzles``).
+  its own seed, ``task.bucket_puzzles``); ``--rating``: on rated puzzles, each rating from its own seed
+  (``buckets.rated_bucket``).
 * ``solve``: puzzles as arguments, files or stdin, one per line -> one 81-digit answer per line, in order;
   an answer that is not a solution is named on stderr (``board.problems``) and the exit status is 1.
 
@@ -28,6 +30,7 @@ from dgemma.cli import options
 from dgemma.errors import DgemmaError
 from dgemma.fileio import atomic_write_text
 from dgemma.sudoku import board as sb
+from dgemma.sudoku import buckets as rated
 from dgemma.sudoku import task
 from dgemma.sudoku.solve import SOLVE_DEFAULTS, CellTokens, ar_boards, clue_constraint, restart_options, solve_boards
 
@@ -41,7 +44,7 @@ def _clue_range(args) -> tuple[int, int]:
         if args.bucket not in sb.BUCKETS:
             raise DgemmaError(f"unknown bucket {args.bucket!r}; choose one of {', '.join(sb.BUCKETS)}")
         return sb.BUCKETS[args.bucket]
-    text = str(args.clues)
+    text = str(args.clues or "36-46")
     lo, _, hi = text.partition("-")
     try:
         lo_i, hi_i = int(lo), int(hi or lo)
@@ -57,10 +60,12 @@ def add_parsers(sub) -> None:
         dest="sudoku_command", required=True)
     g = s.add_parser("generate", help="puzzles with a unique solution")
     g.add_argument("-n", type=int, default=10, help="how many (default 10)")
-    g.add_argument("--clues", default="36-46", help="clue count N or range LO-HI (default 36-46)")
+    g.add_argument("--clues", help="clue count N or range LO-HI (default 36-46; 22-32 with --rating)")
     g.add_argument("--bucket", help="easy (>=40), medium (30-39), hard (<30) or unsloth (36-46)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--jsonl", action="store_true", help="JSON lines with puzzle, solution and clue count")
+    g.add_argument("--rating", help="easy, medium, hard or search: minimal puzzles with 180-degree symmetry whose "
+                                    "hardest needed technique is of that level (JSON lines gain \"rating\")")
     t = s.add_parser("train", help="train the tiny Sudoku model from scratch")
     t.add_argument("--out", default="runs/sudoku")
     t.add_argument("--puzzles", type=int, default=10000, help="training puzzles to generate (default 10000)")
@@ -80,8 +85,13 @@ def add_parsers(sub) -> None:
     e = s.add_parser("eval", help="accuracy per bucket, diffusion against autoregressive decoding")
     options.add_model_options(e)
     e.add_argument("-n", type=int, default=1000, help="puzzles per bucket (default %(default)s)")
-    e.add_argument("--buckets", default="unsloth,medium,hard",
-                   help=f"comma-separated, from {', '.join(sb.BUCKETS)} (default %(default)s)")
+    e.add_argument("--buckets", help=f"comma-separated, from {', '.join(sb.BUCKETS)} (default unsloth,medium,hard; "
+                                     "none with --rating)")
+    e.add_argument("--rating", help="rated buckets (after those of --buckets, when given), comma-separated levels "
+                                    "from easy, medium, hard, search: minimal symmetric puzzles, each level from "
+                                    "SEED plus its own offset ("
+                                    + ", ".join(f"{k} +{o}" for k, o in rated.RATING_SEED_OFFSETS.items())
+                                    + "); rows rated-LEVEL (default: none)")
     e.add_argument("--seed", type=int, default=EVAL_SEED,
                    help="puzzle seed; each bucket draws from SEED plus its own offset ("
                         + ", ".join(f"{b} +{o}" for b, o in task.BUCKET_SEED_OFFSETS.items())
@@ -147,6 +157,11 @@ def run(parser, args) -> int:
 def _generate(args) -> int:
     if args.n < 1:
         raise DgemmaError("-n must be positive")
+    if args.rating:
+        clue_range = _clue_range(args) if args.clues or args.bucket else None
+        for line in rated.generate_lines(args.rating, args.n, args.seed, clue_range, args.jsonl, os.cpu_count() or 1):
+            print(line, flush=True)
+        return 0
     for puzzle, solution in task.puzzles(args.n, _clue_range(args), args.seed, workers=os.cpu_count() or 1):
         if args.jsonl:
             print(json.dumps({"puzzle": sb.format_board(puzzle), "solution": sb.format_board(solution),
@@ -241,10 +256,12 @@ def _check_restarts(args) -> None:
 
 
 def bucket_pairs(name: str, n: int, seed: int) -> list[tuple[sb.Board, sb.Board]]:
-    """``eval``'s ``(puzzle, solution)`` pairs of one bucket (``task.bucket_puzzles``), with a progress bar."""
+    """``eval``'s ``(puzzle, solution)`` pairs of one bucket (``task.bucket_puzzles``, or a rated bucket:
+    ``buckets.rated_bucket``), with a progress bar."""
     pairs = []
+    draw = rated.rated_bucket if rated.is_rated(name) else task.bucket_puzzles
     with _bar(f"{name}: generating {n} puzzles", n) as tick:
-        for pair in task.bucket_puzzles(n, name, seed, workers=os.cpu_count() or 1):
+        for pair in draw(n, name, seed, workers=os.cpu_count() or 1):
             pairs.append(pair)
             tick(1)
     return pairs
@@ -253,10 +270,12 @@ def bucket_pairs(name: str, n: int, seed: int) -> list[tuple[sb.Board, sb.Board]
 def _eval(args) -> int:
     if args.n < 1 or args.batch < 1 or args.skip < 0:
         raise DgemmaError("-n and --batch must be positive, --skip at least 0")
-    buckets = [b.strip() for b in args.buckets.split(",") if b.strip()]
+    default = "" if args.rating else "unsloth,medium,hard"
+    buckets = [b.strip() for b in (args.buckets or default).split(",") if b.strip()]
     for name in buckets:
         if name not in sb.BUCKETS:
             raise DgemmaError(f"unknown bucket {name!r}; choose from {', '.join(sb.BUCKETS)}")
+    buckets += [rated.bucket_name(r) for r in rated.parse_ratings(args.rating)] if args.rating else []
     _check_restarts(args)
     if any(not t > 0 for t in args.ar_temperature):
         raise DgemmaError("--ar-temperature values must be positive (greedy decoding is always scored)")
