@@ -22,6 +22,7 @@ from dgemma.train.objective import OBJECTIVES, ObjectiveConfig
 # LoRA targets of the reference recipe: attention and dense-MLP projections of every layer.
 LORA_TARGETS = (r".*layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)",)
 PRECISIONS = ("auto", "bf16", "fp32")
+QUANT_SCHEMES = ("int4", "int8")
 
 
 class TrainConfigError(DgemmaError, ValueError):
@@ -35,6 +36,8 @@ class ModelSection:
     preset: str | None = None  # from scratch: a dgemma bench preset, with the tokenizer's vocabulary
     tokenizer: str | None = None  # tokenizer directory (default: the init checkpoint's), or "bytes" (byte-level)
     freeze_router: bool | None = None  # default: frozen when fine-tuning, trained from scratch
+    quant: str | None = None  # QLoRA: "int4" / "int8" quantises the frozen base as it loads (needs LoRA)
+    quant_group_size: int = 64  # int4 inputs per scale
 
 
 @dataclass(frozen=True)
@@ -194,6 +197,16 @@ def validate(cfg: TrainConfig) -> None:
     if len(sources) != 1:
         raise TrainConfigError("set exactly one of model.init (fine-tune a checkpoint), model.config or "
                                f"model.preset (train from scratch); got {sources or 'none'}")
+    if m.quant is not None:
+        if m.quant not in QUANT_SCHEMES:
+            raise TrainConfigError(f"model.quant must be one of {', '.join(QUANT_SCHEMES)} (got {m.quant!r})")
+        if not cfg.lora.enabled:
+            raise TrainConfigError("model.quant needs lora.enabled: a quantized base is frozen")
+        if not m.init:
+            raise TrainConfigError("model.quant needs model.init: the quantized base is a trained checkpoint "
+                                   "(its float original, into which the adapter is merged)")
+        if m.quant_group_size < 1:
+            raise TrainConfigError(f"model.quant_group_size must be positive (got {m.quant_group_size})")
     if not m.init and not m.tokenizer:
         raise TrainConfigError("training from scratch needs model.tokenizer: a directory with tokenizer.json, "
                                "or \"bytes\" for a byte-level tokenizer built on the spot")

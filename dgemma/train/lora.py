@@ -5,11 +5,16 @@ peft works on any ``nn.Module``: ``target_modules`` picks the attention and dens
 serves both modes, because dgemma runs encoder and decoder on the same (tied) weights. The adapter
 directory is peft's own format (``adapter_config.json`` + ``adapter_model.safetensors``), with the base
 checkpoint recorded in it; ``merge`` folds it into the weights and writes the release format.
+
+A quantised base (QLoRA, ``model.quant``): the linears get peft's LoRA layer through a registered custom
+module, the experts :mod:`dgemma.quant.lora`'s adapters with peft's names, and the config records the
+``target_parameters`` a float base needs, so the adapter is the same as one trained on the float model.
 """
 
 from __future__ import annotations
 
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -32,19 +37,45 @@ def apply(model: torch.nn.Module, section: LoraSection, base: str | None):
     """Inject LoRA layers into ``model`` (in place) and return the peft model around it; only the
     adapter weights are trainable afterwards."""
     peft = _peft()
+    from dgemma.quant.apply import is_quantized
+
+    quantized = is_quantized(model)
     targets = list(section.targets)
     config = peft.LoraConfig(
         r=section.rank, lora_alpha=section.alpha, lora_dropout=section.dropout, bias="none",
         target_modules=targets[0] if len(targets) == 1 else targets,
-        target_parameters=list(EXPERT_PARAMETERS) if section.experts else None,
+        target_parameters=list(EXPERT_PARAMETERS) if section.experts and not quantized else None,
         base_model_name_or_path=base,
     )
     if base is not None:
         model.name_or_path = str(base)  # peft records the base checkpoint from this attribute
+    if quantized:
+        return _apply_quantized(peft, model, config, section)
     try:
         return peft.get_peft_model(model, config)
     except ValueError as e:  # e.g. a target pattern that matches nothing
         raise DgemmaError(f"LoRA: {e}") from None
+
+
+def _apply_quantized(peft, model: torch.nn.Module, config, section: LoraSection):
+    """LoRA on a quantised base: peft's layers on the linears, :mod:`dgemma.quant.lora`'s on the experts."""
+    from dgemma.quant import lora as qlora
+
+    if section.experts and section.dropout:
+        raise DgemmaError("LoRA: the expert adapters do not work with lora.dropout != 0 (as in peft)")
+    qlora.freeze(model)
+    config._register_custom_module({qlora.FrozenQuantizedLinear: qlora.LoraQuantizedLinear})
+    try:
+        with warnings.catch_warnings():  # peft warns about any layer type it does not ship itself
+            warnings.filterwarnings("ignore", message="Unsupported layer type")
+            peft_model = peft.get_peft_model(model, config)
+    except ValueError as e:
+        raise DgemmaError(f"LoRA: {e}") from None
+    if section.experts:
+        qlora.add_expert_lora(peft_model.get_base_model(), section.rank, section.alpha)
+        # what a float base needs to rebuild the same adapter (dgemma merge)
+        peft_model.peft_config[qlora.ADAPTER].target_parameters = list(EXPERT_PARAMETERS)
+    return peft_model
 
 
 def save_adapter(peft_model, path: str | Path, state: dict[str, torch.Tensor] | None = None) -> Path:

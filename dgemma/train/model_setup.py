@@ -2,6 +2,9 @@
 
 Weights are kept in fp32 for training (master weights; autocast does the bf16 compute). The router is
 frozen when fine-tuning (spec 4.6) unless the config says otherwise, trained when starting from scratch.
+QLoRA (``model.quant``): the float checkpoint is quantised tensor by tensor as it loads
+(``load_weights(quant=)``, i.e. ``quantize_model``'s result without the float model's peak), in the compute
+dtype LoRA uses anyway, and stays frozen under the adapters (:mod:`dgemma.quant.lora`).
 """
 
 from __future__ import annotations
@@ -125,7 +128,7 @@ def build(cfg: TrainConfig, device: torch.device, compute_dtype: torch.dtype | N
         base = str(m.init) if m.init else None
     elif ckpt is not None:
         base_dtype = torch.bfloat16 if cfg.lora.enabled and compute_dtype == torch.bfloat16 else torch.float32
-        model, _, generation_config, _ = load_weights(ckpt, device=device, dtype=base_dtype)
+        model, _, generation_config, _ = load_weights(ckpt, device=device, dtype=base_dtype, quant=_quant(cfg, ckpt))
         base = str(m.init)
     else:
         model = build_model(model_cfg, device=device, dtype=torch.float32, seed=cfg.train.seed)
@@ -148,6 +151,28 @@ def build(cfg: TrainConfig, device: torch.device, compute_dtype: torch.dtype | N
         torch.manual_seed(cfg.train.seed)  # peft draws the LoRA A matrices from the global generator
         setup.peft_model = setup.net = lora.apply(model, cfg.lora, base)
     return setup
+
+
+def _quant(cfg: TrainConfig, ckpt: Path) -> dict[str, Any] | None:
+    """The quantisation of a QLoRA base (None: float), after checking that ``ckpt`` is a float checkpoint:
+    the adapter is merged into the checkpoint it records, which must hold float weights."""
+    from dgemma.quant.checkpoint import read_section
+
+    stored = read_section(read_json(Path(ckpt) / "config.json"))
+    if stored is not None and cfg.lora.enabled:
+        raise DgemmaError(f"{ckpt} is a quantised checkpoint ({stored.scheme}); LoRA needs its float original as "
+                          "model.init (set model.quant to quantise it as it loads)")
+    m = cfg.model
+    if m.quant is None:
+        return None
+    from dgemma.quant.apply import QuantOptions, check_group_size_fits
+
+    if m.quant == "int4":
+        try:
+            check_group_size_fits(read_config(ckpt), m.quant_group_size)
+        except ValueError as e:
+            raise DgemmaError(f"model.quant_group_size: {e}") from None
+    return QuantOptions(m.quant, m.quant_group_size).as_dict()
 
 
 def _scratch_generation(tokenizer: Tokenizer, model_cfg: ModelConfig) -> dict[str, Any]:
