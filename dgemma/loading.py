@@ -171,19 +171,21 @@ def map_name(key: str) -> str | None:
 
 
 def read_state_dict(ckpt: Path, model: torch.nn.Module, dtype: torch.dtype | None, device,
-                    quantize: bool = False) -> dict[str, torch.Tensor]:
+                    quantize: bool = False, progress=None) -> dict[str, torch.Tensor]:
     """Read and check every tensor against ``model``'s (meta) state; returns tensors under its keys.
 
     ``model`` may be quantised (``dgemma.quant``): a quantised checkpoint's ``W.codes`` / ``W.scale`` are read
     as they are stored (their dtype checked, never cast), or with ``quantize`` a float checkpoint's ``W`` is
     quantised as it is read, one tensor at a time, so the float model is never whole in memory. ``dtype``
-    casts the float tensors that stay float.
+    casts the float tensors that stay float. ``progress(bytes_read, bytes_total)`` is called after each tensor.
     """
+    files = _weight_files(ckpt)
+    total, done = sum(f.stat().st_size for f in files), 0
     layout = qcheckpoint.Layout(model) if getattr(model, "quantization", None) else None
     expected = {k: (v.shape, v.dtype) for k, v in model.state_dict().items()}
     state: dict[str, torch.Tensor] = {}
     skipped = 0
-    for key, handle, file in _open_tensors(_weight_files(ckpt)):
+    for key, handle, file in _open_tensors(files):
         if key.startswith(_SKIPPED_PREFIXES):
             skipped += 1
             continue
@@ -208,6 +210,7 @@ def read_state_dict(ckpt: Path, model: torch.nn.Module, dtype: torch.dtype | Non
                 tensor = handle.get_tensor(key)
         except Exception as e:
             raise LoadError(f"cannot read tensor {key} from {file} (truncated or corrupt?): {e}") from None
+        tensor_bytes = tensor.numel() * tensor.element_size()
         if tuple(tensor.shape) != tuple(shape):
             raise LoadError(f"tensor {key} in {file.name} has shape {list(tensor.shape)}, the config implies "
                             f"{list(shape)}")
@@ -224,6 +227,9 @@ def read_state_dict(ckpt: Path, model: torch.nn.Module, dtype: torch.dtype | Non
             parts = {name: tensor}
         for k, t in parts.items():
             state[k] = t.to(device) if device is not None else t
+        if progress is not None:
+            done += tensor_bytes
+            progress(done, total)
     missing = [k for k in expected if k not in state]
     if missing:
         name = layout.file_name(missing[0]) if layout is not None else missing[0]
@@ -291,13 +297,14 @@ def default_dtype(device) -> torch.dtype | None:
     return None
 
 
-def load_weights(source, device=None, dtype=None, quant=None):
+def load_weights(source, device=None, dtype=None, quant=None, progress=None):
     """``(model, config, generation_config dict, checkpoint dir)`` for a directory or Hub id.
 
     ``dtype=None`` keeps the checkpoint's dtype, except on CPUs without bf16 hardware (see default_dtype).
     A quantised checkpoint (``dgemma quantize``) loads quantised. ``quant`` (a scheme name, a dict or
     ``dgemma.quant.apply.QuantOptions``) quantises a float checkpoint tensor by tensor as it is read: the
     peak is the quantised model plus one float tensor (one expert's fp32 copy while it is quantised).
+    ``progress``: see :func:`read_state_dict`.
     """
     wanted = QuantOptions.of(quant) if quant is not None else None  # bad options fail before any read
     ckpt = resolve_source(source)
@@ -317,7 +324,8 @@ def load_weights(source, device=None, dtype=None, quant=None):
     structure = meta_model(cfg)
     if options is not None:
         quantize_model(structure, **options.as_dict())  # meta: shapes and dtypes, no work; checks group size
-    state = read_state_dict(ckpt, structure, dtype, device, quantize=stored is None and wanted is not None)
+    state = read_state_dict(ckpt, structure, dtype, device, quantize=stored is None and wanted is not None,
+                            progress=progress)
     return build_model(cfg, state, structure=structure), cfg, read_generation_config(ckpt), ckpt
 
 

@@ -9,7 +9,6 @@ when complete, with the generation config and the tokenizer, and loads with ``dg
 from __future__ import annotations
 
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -30,6 +29,7 @@ def add_parser(sub) -> None:
 
 def run(parser, args) -> int:
     import torch
+    from rich.console import Console
 
     from dgemma import loading
     from dgemma.errors import DgemmaError
@@ -57,8 +57,14 @@ def run(parser, args) -> int:
             raise DgemmaError(f"--dtype {args.dtype!r} is not a floating-point torch dtype (bfloat16, float32, ...)")
     quantize_model(loading.meta_model(loading.read_config(ckpt)), **options.as_dict())  # options vs the shapes
     t0 = time.perf_counter()
-    print(f"quantising {ckpt} to {options.scheme} ...", file=sys.stderr)
-    model, cfg, generation_config, _ = loading.load_weights(ckpt, device="cpu", dtype=dtype, quant=options)
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn(f"quantising to {options.scheme}"), BarColumn(), DownloadColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("read", total=None)
+        model, cfg, generation_config, _ = loading.load_weights(
+            ckpt, device="cpu", dtype=dtype, quant=options,
+            progress=lambda done, total: bar.update(task, completed=done, total=total))
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     loading.save_checkpoint(model, partial, generation_config)
