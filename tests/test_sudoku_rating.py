@@ -223,7 +223,7 @@ def _check_rated(puzzle, solution, level, lo=22, hi=32):
     assert lo <= sb.clues(puzzle) <= hi and R.rate(puzzle).level == level
 
 
-def test_unavoidable_sets_are_digit_swaps_that_keep_the_grid_valid():
+def test_unavoidable_sets_and_the_thinning_shortcuts():
     for k in range(3):
         solution = sb.random_grid(random.Random(k))
         sets = R.unavoidable_sets(solution)
@@ -233,6 +233,14 @@ def test_unavoidable_sets_are_digit_swaps_that_keep_the_grid_valid():
             a, b = sorted({solution[i] for i in cells})
             swapped = tuple(a + b - v if m >> i & 1 else v for i, v in enumerate(solution))
             assert len(cells) >= 4 and sb.is_solution(swapped) and swapped != solution
+        # the thinning's shortcuts (unavoidable sets, singles first) give what count_solutions alone gives
+        rng, puzzle, order = random.Random(k), list(solution), list(range(41))
+        random.Random(k).shuffle(order)
+        for i in order:
+            puzzle[i] = puzzle[80 - i] = 0
+            if sb.count_solutions(tuple(puzzle)) != 1:
+                puzzle[i], puzzle[80 - i] = solution[i], solution[80 - i]
+        assert R.minimal_symmetric(solution, rng) == tuple(puzzle)
 
 
 def test_generated_puzzles_are_unique_symmetric_minimal_and_rated():

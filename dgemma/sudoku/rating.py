@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from itertools import combinations
 from typing import Iterator, NamedTuple
 
-from dgemma.sudoku.board import ALL, Board, BoardError, clues, count_solutions, is_consistent, random_grid
+from dgemma.sudoku.board import ALL, Board, BoardError, clues, count_solutions, random_grid
 
 LEVELS = ("easy", "medium", "hard", "search")
 # Techniques in the order they are tried, each with the level it belongs to.
@@ -40,6 +40,7 @@ COLS = [[9 * r + c for r in range(9)] for c in range(9)]
 BOXES = [[9 * (3 * (b // 3) + k // 3) + 3 * (b % 3) + k % 3 for k in range(9)] for b in range(9)]
 UNITS = ROWS + COLS + BOXES
 PEERS = [tuple(sorted({p for u in UNITS if i in u for p in u} - {i})) for i in range(81)]
+_UNITS_OF = [(i // 9, 9 + i % 9, 18 + 3 * (i // 27) + i % 9 // 3) for i in range(81)]  # indices into UNITS
 _POP = [bin(m).count("1") for m in range(1024)]
 _DIGIT = {1 << d: d for d in range(1, 10)}
 
@@ -73,12 +74,20 @@ class Grid:
     __slots__ = ("values", "cands")
 
     def __init__(self, board: Board):
-        if len(board) != 81 or not is_consistent(tuple(board)):
-            raise BoardError("the puzzle repeats a digit in a row, column or box")
-        self.values, self.cands = [0] * 81, [ALL] * 81
+        used = [0] * 27  # digits placed in each unit (rows, columns, boxes)
         for i, v in enumerate(board):
             if v:
-                self.place(i, v)
+                r, c, b = _UNITS_OF[i]
+                bit = 1 << v
+                if (used[r] | used[c] | used[b]) & bit:
+                    raise BoardError("the puzzle repeats a digit in a row, column or box")
+                used[r] |= bit
+                used[c] |= bit
+                used[b] |= bit
+        if len(board) != 81:
+            raise BoardError(f"a board has 81 cells, not {len(board)}")
+        self.values = list(board)
+        self.cands = [0 if v else ALL & ~(used[r] | used[c] | used[b]) for v, (r, c, b) in zip(board, _UNITS_OF)]
 
     def place(self, i: int, d: int) -> None:
         self.values[i], self.cands[i] = d, 0
@@ -300,31 +309,42 @@ def unavoidable_sets(solution: Board) -> list[int]:
     """Sets of cells (81-bit masks) of ``solution`` that a unique puzzle must keep a clue in: for two digits,
     the cells of a component of the graph linking the two cells holding them in each row, column and box.
     Swapping the two digits on such a component gives another valid grid."""
+    at = [[0] * 27 for _ in range(10)]  # digit -> unit -> the cell holding it
+    for u, unit in enumerate(UNITS):
+        for c in unit:
+            at[solution[c]][u] = c
     out = []
     for a, b in combinations(range(1, 10), 2):
-        cells = [i for i in range(81) if solution[i] in (a, b)]
-        parent = {c: c for c in cells}
-
-        def root(c: int) -> int:
-            while parent[c] != c:
-                c = parent[c]
-            return c
-
-        for unit in UNITS:
-            x, y = (c for c in unit if solution[c] in (a, b))
-            parent[root(x)] = root(y)
-        groups: dict[int, int] = {}
-        for c in cells:
-            groups[root(c)] = groups.get(root(c), 0) | 1 << c
-        out += groups.values()
+        group = {c: 1 << c for u in range(27) for c in (at[a][u], at[b][u])}  # cell -> mask of its group
+        for u in range(27):
+            x, y = group[at[a][u]], group[at[b][u]]
+            if x != y:
+                merged = rest = x | y
+                while rest:
+                    low = rest & -rest
+                    group[low.bit_length() - 1] = merged
+                    rest ^= low
+        out += set(group.values())
     return sorted(out, key=lambda m: bin(m).count("1"))
+
+
+def _unique(puzzle: Board) -> bool:
+    """``count_solutions(puzzle) == 1``, on the puzzle filled in by singles first (solved: unique)."""
+    g = Grid(puzzle)
+    try:
+        while naked_single(g) or hidden_single(g):
+            pass
+    except Contradiction:
+        return False
+    return g.solved() or count_solutions(g.board(), 2) == 1
 
 
 def minimal_symmetric(solution: Board, rng: random.Random) -> Board:
     """``solution`` thinned by pairs of cells that mirror each other through the centre, in a random order,
     each pair kept only when removing it would leave more than one solution. One pass is enough: a pair that
     cannot go cannot go later either (fewer clues never remove solutions), so no pair of the result can go.
-    A removal that empties an unavoidable set (:func:`unavoidable_sets`) fails without a search.
+    A removal that empties an unavoidable set (:func:`unavoidable_sets`) fails without a search; the others
+    are checked by ``count_solutions`` after singles have filled in what they can (the same answer, faster).
     """
     puzzle, kept, sets = list(solution), (1 << 81) - 1, unavoidable_sets(solution)
     pairs = list(range(41))  # cell i with 80 - i; 40 is the centre, its own mirror
@@ -333,7 +353,7 @@ def minimal_symmetric(solution: Board, rng: random.Random) -> Board:
         fewer = kept & ~(1 << i | 1 << (80 - i))
         if all(u & fewer for u in sets):
             puzzle[i] = puzzle[80 - i] = 0
-            if count_solutions(tuple(puzzle), 2) == 1:
+            if _unique(tuple(puzzle)):
                 kept = fewer
                 continue
             puzzle[i], puzzle[80 - i] = solution[i], solution[80 - i]
