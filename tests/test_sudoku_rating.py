@@ -129,7 +129,7 @@ def test_famous_hard_puzzles_need_search():
         assert r.level == "search" and not r.solved and r.steps == () and r.board == p
 
 
-def test_contradictions_and_bad_boards():
+def test_contradictions_and_bad_boards(monkeypatch):
     row = list(range(1, 9)) + [0] + [0] * 72
     row[17] = 9  # r2c9 = 9: r1c9 can hold nothing
     with pytest.raises(R.Contradiction):
@@ -138,6 +138,9 @@ def test_contradictions_and_bad_boards():
         R.rate((1, 1) + (0,) * 79)
     with pytest.raises(ValueError, match="unknown rating"):
         next(R.generate_rated("extreme", 1, 0))
+    monkeypatch.setattr(R, "PROBE", 4)
+    with pytest.raises(sb.BoardError, match="none of 4 minimal symmetric puzzles had 40-50 clues"):
+        next(R.generate_rated("easy", 1, 0, clues=(40, 50)))
 
 
 def test_no_technique_removes_the_solution_digit():

@@ -34,6 +34,7 @@ TECHNIQUES = {"naked_single": "easy", "hidden_single": "easy", "pointing": "medi
               "naked_pair": "medium", "hidden_pair": "medium", "naked_triple": "medium",
               "hidden_triple": "medium", "x_wing": "hard"}
 CLUE_RANGE = (22, 32)  # where minimal symmetric puzzles mostly fall, and what people's puzzles have
+PROBE = 100  # grids after which a clue range that none of them fell in is refused
 
 ROWS = [[9 * r + c for c in range(9)] for r in range(9)]
 COLS = [[9 * r + c for r in range(9)] for c in range(9)]
@@ -74,6 +75,8 @@ class Grid:
     __slots__ = ("values", "cands")
 
     def __init__(self, board: Board):
+        if len(board) != 81:
+            raise BoardError(f"a board has 81 cells, not {len(board)}")
         used = [0] * 27  # digits placed in each unit (rows, columns, boxes)
         for i, v in enumerate(board):
             if v:
@@ -84,8 +87,6 @@ class Grid:
                 used[r] |= bit
                 used[c] |= bit
                 used[b] |= bit
-        if len(board) != 81:
-            raise BoardError(f"a board has 81 cells, not {len(board)}")
         self.values = list(board)
         self.cands = [0 if v else ALL & ~(used[r] | used[c] | used[b]) for v, (r, c, b) in zip(board, _UNITS_OF)]
 
@@ -363,11 +364,16 @@ def minimal_symmetric(solution: Board, rng: random.Random) -> Board:
 def _rated(job: tuple[str, int, int, int, int, int]) -> tuple[Board, Board]:
     level, seed, k, lo, hi, max_grids = job
     rng = random.Random(f"rated:{level}:{seed}:{k}")  # one RNG per puzzle: the same set whatever the worker count
-    for _ in range(max_grids):
+    in_range = 0
+    for tried in range(1, max_grids + 1):
         solution = random_grid(rng)
         puzzle = minimal_symmetric(solution, rng)
-        if lo <= clues(puzzle) <= hi and rate(puzzle).level == level:
-            return puzzle, solution
+        if lo <= clues(puzzle) <= hi:
+            in_range += 1
+            if rate(puzzle).level == level:
+                return puzzle, solution
+        elif tried == PROBE and not in_range:
+            raise BoardError(f"none of {PROBE} minimal symmetric puzzles had {lo}-{hi} clues (most have 24-30)")
     raise BoardError(f"no {level} puzzle with {lo}-{hi} clues in {max_grids} grids; widen the clue range")
 
 
