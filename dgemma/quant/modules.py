@@ -5,17 +5,21 @@ Storage (buffers, so ``state_dict`` and ``.to(device)`` carry them; a later ``.t
 scales, so do not call one on a quantised model): int8 or packed int4 codes plus bf16 scales,
 :mod:`dgemma.quant.formats`. ``STORED`` maps each buffer to the checkpoint tensor it replaces (byte counts).
 
-Compute, per call, in the activation's dtype:
+Compute, per call, in the activation's dtype; ``QuantizedWeight.fast`` (``None``: the choice below, ``False``:
+the reference path, ``True``: int8's torch kernel for any dtype, the workspace path for int4) picks:
 
-* the reference path (always available, always right): dequantise the weight (for the experts one
-  expert's rows; for the embedding the rows read, or blocks of ``EMBED_BLOCK`` vocabulary rows) and matmul;
+* the reference path (always available, always right; the only one under autograd and off the CPU):
+  dequantise the weight (for the experts one expert's rows; for the embedding the rows read, or blocks of
+  ``EMBED_BLOCK`` vocabulary rows) into a fresh tensor and matmul;
 * int8 on the CPU with bf16 / fp16 activations: ``torch.ops.aten._weight_int8pack_mm`` (int8 codes ``[N, K]``
-  contiguous, one scale per output row in the activation's dtype), which never materialises the float weight.
-  It is not used for fp32 activations: on an AVX2 CPU (no AVX-512) torch 2.13's fp32 variant ran 2-20x
-  slower than dequantise-then-matmul, while the bf16 one ran 3-8x faster than dequantising to bf16 and
-  matmul (``[M, 512] x [2048, 512]``, M = 1..1024, one thread). ``fast`` forces either path (tests).
-* int4: dequantise-then-matmul only in this increment (torch's CPU int4 kernels want asymmetric
-  scale-and-zero tensors in their own packed layout and widths divisible by the group; a later increment).
+  contiguous, one scale per output row in the activation's dtype), which never materialises the float weight
+  (3-8x faster than dequantising to bf16 and matmul, ``[M, 512] x [2048, 512]``, M = 1..1024, one thread);
+* every other float product on the CPU, int8 and int4 (fp32 activations, the fast dtype of a CPU without
+  bf16 hardware): :mod:`dgemma.quant.kernels`, the same dequantised weight bit for bit but built in a reused
+  per-thread workspace (int4 unpacked with int16 ops, no scale expansion), then one ``F.linear``; its products
+  equal the reference path's. On an AVX2 CPU torch 2.13's kernels for these cases (``_weight_int8pack_mm``
+  with fp32, ``_weight_int4pack_mm_for_cpu``, ``_int_mm``) ran 17-75x slower than the fp32 matmul, so none is
+  used (docs/BENCHMARKS.md, ``benchmarks/quant_step.py --kernels``).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dgemma.model.moe import _GROUPED_MM, Experts
-from dgemma.quant import formats
+from dgemma.quant import formats, kernels
 
 EMBED_BLOCK = 4096  # vocabulary rows dequantised at a time by the embedding's logits / soft embedding
 _INT8_MM = getattr(torch.ops.aten, "_weight_int8pack_mm", None)
@@ -72,6 +76,10 @@ class QuantizedWeight(nn.Module):
         """``x [..., in] @ W[index].T -> [..., out]`` (``W[index]`` two-dimensional)."""
         if self.scheme == "int8" and uses_int8_kernel(x, self.fast):
             return int8_mm(x, self.codes[index], self.scale[index])
+        if self.fast is not False and kernels.supported(x, self.scheme):
+            if self.scheme == "int8":
+                return kernels.int8_linear(x, self.codes[index], self.scale[index])
+            return kernels.int4_linear(x, self.codes[index], self.scale[index], self.width, self.group_size)
         return F.linear(x, self.dequantize(x.dtype, index))
 
     def extra_repr(self) -> str:
@@ -167,28 +175,48 @@ class Int8Embedding(nn.Module):
         """``h [..., d] @ E.T -> [..., V]`` in ``h``'s dtype."""
         if uses_int8_kernel(h, self.q.fast):
             return int8_mm(h, self.q.codes, self.q.scale)
-        out = h.new_empty(*h.shape[:-1], self.num_embeddings)
-        for lo in range(0, self.num_embeddings, EMBED_BLOCK):
-            hi = min(lo + EMBED_BLOCK, self.num_embeddings)
-            out[..., lo:hi] = F.linear(h, self.rows(lo, hi, h.dtype))
+        out = h.new_empty(*h.shape[:-1], self.num_embeddings)  # [..., V]
+        for lo, hi, rows in self.blocks(h):
+            out[..., lo:hi] = F.linear(h, rows)
         return out
 
     def logits_block(self, x: torch.Tensor, lo: int, hi: int, out: torch.Tensor) -> None:
         """Vocabulary columns ``lo:hi``: ``x [m, d] @ E[lo:hi].T`` written into ``out [m, hi - lo]`` (fp32)."""
+        codes, scale = self.q.codes[lo:hi], self.q.scale[lo:hi]
+        fast = self.fast_path(x)
         if uses_int8_kernel(x, self.q.fast):
-            out.copy_(int8_mm(x, self.q.codes[lo:hi], self.q.scale[lo:hi]))
-        elif x.dtype == torch.float32:
-            torch.mm(x, self.rows(lo, hi, x.dtype).t(), out=out)
+            out.copy_(int8_mm(x, codes, scale))
+        elif fast and (hi - lo) * self.embedding_dim > kernels.BLOCK_ELEMENTS:  # several workspace blocks
+            out.copy_(kernels.int8_linear(x, codes, scale))
         else:
-            out.copy_(F.linear(x, self.rows(lo, hi, x.dtype)))
+            rows = kernels.int8_weight(codes, scale, x.dtype) if fast else self.rows(lo, hi, x.dtype)  # [hi-lo, d]
+            if x.dtype == torch.float32:
+                torch.mm(x, rows.t(), out=out)
+            else:
+                out.copy_(F.linear(x, rows))
 
     def soft_embed(self, probs: torch.Tensor) -> torch.Tensor:
         """``probs [..., V] @ E -> [..., d]``, block by block of vocabulary rows, summed in fp32."""
         acc = torch.zeros(*probs.shape[:-1], self.embedding_dim, dtype=torch.float32, device=probs.device)
-        for lo in range(0, self.num_embeddings, EMBED_BLOCK):
-            hi = min(lo + EMBED_BLOCK, self.num_embeddings)
-            acc += (probs[..., lo:hi] @ self.rows(lo, hi, probs.dtype)).float()
+        for lo, hi, rows in self.blocks(probs):
+            acc += (probs[..., lo:hi] @ rows).float()  # [..., hi - lo] @ [hi - lo, d]
         return acc.to(probs.dtype)
+
+    def fast_path(self, x: torch.Tensor) -> bool:
+        """Whether products with ``x`` dequantise into the per-thread workspace (:mod:`dgemma.quant.kernels`)."""
+        return self.q.fast is not False and kernels.supported(x)
+
+    def blocks(self, x: torch.Tensor):
+        """``(lo, hi, rows [hi - lo, d])`` over the vocabulary in ``x``'s dtype: blocks of ``EMBED_BLOCK`` rows, or
+        on the workspace path of at most ``kernels.BLOCK_ELEMENTS`` elements, each valid until the next one."""
+        fast = self.fast_path(x)
+        step = max(1, min(EMBED_BLOCK, kernels.BLOCK_ELEMENTS // self.embedding_dim)) if fast else EMBED_BLOCK
+        for lo in range(0, self.num_embeddings, step):
+            hi = min(lo + step, self.num_embeddings)
+            if fast:
+                yield lo, hi, kernels.int8_weight(self.q.codes[lo:hi], self.q.scale[lo:hi], x.dtype)
+            else:
+                yield lo, hi, self.rows(lo, hi, x.dtype)
 
     def rows(self, lo: int, hi: int, dtype: torch.dtype) -> torch.Tensor:
         """Vocabulary rows ``lo:hi`` dequantised: ``[hi - lo, d]``."""
