@@ -91,7 +91,8 @@ def add_parsers(sub) -> None:
                                     "from easy, medium, hard, search: minimal symmetric puzzles, each level from "
                                     "SEED plus its own offset ("
                                     + ", ".join(f"{k} +{o}" for k, o in rated.RATING_SEED_OFFSETS.items())
-                                    + "); rows rated-LEVEL (default: none)")
+                                    + "); rows rated-LEVEL; hard puzzles are rare, several CPU seconds each "
+                                    "(default: none)")
     e.add_argument("--seed", type=int, default=EVAL_SEED,
                    help="puzzle seed; each bucket draws from SEED plus its own offset ("
                         + ", ".join(f"{b} +{o}" for b, o in task.BUCKET_SEED_OFFSETS.items())
