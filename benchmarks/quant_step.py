@@ -34,6 +34,7 @@ import argparse
 import copy
 import json
 import platform
+import shlex
 import sys
 import time
 
@@ -153,7 +154,7 @@ def main() -> None:
                              CLOCKS[args.clock])
         if args.json:
             atomic_write_text(args.json, json.dumps(
-                {"command": "python " + " ".join(sys.argv), "what": "µs of one product x [M, K] @ W.T per weight "
+                {"command": "python " + shlex.join(sys.argv), "what": "µs of one product x [M, K] @ W.T per weight "
                  "shape of the preset on each path, as ratios to the fp32 matmul", "preset": args.preset,
                  "group_size": args.group_size, "clock": args.clock, "threads": torch.get_num_threads(),
                  "torch": torch.__version__,
@@ -204,7 +205,7 @@ def main() -> None:
             print(f"| {row['batch']} | {k} | {row['ms'][k]:.1f} | x{row['ratio_to_fp32'][k]:.2f} | "
                   f"{weight_bytes[k] / 2**20:.1f} |")
     if args.json:
-        out = {"command": "python " + " ".join(sys.argv),
+        out = {"command": "python " + shlex.join(sys.argv),
                "what": "ms per denoising step (decoder pass over a cached prompt + step_fused) of the unquantised "
                        "model and its weight-only quantisations; fp32 is the baseline because on this AVX2 CPU "
                        "bf16 matmuls are emulated and slow, while int8 only takes the _weight_int8pack_mm kernel "

@@ -3,7 +3,7 @@ one float matmul. Pure torch, no compiled code, reading the stored layouts of :m
 as they are (no repacked copy).
 
 Why this and not a fused kernel: on an AVX2 CPU (no AVX-512) torch 2.13's ``_weight_int8pack_mm`` with fp32
-activations, ``_weight_int4pack_mm_for_cpu`` and ``torch._int_mm`` ran 17-75x slower than an fp32 matmul of
+activations, ``_weight_int4pack_mm_for_cpu`` and ``torch._int_mm`` ran 16-70x slower than an fp32 matmul of
 the same shape (docs/BENCHMARKS.md). What the reference path (``formats.dequantize_*`` then ``F.linear``) loses
 besides the matmul is the dequantisation: fresh weight-sized tensors on every call (allocation, page faults)
 and for int4 the scales repeated to the full weight size and several full-size temporaries. Here:

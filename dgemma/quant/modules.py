@@ -18,7 +18,7 @@ the reference path, ``True``: int8's torch kernel for any dtype, the workspace p
   bf16 hardware): :mod:`dgemma.quant.kernels`, the same dequantised weight bit for bit but built in a reused
   per-thread workspace (int4 unpacked with int16 ops, no scale expansion), then one ``F.linear``; its products
   equal the reference path's. On an AVX2 CPU torch 2.13's kernels for these cases (``_weight_int8pack_mm``
-  with fp32, ``_weight_int4pack_mm_for_cpu``, ``_int_mm``) ran 17-75x slower than the fp32 matmul, so none is
+  with fp32, ``_weight_int4pack_mm_for_cpu``, ``_int_mm``) ran 16-70x slower than the fp32 matmul, so none is
   used (docs/BENCHMARKS.md, ``benchmarks/quant_step.py --kernels``).
 """
 
@@ -74,13 +74,17 @@ class QuantizedWeight(nn.Module):
 
     def product(self, x: torch.Tensor, index=()) -> torch.Tensor:
         """``x [..., in] @ W[index].T -> [..., out]`` (``W[index]`` two-dimensional)."""
-        if self.scheme == "int8" and uses_int8_kernel(x, self.fast):
-            return int8_mm(x, self.codes[index], self.scale[index])
-        if self.fast is not False and kernels.supported(x, self.scheme):
-            if self.scheme == "int8":
-                return kernels.int8_linear(x, self.codes[index], self.scale[index])
-            return kernels.int4_linear(x, self.codes[index], self.scale[index], self.width, self.group_size)
-        return F.linear(x, self.dequantize(x.dtype, index))
+        fast = self.fast is not False and kernels.supported(x, self.scheme)
+        kernel = self.scheme == "int8" and uses_int8_kernel(x, self.fast)
+        if not (fast or kernel):
+            return F.linear(x, self.dequantize(x.dtype, index))
+        # no indexing for a whole weight: a tensor index costs a few µs, a tenth of a small product
+        codes, scale = (self.codes, self.scale) if index == () else (self.codes[index], self.scale[index])
+        if kernel:
+            return int8_mm(x, codes, scale)
+        if self.scheme == "int8":
+            return kernels.int8_linear(x, codes, scale)
+        return kernels.int4_linear(x, codes, scale, self.width, self.group_size)
 
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.scheme == "int4" else ""
