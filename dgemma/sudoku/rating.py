@@ -381,7 +381,7 @@ def generate_rated(rating: str, n: int, seed: int, clues: tuple[int, int] = CLUE
                    max_grids: int = 20_000) -> Iterator[tuple[Board, Board]]:
     """``n`` ``(puzzle, solution)`` pairs: minimal symmetric puzzles of level ``rating`` with a clue count in
     ``clues`` (inclusive), each from fresh seeded grids until one fits; the same for a seed whatever
-    ``workers`` (processes, used from 2 puzzles on: one hard puzzle takes about 200 grids)."""
+    ``workers`` (processes, used from 2 puzzles on: one hard puzzle takes several hundred grids)."""
     check_level(rating)
     lo, hi = clues
     if not 17 <= lo <= hi <= 81:
