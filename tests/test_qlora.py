@@ -18,6 +18,8 @@ import dgemma
 from dgemma.cache import KVCache
 from dgemma.cli import main as dgemma_main
 from dgemma.loading import build_model, load_weights, save_checkpoint
+from dgemma.model.moe import _GROUPED_MM
+from dgemma.quant.modules import QuantizedWeight
 from dgemma.quant import lora as qlora
 from dgemma.tokenizer import Tokenizer, write_test_tokenizer
 from dgemma.train import config, lora, model_setup
@@ -121,6 +123,44 @@ def test_quantized_lora_equals_peft_on_the_dequantized_float_model(task):
             plain = _decode(setup.net.get_base_model(), prompt, canvas)
         twin = _decode(_dequantized_twin(setup.net, task["base"]), prompt, canvas)
     torch.testing.assert_close(plain, twin, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(_GROUPED_MM is None, reason="this torch has no grouped_mm")
+def test_grouped_gemm_path_equals_the_expert_loop(task, monkeypatch):
+    """CUDA's grouped path, run on the CPU: runs of experts dequantised apart, value and input gradient; then
+    the whole model with grouped GEMMs for the quantised experts and their adapters (values only: the CPU
+    grouped_mm has no backward for a weight that needs a gradient)."""
+    torch.manual_seed(0)
+    w = QuantizedWeight(torch.randn(6, 32, 16), "int4", 8)
+    counts = torch.tensor([3, 0, 5, 2, 0, 4])
+    offs = counts.cumsum(0).to(torch.int32)
+    xs = torch.randn(int(counts.sum()), 16, requires_grad=True)
+    ref = torch.cat([x @ w.dequantize(torch.float32, e).T for e, x in enumerate(xs.split(counts.tolist()))])
+    for budget in (1 << 28, 32 * 16 * 4 * 2, 1):  # one run, runs of two experts, expert by expert
+        monkeypatch.setattr(qlora, "DEQUANT_BYTES", budget)
+        y = qlora.GroupedQuantizedProduct.apply(xs, w, offs)
+        g = torch.randn_like(y)
+        torch.testing.assert_close(y, ref)
+        want = torch.autograd.grad(ref, xs, g, retain_graph=True)[0]
+        torch.testing.assert_close(torch.autograd.grad(y, xs, g)[0], want)
+
+    setup = model_setup.build(_cfg(task, Path("unused")), torch.device("cpu"))
+    with torch.no_grad():
+        for n, p in setup.net.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    model = setup.net.get_base_model()
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, model.cfg.vocab_size, (1, 9), generator=g)
+    canvas = torch.randint(0, model.cfg.vocab_size, (1, model.cfg.canvas_length), generator=g)
+    monkeypatch.setattr(qlora, "grouped_gemm", lambda xs: True)
+    outs = []
+    for grouped in (False, True):
+        for layer in model.layers:
+            layer.experts.grouped = grouped
+        with torch.no_grad():
+            outs.append(_decode(model, prompt, canvas))
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
 
 
 def test_activation_checkpointing_gives_the_same_step_and_trains_only_adapters(task, tmp_path):

@@ -46,6 +46,7 @@ from torch import nn
 from dgemma.model.moe import _GROUPED_MM, Experts
 from dgemma.quant.modules import QuantizedExperts, QuantizedLinear, QuantizedWeight
 
+DEQUANT_BYTES = 1 << 28  # the grouped path dequantises at most 256 MiB of an expert tensor at a time
 NESTING = ("gate_up_proj", "down_proj")  # innermost first: Experts' declaration order, as peft nests them
 ADAPTER = "default"
 
@@ -64,21 +65,43 @@ class QuantizedProduct(torch.autograd.Function):
         return (grad @ w).to(ctx.dtype), None, None
 
 
+def grouped_gemm(xs: torch.Tensor) -> bool:
+    """Whether ``grouped_mm`` takes grouped GEMMs for ``xs`` (CUDA; elsewhere expert by expert)."""
+    return xs.is_cuda and _GROUPED_MM is not None
+
+
+def grouped_product(xs: torch.Tensor, weight: QuantizedWeight, offs: torch.Tensor, transpose: bool) -> torch.Tensor:
+    """Rows of ``xs [M, K]`` sorted by expert (``offs [E]`` int32 ends) times their expert's ``W_e.T``
+    (``transpose``) or ``W_e``, ``W [E, out, in]`` frozen: grouped GEMMs over runs of experts, each run
+    dequantised on its own (at most ``DEQUANT_BYTES``, not the whole ``[E, out, in]`` tensor). One host read
+    of ``offs``."""
+    e, out_f, in_f = weight.shape
+    step = max(1, DEQUANT_BYTES // (out_f * in_f * xs.element_size()))
+    ends, parts = offs.tolist(), []
+    for e0 in range(0, e, step):
+        e1 = min(e, e0 + step)
+        lo, hi = (ends[e0 - 1] if e0 else 0), ends[e1 - 1]
+        if hi > lo:
+            w = weight.dequantize(xs.dtype, slice(e0, e1))  # [e1 - e0, out, in]
+            parts.append(_GROUPED_MM(xs[lo:hi], w.transpose(-2, -1) if transpose else w, offs=offs[e0:e1] - lo))
+    width = out_f if transpose else in_f
+    return torch.cat(parts) if parts else xs.new_zeros(0, width)
+
+
 class GroupedQuantizedProduct(torch.autograd.Function):
-    """CUDA's grouped GEMM over every expert of a frozen ``[E, out, in]`` weight (rows of ``xs`` sorted by
-    expert, ``offs`` their ends); the whole tensor is dequantised transiently in each direction."""
+    """The grouped GEMM (CUDA's path) over every expert of a frozen ``[E, out, in]`` weight; gradient for
+    ``xs`` only (:func:`grouped_product` both ways)."""
 
     @staticmethod
     def forward(ctx, xs: torch.Tensor, weight: QuantizedWeight, offs: torch.Tensor):
         ctx.weight, ctx.dtype = weight, xs.dtype
         ctx.save_for_backward(offs)
-        return _GROUPED_MM(xs, weight.dequantize(xs.dtype).transpose(-2, -1), offs=offs)
+        return grouped_product(xs, weight, offs, transpose=True)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        (offs,) = ctx.saved_tensors
-        w = ctx.weight.dequantize(grad.dtype)  # [E, out, in]: grad [M, out] @ W_e [out, in]
-        return _GROUPED_MM(grad.contiguous(), w, offs=offs).to(ctx.dtype), None, None
+        (offs,) = ctx.saved_tensors  # grad [M, out] @ W_e [out, in]
+        return grouped_product(grad.contiguous(), ctx.weight, offs, transpose=False).to(ctx.dtype), None, None
 
 
 class FrozenQuantizedLinear(QuantizedLinear):
@@ -118,7 +141,7 @@ class FrozenQuantizedExperts(QuantizedExperts):
         return QuantizedProduct.apply(x, self.weight(name), e)
 
     def grouped_mm(self, name: str, xs: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-        if xs.is_cuda and _GROUPED_MM is not None:
+        if grouped_gemm(xs):
             return GroupedQuantizedProduct.apply(xs, self.weight(name), offs)
         return super().grouped_mm(name, xs, offs)  # expert by expert through self.mm
 
@@ -189,12 +212,14 @@ class ExpertLora(Experts, BaseTunerLayer):
     def delta(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """``scaling * (x [M, in] @ A_e.T) @ B_e.T -> [M, out]``."""
         a, b = self.factors()
-        return F.linear(F.linear(x.to(a.dtype), a[e]), b[e]) * self.scaling[ADAPTER]
+        if not torch.is_autocast_enabled(x.device.type):  # under autocast F.linear casts (no fp32 copy of x)
+            x = x.to(a.dtype)
+        return F.linear(F.linear(x, a[e]), b[e]) * self.scaling[ADAPTER]
 
     def grouped_delta(self, xs: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
         """:meth:`delta` of every expert's rows of ``xs [M, in]`` (sorted by expert, ``offs [E]`` their ends):
         two grouped GEMMs on CUDA (when the rank's rows are 16-byte aligned), else expert by expert."""
-        if xs.is_cuda and _GROUPED_MM is not None and (self.rank * xs.element_size()) % 16 == 0:
+        if grouped_gemm(xs) and (self.rank * xs.element_size()) % 16 == 0:
             a, b = self.factors()
             h = _GROUPED_MM(xs, a.to(xs.dtype).transpose(-2, -1), offs=offs)  # [M, r]
             out = _GROUPED_MM(h, b.to(xs.dtype).contiguous().transpose(-2, -1), offs=offs)  # [M, out]
