@@ -247,3 +247,14 @@ def test_bad_qlora_configs_are_one_clear_line(task, tmp_path, model, lora_on, ma
     with pytest.raises(config.TrainConfigError, match=match) as info:
         config.from_dict(raw)
     assert "\n" not in str(info.value)
+
+
+def test_a_quantized_checkpoint_is_refused_as_a_lora_base(task, tmp_path):
+    from dgemma.quant.apply import quantize_model
+
+    model, _, gen, _ = load_weights(task["base"], dtype=torch.float32)
+    save_checkpoint(quantize_model(model, "int4", 64), tmp_path / "q", gen)
+    Tokenizer.from_dir(task["base"]).save(tmp_path / "q")
+    with pytest.raises(dgemma.DgemmaError, match="is a quantised checkpoint .* needs its float original") as info:
+        model_setup.build(_cfg(task, tmp_path / "run", model={"init": str(tmp_path / "q")}), torch.device("cpu"))
+    assert "\n" not in str(info.value)
