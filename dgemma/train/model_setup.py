@@ -20,7 +20,7 @@ from dgemma.bench.presets import PRESETS
 from dgemma.config import ModelConfig
 from dgemma.errors import DgemmaError
 from dgemma.loading import (meta_model, build_model, load_weights, read_config, read_generation_config, read_json,
-                            read_state_dict, resolve_source, save_checkpoint)
+                            read_state_dict, resolve_source, save_checkpoint, stored_dtype)
 from dgemma.tokenizer import BYTE_TOKENIZER, Tokenizer, byte_tokenizer
 from dgemma.train import lora
 from dgemma.train.config import TrainConfig
@@ -93,16 +93,6 @@ def plan(cfg: TrainConfig) -> tuple[Tokenizer, ModelConfig, Path | None]:
     return tokenizer, scratch_config(cfg, tokenizer), None
 
 
-def stored_dtype(ckpt: Path | None) -> torch.dtype:
-    """The dtype a checkpoint's config.json says its weights are in (float32 when it says nothing)."""
-    if ckpt is None:
-        return torch.float32
-    raw = read_json(Path(ckpt) / "config.json")
-    name = raw.get("dtype") or raw.get("torch_dtype") or "float32"
-    value = getattr(torch, str(name), None)
-    return value if isinstance(value, torch.dtype) else torch.float32
-
-
 def initial_state(cfg: TrainConfig, model_cfg: ModelConfig, ckpt: Path | None) -> dict[str, torch.Tensor]:
     """The starting weights (dgemma names, fp32, CPU) of a full training run: the checkpoint's, or a
     seeded random init. Read by one process of a sharded run and broadcast to the others."""
@@ -146,7 +136,8 @@ def build(cfg: TrainConfig, device: torch.device, compute_dtype: torch.dtype | N
             layer.router.proj.requires_grad_(False)
             layer.router.scale.requires_grad_(False)
     model.train()
-    setup = ModelSetup(model, model, tokenizer, dict(generation_config), base, save_dtype=stored_dtype(ckpt))
+    save_dtype = stored_dtype(ckpt) if ckpt is not None else torch.float32
+    setup = ModelSetup(model, model, tokenizer, dict(generation_config), base, save_dtype=save_dtype)
     if cfg.lora.enabled:
         torch.manual_seed(cfg.train.seed)  # peft draws the LoRA A matrices from the global generator
         setup.peft_model = setup.net = lora.apply(model, cfg.lora, base)
