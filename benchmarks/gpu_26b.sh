@@ -16,6 +16,7 @@
 # 2b. where a whole canvas spends its time with graphs on (gpu_step_profile.py);
 # 2c. with BASE_DENOISE=FILE (written here by `git show REV:dgemma/denoise.py > FILE` inside the tree, as the
 #     machine gets the tree without .git): the fused step of that revision against now (step_ab.py);
+# 2d. with QUANT=1: bf16, int8 and int4 weights, ms per step against each format's bandwidth floor (gpu_quant.py);
 # with FULL=1 also (measured 2026-11-26, unchanged since):
 # 3. the same dgemma run with the per-expert loop instead of the grouped GEMM (what the GEMM is worth);
 # 4. the largest power-of-two batch whose prefill plus one canvas fits (transformers and AR skipped).
@@ -70,6 +71,10 @@ timeout 100 $py benchmarks/gpu_step_profile.py 2>&1 | tee "$out/step-profile.log
 if [ -n "${BASE_DENOISE:-}" ]; then
     timeout 120 $py benchmarks/step_ab.py --base "$BASE_DENOISE" --preset 26b-a4b --device cuda --dtype bfloat16 \
         --batch 1 4 --rounds 4 2>&1 | tee "$out/step-ab.log"
+fi
+if [ "${QUANT:-0}" = 1 ]; then  # quantised weights: bf16 / int8 / int4 ms per step against their floors
+    timeout 300 $py benchmarks/gpu_quant.py --preset 26b-a4b --batch 1 4 --json "$out/gpu-quant-26b.json" \
+        2>&1 | tee "$out/gpu-quant-26b.log"
 fi
 [ "${FULL:-0}" = 1 ] || exit 0
 timeout 120 $py -m dgemma bench "${common[@]}" --new-tokens 256 --no-transformers --no-ar --moe loop \
