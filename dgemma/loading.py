@@ -214,8 +214,8 @@ def read_state_dict(ckpt: Path, model: torch.nn.Module, dtype: torch.dtype | Non
         if tuple(tensor.shape) != tuple(shape):
             raise LoadError(f"tensor {key} in {file.name} has shape {list(tensor.shape)}, the config implies "
                             f"{list(shape)}")
-        if quantized:
-            parts = layout.quantize(name, tensor)
+        if quantized:  # on the target device: a GPU quantises the 26B model in seconds, a CPU in minutes
+            parts = layout.quantize(name, tensor.to(device) if device is not None else tensor)
             del tensor  # the float tensor goes before the next is read
         elif layout is not None and layout.file_name(name) != name:  # codes or scales, as stored
             if tensor.dtype != stored:
