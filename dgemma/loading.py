@@ -1,18 +1,18 @@
 """Checkpoint I/O: the only file that knows the checkpoint's tensor names.
 
-Reads a directory written by transformers' ``save_pretrained`` (or a Hub snapshot of one): config.json,
+Reads a directory written by transformers' ``save_pretrained`` (or a Hub snapshot of one, ``dgemma.hub``): config.json,
 generation_config.json (plus dgemma's own dgemma_generation.json, see ``dgemma.genconfig``), single or sharded
 safetensors. The model is built on the meta device and the memory-mapped tensors are assigned to it, so no
 second copy is made when dtype and device already match. Loading is strict: a missing, unexpected or wrongly
 shaped tensor is named in the error. Writes the same format back (``save_checkpoint``), loadable by
-``DiffusionGemmaForBlockDiffusion.from_pretrained``.
+``DiffusionGemmaForBlockDiffusion.from_pretrained``. Quantised checkpoints, and float tensors quantised as they
+are read, go through ``dgemma.quant.checkpoint`` (which maps the quantised modules' keys to stored names).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from dgemma.config import ModelConfig
 from dgemma.errors import ConfigError, LoadError
 from dgemma.fileio import atomic_write
 from dgemma.hardware import cpu_has_fast_bf16
+from dgemma.hub import resolve_source
 from dgemma.model import DiffusionGemma
 from dgemma.quant import checkpoint as qcheckpoint
 from dgemma.quant.apply import QuantOptions, quantize_model
@@ -38,46 +39,9 @@ _ENCODER_SCALAR = re.compile(r"^model\.encoder\.language_model\.layers\.(\d+)\.l
 _SKIPPED_PREFIXES = ("model.encoder.vision_tower.", "model.encoder.embed_vision.")
 FLOAT_WEIGHTS = "model.safetensors"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-_HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt"]
 
 
-# ---------------------------------------------------------------------------------------------- sources
-def resolve_source(source: str | os.PathLike, configs_only: bool = False) -> Path:
-    """A local checkpoint directory, or a Hub repo id fetched with huggingface_hub (cache and offline aware).
-
-    ``configs_only`` fetches only the config files from the Hub (``dgemma info``).
-    """
-    path = Path(source).expanduser()
-    if path.is_dir():
-        return path
-    text = str(source)
-    if path.exists():
-        raise LoadError(f"{text} is a file; pass the checkpoint directory that contains it")
-    if text.startswith((".", "/", "~")) or text.count("/") != 1 or not re.fullmatch(r"[\w.\-]+/[\w.\-]+", text):
-        raise LoadError(f"no checkpoint directory at {text} (and it is not a Hub repo id like owner/name)")
-    configs = ["config.json", genconfig.GENERATION_FILE, genconfig.DGEMMA_FILE]
-    return _download(text, configs if configs_only else _HUB_PATTERNS)
-
-
-def _download(repo_id: str, patterns: list[str]) -> Path:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError)
-
-    try:
-        return Path(snapshot_download(repo_id=repo_id, allow_patterns=patterns))
-    except LocalEntryNotFoundError:
-        raise LoadError(
-            f"{repo_id} is not in the local Hugging Face cache and the Hub cannot be reached "
-            "(offline or HF_HUB_OFFLINE=1); download it once with network access or pass a local directory"
-        ) from None
-    except GatedRepoError:
-        raise LoadError(f"{repo_id} is gated on the Hub: accept its licence and log in (hf auth login)") from None
-    except RepositoryNotFoundError:
-        raise LoadError(f"no model named {repo_id} on the Hugging Face Hub (or it is private)") from None
-    except OSError as e:  # network failures surface as OSError subclasses (requests/httpx errors)
-        raise LoadError(f"could not download {repo_id} from the Hugging Face Hub: {e}") from None
-
-
+# ---------------------------------------------------------------------------------------------- configs
 def read_json(path: Path) -> dict[str, Any]:
     try:
         with open(path, encoding="utf-8") as f:
@@ -313,9 +277,12 @@ def load_weights(source, device=None, dtype=None, quant=None, progress=None):
         stored = qcheckpoint.read_section(read_json(ckpt / "config.json"))
     except ValueError as e:
         raise LoadError(f"{ckpt / 'config.json'}: {e}") from None
-    if stored is not None and wanted is not None and not wanted.matches(stored):
+    # A bare scheme name asks for that scheme only; a dict or QuantOptions for its fields too.
+    if stored is not None and wanted is not None and not (
+            wanted.scheme == stored.scheme if isinstance(quant, str) else wanted.matches(stored)):
         raise LoadError(f"{ckpt} is already quantised ({stored.scheme}, group size {stored.group_size}, embedding "
-                        f"{stored.embedding}); load it without quant=, or quantise its float original")
+                        f"{stored.embedding}); load it as it is (no quant= / --quant), or quantise its float "
+                        "original")
     if dtype is None:
         dtype = default_dtype(device)
         if dtype is not None:
@@ -361,6 +328,19 @@ def export_state_dict(model: DiffusionGemma, to_cpu: bool = True,
     return out
 
 
+def _remove_stale_weights(path: Path, keep: str, other: str) -> None:
+    """Remove what an earlier checkpoint in ``path`` left that the loader would read beside ``keep``: the other
+    format's file, and a sharded checkpoint's index and the shards it names."""
+    (path / other).unlink(missing_ok=True)
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = read_json(index).get("weight_map")
+        for shard in set(weight_map.values()) if isinstance(weight_map, dict) else ():
+            if shard != keep and "/" not in shard:
+                (path / shard).unlink(missing_ok=True)
+        index.unlink()
+
+
 def save_checkpoint(model: DiffusionGemma, path, generation_config: dict[str, Any] | None = None,
                     state: dict[str, torch.Tensor] | None = None) -> Path:
     """Write config.json, the generation config files (``write_generation_config``) and model.safetensors in
@@ -369,11 +349,15 @@ def save_checkpoint(model: DiffusionGemma, path, generation_config: dict[str, An
 
     ``state`` (dgemma names, e.g. gathered from FSDP shards) is written instead of the model's own tensors.
     """
-    quantization = getattr(model, "quantization", None) if state is None else None
+    quantization = getattr(model, "quantization", None)
+    if quantization and state is not None:
+        raise ValueError("a quantised model is written from its own tensors (no state=): its codes are not "
+                         "float weights")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     config = model.cfg.to_hf_dict()
     config.pop("torch_dtype", None)
+    config.pop(qcheckpoint.CONFIG_KEY, None)  # the config read may be a quantised checkpoint's
     tensors = export_state_dict(model, state=state)
     # What the float weights below are stored in (a quantised model's float tensors are its parameters).
     dtype = next(model.parameters()).dtype if quantization else tensors[DECODER + "embed_tokens.weight"].dtype
@@ -383,7 +367,7 @@ def save_checkpoint(model: DiffusionGemma, path, generation_config: dict[str, An
     name, other = ((qcheckpoint.WEIGHTS_FILE, FLOAT_WEIGHTS) if quantization else
                    (FLOAT_WEIGHTS, qcheckpoint.WEIGHTS_FILE))
     atomic_write(path / name, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
-    (path / other).unlink(missing_ok=True)  # a stale file of the other format would be read beside it
+    _remove_stale_weights(path, keep=name, other=other)
     _write_json(path / "config.json", config)
     write_generation_config(path, generation_config)
     return path

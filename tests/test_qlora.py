@@ -255,6 +255,14 @@ def test_a_quantized_checkpoint_is_refused_as_a_lora_base(task, tmp_path):
     model, _, gen, _ = load_weights(task["base"], dtype=torch.float32)
     save_checkpoint(quantize_model(model, "int4", 64), tmp_path / "q", gen)
     Tokenizer.from_dir(task["base"]).save(tmp_path / "q")
-    with pytest.raises(dgemma.DgemmaError, match="is a quantised checkpoint .* needs its float original") as info:
+    refused = "is a quantised checkpoint .* give its float original as"
+    with pytest.raises(dgemma.DgemmaError, match=refused + " model.init") as info:
         model_setup.build(_cfg(task, tmp_path / "run", model={"init": str(tmp_path / "q")}), torch.device("cpu"))
     assert "\n" not in str(info.value)
+    # Full training from it too (its codes are buffers: only norms would move, and the output would be neither
+    # format), and a merge into it (peft cannot fold an adapter into codes).
+    full = _cfg(task, tmp_path / "full", model={"init": str(tmp_path / "q"), "quant": None}, lora={"enabled": False})
+    with pytest.raises(dgemma.DgemmaError, match=refused + " model.init"):
+        model_setup.build(full, torch.device("cpu"))
+    with pytest.raises(dgemma.DgemmaError, match=refused + " the base"):
+        model_setup.merge_adapter(tmp_path / "q", tmp_path / "no-adapter", tmp_path / "merged")

@@ -92,8 +92,10 @@ def test_quantize_command_writes_a_loadable_checkpoint(bf16_ckpt, tmp_path, caps
     assert main(["generate", "--model", str(out), "--plain", "--max-new-tokens", "8", "--seed", "0", "hi"]) == 0
     capsys.readouterr()
     assert main(["info", str(out), "--json"]) == 0
-    info = json.loads(capsys.readouterr().out)
-    assert info["stored_quantized"] == {"scheme": "int4", "group_size": 32, "embedding": "bfloat16"}
+    stored = json.loads(capsys.readouterr().out)["stored_quantized"]
+    assert stored == {"scheme": "int4", "group_size": 32, "embedding": "bfloat16", "dtype": "bfloat16",
+                      "bytes_with_bf16_float_parts": sum(t.numel() * t.element_size()
+                                                         for t in file_tensors(out).values())}
 
 
 @pytest.mark.parametrize("argv, match", [
@@ -126,6 +128,9 @@ def test_a_quantized_checkpoint_is_not_quantized_again_and_out_must_be_new(bf16_
     with pytest.raises(LoadError, match="already quantised"):  # other options than the file's
         dgemma.load(out, quant="int4")
     assert dgemma.load(out, quant="int8").model.quantization["scheme"] == "int8"  # the same: fine
+    assert dgemma.load(out, quant={"scheme": "int8"}).model.quantization["scheme"] == "int8"
+    with pytest.raises(LoadError, match="already quantised"):
+        dgemma.load(out, quant={"scheme": "int8", "embedding": "int8"})
 
 
 def test_damaged_quantized_checkpoints_are_named(bf16_ckpt, tmp_path):
@@ -153,6 +158,25 @@ def test_damaged_quantized_checkpoints_are_named(bf16_ckpt, tmp_path):
     (out / "config.json").write_text(json.dumps(config))
     with pytest.raises(LoadError, match="a quantised checkpoint"):
         loading.load_weights(out)
+
+
+def test_saving_over_other_checkpoints_leaves_nothing_stale(ckpt_factory, bf16_ckpt, tmp_path):
+    import shutil
+
+    model = dgemma.load(bf16_ckpt, dtype=torch.bfloat16, quant="int4").model
+    with pytest.raises(ValueError, match="no state="):
+        loading.save_checkpoint(model, tmp_path / "s", {}, state=model.state_dict())
+    # Quantised over a sharded float checkpoint: its index and shards go, so the loader reads only the new file.
+    shutil.copytree(ckpt_factory("tiny", shard=True), tmp_path / "over")
+    loading.save_checkpoint(model, tmp_path / "over", {})
+    assert sorted(p.name for p in (tmp_path / "over").glob("*.safetensors*")) == [checkpoint.WEIGHTS_FILE]
+    same_state(dgemma.load(tmp_path / "over", dtype=torch.bfloat16).model, model)
+    # A float model whose config came from a quantised checkpoint is written as a float checkpoint.
+    float_model = loading.build_model(loading.read_config(tmp_path / "over"), seed=0)
+    loading.save_checkpoint(float_model, tmp_path / "over", {})
+    assert "quantization_config" not in json.loads((tmp_path / "over" / "config.json").read_text())
+    assert sorted(p.name for p in (tmp_path / "over").glob("*.safetensors*")) == ["model.safetensors"]
+    assert not getattr(dgemma.load(tmp_path / "over").model, "quantization", None)
 
 
 def test_transformers_refuses_a_quantized_checkpoint_instead_of_loading_random_weights(bf16_ckpt, tmp_path):

@@ -30,7 +30,10 @@ def summary(source: str, embedding: str = "bfloat16") -> dict:
     experts = sum(p.numel() for m in model.modules() if isinstance(m, Experts) for p in m.parameters())
     active = total - experts + experts * cfg.top_k_experts // max(1, cfg.num_experts)
     gen = loading.read_generation_config(ckpt)
-    stored = qcheckpoint.read_section(loading.read_json(ckpt / "config.json"))  # written by dgemma quantize
+    try:  # written by dgemma quantize
+        stored = qcheckpoint.read_section(loading.read_json(ckpt / "config.json"))
+    except ValueError as e:
+        raise ValueError(f"{ckpt / 'config.json'}: {e}") from None
     defaults = SamplingParams.from_generation_config(gen)
     sliding = sum(1 for spec in cfg.layers if spec.is_sliding)
     return {
@@ -49,7 +52,10 @@ def summary(source: str, embedding: str = "bfloat16") -> dict:
         "quantization": {"int8": "per output channel, symmetric", "int4": f"groups of {accounting.default_group_size(cfg)}, "
                          "symmetric, packed two per byte", "scales": "bfloat16", "embedding": embedding,
                          "kept": "norms, layer scalars and router in bfloat16"},
-        "stored_quantized": stored.as_dict() if stored is not None else None,
+        "stored_quantized": None if stored is None else {
+            **stored.as_dict(), "dtype": loading.stored_dtype(ckpt).__repr__().removeprefix("torch."),
+            "bytes_with_bf16_float_parts": accounting.total_bytes(cfg, stored.scheme, stored.embedding,
+                                                                  stored.group_size)},
         "generation_defaults": {k: v for k, v in defaults.__dict__.items() if v is not None},
     }
 
@@ -82,8 +88,9 @@ def run(parser, args) -> int:
           + f" (weights; int8 and int4 with their {q['scales']} scales, embedding {q['embedding']})")
     if info["stored_quantized"]:
         sq = info["stored_quantized"]
-        print(f"stored       quantised {sq['scheme']} (group size {sq['group_size']}, embedding {sq['embedding']}): "
-              f"{_human(info['bytes'][sq['scheme']], 'B')} of weights with bfloat16 float parts")
+        print(f"stored       quantised {sq['scheme']} (group size {sq['group_size']}, embedding {sq['embedding']}, "
+              f"float parts {sq['dtype']}): {_human(sq['bytes_with_bf16_float_parts'], 'B')} of weights with "
+              "bfloat16 float parts")
     if args.quant:
         parts = info["bytes_by_part"][args.quant]
         total = info["bytes"][args.quant]

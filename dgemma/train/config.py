@@ -37,7 +37,7 @@ class ModelSection:
     tokenizer: str | None = None  # tokenizer directory (default: the init checkpoint's), or "bytes" (byte-level)
     freeze_router: bool | None = None  # default: frozen when fine-tuning, trained from scratch
     quant: str | None = None  # QLoRA: "int4" / "int8" quantises the frozen base as it loads (needs LoRA)
-    quant_group_size: int = 64  # int4 inputs per scale
+    quant_group_size: int | None = None  # int4 inputs per scale (default: 64, or what divides the widths)
 
 
 @dataclass(frozen=True)
@@ -205,7 +205,7 @@ def validate(cfg: TrainConfig) -> None:
         if not m.init:
             raise TrainConfigError("model.quant needs model.init: the quantized base is a trained checkpoint "
                                    "(its float original, into which the adapter is merged)")
-        if m.quant_group_size < 1:
+        if m.quant_group_size is not None and m.quant_group_size < 1:
             raise TrainConfigError(f"model.quant_group_size must be positive (got {m.quant_group_size})")
     if not m.init and not m.tokenizer:
         raise TrainConfigError("training from scratch needs model.tokenizer: a directory with tokenizer.json, "

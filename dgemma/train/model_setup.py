@@ -88,6 +88,7 @@ def plan(cfg: TrainConfig) -> tuple[Tokenizer, ModelConfig, Path | None]:
     m = cfg.model
     if m.init:
         ckpt = resolve_source(m.init)
+        refuse_quantized(ckpt, "model.init")
         return _tokenizer(m.tokenizer or ckpt), read_config(ckpt), ckpt
     tokenizer = _tokenizer(m.tokenizer)
     return tokenizer, scratch_config(cfg, tokenizer), None
@@ -147,23 +148,32 @@ def build(cfg: TrainConfig, device: torch.device, compute_dtype: torch.dtype | N
 def _quant(cfg: TrainConfig, ckpt: Path) -> dict[str, Any] | None:
     """The quantisation of a QLoRA base (None: float), after checking that ``ckpt`` is a float checkpoint:
     the adapter is merged into the checkpoint it records, which must hold float weights."""
-    from dgemma.quant.checkpoint import read_section
-
-    stored = read_section(read_json(Path(ckpt) / "config.json"))
-    if stored is not None and cfg.lora.enabled:
-        raise DgemmaError(f"{ckpt} is a quantised checkpoint ({stored.scheme}); LoRA needs its float original as "
-                          "model.init (set model.quant to quantise it as it loads)")
+    refuse_quantized(ckpt, "model.init")
     m = cfg.model
     if m.quant is None:
         return None
     from dgemma.quant.apply import QuantOptions, check_group_size_fits
 
-    if m.quant == "int4":
+    if m.quant == "int4" and m.quant_group_size is not None:
         try:
             check_group_size_fits(read_config(ckpt), m.quant_group_size)
         except ValueError as e:
             raise DgemmaError(f"model.quant_group_size: {e}") from None
     return QuantOptions(m.quant, m.quant_group_size).as_dict()
+
+
+def refuse_quantized(ckpt: Path, role: str) -> None:
+    """One clear error when ``ckpt`` holds quantised weights (``dgemma quantize``): training and merging work on
+    float weights (a quantised base is made as it loads with ``model.quant``)."""
+    from dgemma.quant.checkpoint import read_section
+
+    try:
+        stored = read_section(read_json(Path(ckpt) / "config.json"))
+    except ValueError as e:
+        raise DgemmaError(f"{ckpt / 'config.json'}: {e}") from None
+    if stored is not None:
+        raise DgemmaError(f"{ckpt} is a quantised checkpoint ({stored.scheme}); give its float original as {role} "
+                          "(for QLoRA, model.quant quantises the float base as it loads)")
 
 
 def _scratch_generation(tokenizer: Tokenizer, model_cfg: ModelConfig) -> dict[str, Any]:
@@ -175,6 +185,7 @@ def merge_adapter(base: str | Path, adapter: str | Path, out: str | Path, dtype:
     """Load ``base``, apply and merge the LoRA ``adapter`` (in fp32), write the release format in ``dtype``
     (default: the base checkpoint's), with the tokenizer."""
     ckpt = resolve_source(base)
+    refuse_quantized(ckpt, "the base")
     model, _, generation_config, _ = load_weights(ckpt, device="cpu", dtype=torch.float32)
     merged = lora.merge(lora.load_adapter(model, adapter))
     out = Path(out)
