@@ -74,9 +74,8 @@ def test_a_written_checkpoint_loads_the_same_tensors_and_generates_the_same(bf16
     tensors = file_tensors(tmp_path / "q")
     assert tensors["model.decoder.layers.0.experts.gate_up_proj.codes"].dtype in (torch.int8, torch.uint8)
     assert "model.decoder.layers.0.experts.gate_up_proj" not in tensors
-    for prompt in ("Hello there", "ab"):
-        want = engine.generate(prompt, max_new_tokens=20, seed=3)
-        assert back.generate(prompt, max_new_tokens=20, seed=3).token_ids == want.token_ids
+    want = engine.generate("Hello there", max_new_tokens=16, max_denoising_steps=8, seed=3)
+    assert back.generate("Hello there", max_new_tokens=16, max_denoising_steps=8, seed=3).token_ids == want.token_ids
 
 
 def test_quantize_command_writes_a_loadable_checkpoint(bf16_ckpt, tmp_path, capsys):
