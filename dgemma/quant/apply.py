@@ -11,11 +11,11 @@ float model plus one tensor's codes.
 
 from __future__ import annotations
 
-import torch
-from torch import nn
-
 from dataclasses import asdict, dataclass
 from typing import Any
+
+import torch
+from torch import nn
 
 from dgemma.model.moe import Experts, Router
 from dgemma.quant import accounting, formats
