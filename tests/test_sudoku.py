@@ -130,8 +130,12 @@ def trained(tmp_path_factory):
     """A Sudoku model after a few steps of ``dgemma sudoku train`` (enough to exercise the commands)."""
     out = tmp_path_factory.mktemp("sudoku")
     proc = _cli("train", "--out", str(out), "--puzzles", "64", "--steps", "2", "--set", "train.batch_size=8",
-                "--set", "train.micro_batch=8", "--set", "train.save_every=0")
+                "--set", "train.micro_batch=8", "--set", "train.save_every=0", "--minimal", "0.125",
+                "--set", "objective.encoder_loss_weight=0")
     assert proc.returncode == 0, proc.stderr[-2000:]
+    prompts = [json.loads(line)["prompt"] for line in (out / "train.jsonl").read_text().splitlines()]
+    assert len(prompts) == 64 * 8 and sum(p.count("0") > 81 - 33 for p in prompts[-8 * 8:]) == 64  # 8 minimal
+    assert "ar_loss" not in json.loads(proc.stdout.splitlines()[-1])["last"]  # weight 0: not computed
     summary = json.loads(proc.stdout.splitlines()[-1])
     return Path(summary["model"])
 

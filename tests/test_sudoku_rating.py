@@ -293,3 +293,33 @@ def test_bad_rating_is_one_line(args, capsys):
         main(["sudoku", *args])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and "unknown rating 'extreme'" in err
+
+
+def test_training_puzzles_mix_minimal_symmetric_ones_by_share():
+    """``sudoku train --minimal S``: that share of the puzzles is minimal and symmetric, the rest is drawn by
+    clue count exactly as without it; the set is the same for any worker count."""
+    pairs = list(task.training_puzzles(70, (40, 46), seed=3, minimal=0.1))
+    assert pairs[:63] == list(task.puzzles(63, (40, 46), 3))
+    assert pairs == list(task.training_puzzles(70, (40, 46), seed=3, minimal=0.1, workers=2))
+    assert list(task.training_puzzles(5, (40, 46), 3)) == list(task.puzzles(5, (40, 46), 3))
+    minimal = pairs[63:]
+    assert len(minimal) == 7 and len(set(minimal)) == 7
+    for puzzle, solution in minimal:
+        assert sb.is_solution(solution, puzzle) and sb.count_solutions(puzzle) == 1
+        assert all(bool(puzzle[i]) == bool(puzzle[80 - i]) for i in range(81))  # 180-degree symmetry
+        assert sb.clues(puzzle) < 40  # not from the clue range: thinned until no mirrored pair can go
+    # eval's rated buckets draw from their own stream: no shared grid with the same seed
+    evals = {s for level in ("easy", "search") for _, s in R.generate_rated(level, 3, 3)}
+    assert not evals & {s for _, s in minimal}
+    assert list(task.training_puzzles(2, (40, 46), 3, minimal=1.0)) == list(task.minimal_puzzles(2, 3))
+    with pytest.raises(ValueError, match="0..1"):
+        list(task.training_puzzles(2, (40, 46), 3, minimal=1.5))
+
+
+def test_train_minimal_share_out_of_range_is_one_line(tmp_path, capsys):
+    from dgemma.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["sudoku", "train", "--out", str(tmp_path / "r"), "--minimal", "2"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "--minimal takes a share from 0 to 1" in err

@@ -284,3 +284,37 @@ def test_activation_checkpointing_gives_the_same_gradients(model):
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
     for n in grads[0]:
         torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-6, rtol=1e-5)
+
+
+def test_no_encoder_loss_runs_the_encoder_only_over_what_the_canvases_read(model64):
+    """``encoder_loss_weight = 0``: the encoder stops at the last position a canvas reads, and the diffusion
+    loss and its gradients are those of the full encoder pass (causal attention: the same K/V)."""
+    m = model64
+    c, v = m.cfg.canvas_length, m.cfg.vocab_size
+    exs = [_example(6, 3, c, v, 41), _example(9, 2, c, v, 42)]
+    ds = [_draw(exs[0], 1, 0.3, True, v, 43), _draw(exs[1], 0, 0.7, True, v, 44)]
+    seen, got = [], []
+    for weight in (1.0, 0.0):
+        m.zero_grad()
+        lengths = []
+        orig = m.run_layers
+
+        def spy(x, positions, *a, encoder, **kw):
+            if encoder:
+                lengths.append(x.shape[1])
+            return orig(x, positions, *a, encoder=encoder, **kw)
+
+        m.run_layers = spy
+        try:
+            diff, ar = Objective(m, ObjectiveConfig(encoder_loss_weight=weight))(collate(exs, 0), ds)
+        finally:
+            del m.run_layers
+        diff.backward()
+        seen.append((lengths, float(ar.detach())))
+        got.append((diff.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}))
+    m.zero_grad()
+    s = max(len(e.ids) for e in exs)
+    assert seen[0][0] == [s] and seen[0][1] > 0
+    assert seen[1] == ([6 + c], 0.0)  # the largest start: example 0's block 1 (example 1's is 9)
+    torch.testing.assert_close(got[1][0], got[0][0], rtol=1e-12, atol=0)
+    _assert_grads_close(got[1][1], got[0][1], tol=1e-10)

@@ -73,6 +73,9 @@ def add_parsers(sub) -> None:
                    help="examples per puzzle: the puzzle and N-1 symmetric views of it (default 8)")
     t.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes generating puzzles")
     t.add_argument("--clues", default="24-50")
+    t.add_argument("--minimal", type=float, default=0.0, metavar="SHARE",
+                   help="share of the puzzles that are minimal with 180-degree symmetry (22-32 clues, like "
+                        "published ones) instead of drawn by --clues (0..1, default %(default)s)")
     t.add_argument("--bucket")
     t.add_argument("--steps", type=int, default=2200)
     t.add_argument("--seed", type=int, default=0)
@@ -193,12 +196,15 @@ def _train(args) -> int:
     tok_dir, data = out / "tokenizer", out / "train.jsonl"
     task.build_tokenizer().save(tok_dir)
     (out / "model_config.json").write_text(json.dumps(task.model_config(), indent=2) + "\n")
-    recipe = {"puzzles": args.puzzles, "clues": list(_clue_range(args)), "seed": args.seed, "augment": args.augment}
+    if not 0.0 <= args.minimal <= 1.0:
+        raise DgemmaError(f"--minimal takes a share from 0 to 1, got {args.minimal}")
+    recipe = {"puzzles": args.puzzles, "clues": list(_clue_range(args)), "seed": args.seed, "augment": args.augment,
+              "minimal": args.minimal}
     meta = out / "train.recipe.json"
     if not data.is_file() or not meta.is_file() or json.loads(meta.read_text()) != recipe:
         if args.puzzles < 1 or args.augment < 1:
             raise DgemmaError("--puzzles and --augment must be positive")
-        pairs = task.puzzles(args.puzzles, _clue_range(args), args.seed, workers=args.workers)
+        pairs = task.training_puzzles(args.puzzles, _clue_range(args), args.seed, args.minimal, args.workers)
         with _bar(f"generating {args.puzzles} puzzles", args.puzzles * args.augment) as tick:
             task.write_jsonl(data, task.augmented(pairs, args.augment, args.seed), progress=tick)
         atomic_write_text(meta, json.dumps(recipe) + "\n")

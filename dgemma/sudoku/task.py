@@ -18,7 +18,8 @@ from typing import Iterable, Iterator
 from tokenizers import Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as _HFTokenizer
 
-from dgemma.sudoku.board import BUCKETS, Board, generate, relabel
+from dgemma.sudoku.board import BUCKETS, Board, generate, random_grid, relabel
+from dgemma.sudoku.rating import minimal_symmetric
 from dgemma.tokenizer import Tokenizer
 
 SPECIALS = ("<pad>", "<eos>", "<bos>", "<unk>")
@@ -94,6 +95,35 @@ def puzzles(n: int, clue_range: tuple[int, int], seed: int, workers: int = 1) ->
         return
     with ProcessPoolExecutor(workers) as pool:
         yield from pool.map(_puzzle, jobs, chunksize=32)
+
+
+def _minimal(job: tuple[int, int]) -> tuple[Board, Board]:
+    seed, k = job
+    rng = random.Random(f"minimal:{seed}:{k}")  # not eval's rated stream (rated:LEVEL:SEED:K): no shared grids
+    solution = random_grid(rng)
+    return minimal_symmetric(solution, rng), solution
+
+
+def minimal_puzzles(n: int, seed: int, workers: int = 1) -> Iterator[tuple[Board, Board]]:
+    """``n`` minimal puzzles with 180-degree symmetry (:func:`~dgemma.sudoku.rating.minimal_symmetric`), of
+    every rating (most have 24-30 clues), reproducible from ``seed`` whatever the number of ``workers``."""
+    jobs = ((seed, k) for k in range(n))
+    if workers <= 1 or n < 64:
+        yield from map(_minimal, jobs)
+        return
+    with ProcessPoolExecutor(workers) as pool:
+        yield from pool.map(_minimal, jobs, chunksize=32)
+
+
+def training_puzzles(n: int, clue_range: tuple[int, int], seed: int, minimal: float = 0.0,
+                     workers: int = 1) -> Iterator[tuple[Board, Board]]:
+    """The puzzles of ``sudoku train``: ``round(n * minimal)`` minimal symmetric ones (:func:`minimal_puzzles`)
+    after the rest, drawn by clue count (:func:`puzzles`); the trainer shuffles them."""
+    if not 0.0 <= minimal <= 1.0:
+        raise ValueError(f"the share of minimal puzzles must lie in 0..1, got {minimal}")
+    k = round(n * minimal)
+    yield from puzzles(n - k, clue_range, seed, workers) if k < n else ()
+    yield from minimal_puzzles(k, seed, workers) if k else ()
 
 
 # Evaluation buckets each draw from their own seed, ``seed + BUCKET_SEED_OFFSETS[bucket]``. With one seed

@@ -12,6 +12,9 @@ cross-entropy over every supervised canvas position, corrupted or not, with no 1
 ``kind = "ar"`` (not in the spec) trains only the encoder's next-token loss and never runs the decoder: an
 autoregressive model of the same architecture, as a baseline trained on the same data and budget.
 
+``encoder_loss_weight = 0`` drops the AR co-loss; the encoder then runs only over the positions some canvas
+of the batch reads (prompt and earlier blocks), which gives the same K/V for less work.
+
 ``noise_power = p`` (not in the spec; default 1) skews the noise level: ``t = eps + (1 - eps) u^(1/p)``.
 
 ``draws_per_example = K > 1`` (not in the spec; default 1) gives each example K independent corruptions that
@@ -186,26 +189,38 @@ class Objective(nn.Module):
         b, s = ids.shape
         dev = ids.device
 
-        # Encoder: clean sequence, causal; AR loss over pairs (i, i+1) that are both real tokens.
-        enc = TrainEncoderKV(s, window, dev)
-        positions = torch.arange(s, device=dev).expand(b, s)
-        h = m.run_layers(m.embed(ids), positions, enc, encoder=True, checkpoint=self.checkpoint)  # [B, S, d]
-        pairs = torch.arange(s - 1, device=dev)[None, :] < (batch.lengths - 1)[:, None]  # [B, S-1]
-        ar = lm_loss_sum(m, h[:, :-1][pairs], ids[:, 1:][pairs], self.cfg.loss_chunk_rows)
-        if self.cfg.kind == "ar":  # no decoder pass at all
+        ar_only = self.cfg.kind == "ar"
+        if not ar_only:
+            # Decoder rows: the chosen block of each canvas, at its absolute positions. K draws per example
+            # make B * K canvases, example-major; `src` maps each canvas to its example's row.
+            k = len(draws) // b
+            if k * b != len(draws):
+                raise ValueError(f"{len(draws)} draws for {b} examples: expected a multiple")
+            src = torch.arange(b, device=dev).repeat_interleave(k) if k > 1 else None  # [B*K] or None
+            rows_ids = ids if src is None else ids[src]  # [B*K, S]
+            prefix = batch.prefix if src is None else batch.prefix[src]
+            start = prefix + c * torch.tensor([d.block for d in draws], device=dev)  # [B*K]
+            cpos = start[:, None] + torch.arange(c, device=dev)  # [B*K, C]
+            clean = rows_ids.gather(1, cpos)
+
+        # Encoder: clean sequence, causal; AR loss over pairs (i, i+1) that are both real tokens. With no
+        # AR loss to compute, it runs only over the keys some canvas reads (positions < max start): causal
+        # attention makes their K/V the same as over the whole sequence.
+        with_ar = ar_only or self.cfg.encoder_loss_weight > 0
+        s_enc = s if with_ar else max(1, int(start.max()))
+        enc = TrainEncoderKV(s_enc, window, dev)
+        positions = torch.arange(s_enc, device=dev).expand(b, s_enc)
+        h = m.run_layers(m.embed(ids[:, :s_enc]), positions, enc, encoder=True, checkpoint=self.checkpoint)
+        if with_ar:  # h: [B, S, d]
+            pairs = torch.arange(s - 1, device=dev)[None, :] < (batch.lengths - 1)[:, None]  # [B, S-1]
+            ar = lm_loss_sum(m, h[:, :-1][pairs], ids[:, 1:][pairs], self.cfg.loss_chunk_rows)
+        else:  # a zero that keeps the sum's dtype and device (weight 0: the AR loss is not computed)
+            ar = torch.zeros((), dtype=torch.float32, device=dev)
+        if ar_only:  # no decoder pass at all
             return torch.zeros((), dtype=ar.dtype, device=dev), ar
 
-        # Decoder: the chosen block of each canvas, corrupted, at its absolute positions. K draws per
-        # example make B * K canvases, example-major; `src` maps each canvas to its example's row.
-        k = len(draws) // b
-        if k * b != len(draws):
-            raise ValueError(f"{len(draws)} draws for {b} examples: expected a multiple")
-        src = torch.arange(b, device=dev).repeat_interleave(k) if k > 1 else None  # [B*K] or None
-        rows_ids = ids if src is None else ids[src]  # [B*K, S]
-        prefix = batch.prefix if src is None else batch.prefix[src]
-        start = prefix + c * torch.tensor([d.block for d in draws], device=dev)  # [B*K]
-        cpos = start[:, None] + torch.arange(c, device=dev)  # [B*K, C]
-        clean = rows_ids.gather(1, cpos)
+        # Decoder: the chosen blocks, corrupted.
+        s = s_enc
         replace = torch.stack([d.replace for d in draws]).to(dev)
         noisy = torch.where(replace, torch.stack([d.tokens for d in draws]).to(dev), clean)
         dec = TrainDecoderKV(enc.kv, start, s, c, window, rows=src)

@@ -196,6 +196,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         diff_m, ar_m = diff_sum / n_sup, ar_sum / n_pairs
         losses = {"ar_loss": ar_m} if self.ar_only else {"diffusion_loss": diff_m, "ar_loss": ar_m}
+        if weight == 0:  # the encoder did not compute the AR loss
+            losses.pop("ar_loss")
         return {"loss": diff_m + weight * ar_m, **losses, "grad_norm": norm, "lr": lr,
                 "tokens": sum(len(e.ids) for e in exs)}
 
@@ -232,8 +234,8 @@ class Trainer:
         if self.ar_only:
             return {"eval_loss": ar_s / n_pairs, "eval_ar_loss": ar_s / n_pairs}
         w = self.cfg.objective.encoder_loss_weight
-        return {"eval_loss": diff_s / n_sup + w * ar_s / n_pairs, "eval_diffusion_loss": diff_s / n_sup,
-                "eval_ar_loss": ar_s / n_pairs}
+        out = {"eval_loss": diff_s / n_sup + w * ar_s / n_pairs, "eval_diffusion_loss": diff_s / n_sup}
+        return {**out, "eval_ar_loss": ar_s / n_pairs} if w > 0 else out  # weight 0: not computed
 
     def samples(self) -> list[dict[str, str]]:
         """Generate from ``train.sample_prompts`` with the model as it is now (single process only)."""
