@@ -2,14 +2,14 @@
 
 Reads the files that ``dgemma sudoku train --out DIR`` writes (model_config.json, tokenizer/, train.jsonl),
 builds the project's ``Trainer`` with the recipe's settings (``train_recipe``), runs 2 warm-up steps and times ``--steps``
-more for each (K, batch) pair, one after the other in this process. Prints one JSON line per pair:
-seconds per step, denoised canvases per second (batch x K) and distinct examples per second.
+more for each (K, batch) pair and encoder-loss weight, one after the other in this process. Prints one JSON
+line per timing: seconds per step, denoised canvases per second (batch x K) and distinct examples per second.
 
     python benchmarks/train_step_time.py runs/sudoku3 --pairs 1x32 2x32 3x32 2x24 [--steps 8] [--objective ar]
     python benchmarks/train_step_time.py runs/sudoku3 --pairs 1x32 --weights 1 0 1 0   # AR co-loss on / off
 
 ``--weights W ...``: one timing per encoder-loss weight (each pair, in the given order); weight 0 drops the AR
-co-loss, so the encoder runs over the prompt only.
+co-loss, so the encoder runs over the prompt only (Sudoku's answer is one block).
 """
 
 from __future__ import annotations

@@ -174,8 +174,12 @@ def test_eval_reports_both_decoders(trained):
     assert row["diffusion"]["mean_steps"] >= row["spec-sampler"]["mean_steps"]
     assert "medium: generating 3 puzzles" in proc.stderr  # said before the slow part starts
     one = _cli("eval", "--model", str(trained), "-n", "2", "--skip", "1", "--buckets", "medium", "--json", "--no-ar",
-               "--restarts", "1", "--restart-entropy", "1e-30")
-    assert json.loads(one.stdout)["medium"]["diffusion-restarts1-below1e-30"]["puzzles"] == 2  # puzzles 2 and 3
+               "--restarts", "1", "--restart-entropy", "1e-30", "--batch", "1")
+    row = json.loads(one.stdout)["medium"]
+    assert row["diffusion-restarts1-below1e-30"]["puzzles"] == 2  # puzzles 2 and 3
+    for r in row.values():  # one puzzle per batch: each puzzle's own wall time, their median and 90th percentile
+        assert 0 < r["median_seconds"] <= r["p90_seconds"] <= 2 * r["seconds_per_puzzle"]
+    assert "median_seconds" not in json.loads(proc.stdout)["medium"]["diffusion"]  # batch 32: no per-puzzle times
     for bad in (["--restart-entropy", "0"], ["--restarts", "-1"]):
         proc = _cli("eval", "--model", str(trained), "-n", "1", *bad)
         assert proc.returncode == 2 and "restart" in proc.stderr and "Traceback" not in proc.stderr

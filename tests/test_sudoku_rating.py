@@ -301,6 +301,7 @@ def test_training_puzzles_mix_minimal_symmetric_ones_by_share():
     pairs = list(task.training_puzzles(70, (40, 46), seed=3, minimal=0.1))
     assert pairs[:63] == list(task.puzzles(63, (40, 46), 3))
     assert pairs == list(task.training_puzzles(70, (40, 46), seed=3, minimal=0.1, workers=2))
+    assert list(task.minimal_puzzles(64, 3, workers=2)) == list(task.minimal_puzzles(64, 3))  # the pool's path
     assert list(task.training_puzzles(5, (40, 46), 3)) == list(task.puzzles(5, (40, 46), 3))
     minimal = pairs[63:]
     assert len(minimal) == 7 and len(set(minimal)) == 7

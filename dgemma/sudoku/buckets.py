@@ -7,7 +7,7 @@ draws from, and the lines ``generate --rating`` prints.
 Seeds: eval's rated bucket of a level draws from ``seed + RATING_SEED_OFFSETS[level]``. The offsets differ
 from the clue buckets' (``task.BUCKET_SEED_OFFSETS``: 0 to 3,000), so no two eval sets share a seed, and
 rated puzzles come from their own random stream (``rated:LEVEL:SEED:K``, where training data and the clue
-buckets draw from ``sudoku:SEED:K``), so they share no grids with any training set either.
+buckets draw from ``sudoku:SEED:K``, and training's minimal puzzles from ``minimal:SEED:K``), so they share no grids with any training set either.
 """
 
 from __future__ import annotations

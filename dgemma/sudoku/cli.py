@@ -20,7 +20,9 @@ holds ``<eos>`` after the 81 cells, on every step of every attempt (restarts inc
 from __future__ import annotations
 
 import json
+import math
 import os
+import statistics
 import sys
 import time
 from contextlib import contextmanager
@@ -74,8 +76,9 @@ def add_parsers(sub) -> None:
     t.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes generating puzzles")
     t.add_argument("--clues", default="24-50")
     t.add_argument("--minimal", type=float, default=0.0, metavar="SHARE",
-                   help="share of the puzzles that are minimal with 180-degree symmetry (22-32 clues, like "
-                        "published ones) instead of drawn by --clues (0..1, default %(default)s)")
+                   help="share of the generated puzzles (before --augment's views) that are minimal puzzles "
+                        "with 180-degree symmetry (mostly 24-30 clues, like published ones) instead of drawn by "
+                        "--clues (0..1, rounded to whole puzzles; default %(default)s)")
     t.add_argument("--bucket")
     t.add_argument("--steps", type=int, default=2200)
     t.add_argument("--seed", type=int, default=0)
@@ -103,7 +106,9 @@ def add_parsers(sub) -> None:
     e.add_argument("--skip", type=int, default=0, metavar="K",
                    help="score puzzles K+1 to K+n of each bucket (the first K are drawn and left out), so that "
                         "runs can split a bucket between them (default %(default)s)")
-    e.add_argument("--batch", type=int, default=32, help="puzzles decoded together (default %(default)s)")
+    e.add_argument("--batch", type=int, default=32,
+                   help="puzzles decoded together (default %(default)s); 1 also reports the median and 90th "
+                        "percentile of the wall time per puzzle")
     e.add_argument("--no-ar", dest="ar", action="store_false",
                    help="skip greedy autoregressive decoding of the same weights (default: score it too)")
     e.add_argument("--ar-temperature", type=float, nargs="+", default=[], metavar="T",
@@ -191,19 +196,19 @@ def _train(args) -> int:
     from dgemma import loading
     from dgemma.train import config, dist, launch
 
+    if args.puzzles < 1 or args.augment < 1:
+        raise DgemmaError("--puzzles and --augment must be positive")
+    if not 0.0 <= args.minimal <= 1.0:
+        raise DgemmaError(f"--minimal takes a share from 0 to 1, got {args.minimal}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tok_dir, data = out / "tokenizer", out / "train.jsonl"
     task.build_tokenizer().save(tok_dir)
     (out / "model_config.json").write_text(json.dumps(task.model_config(), indent=2) + "\n")
-    if not 0.0 <= args.minimal <= 1.0:
-        raise DgemmaError(f"--minimal takes a share from 0 to 1, got {args.minimal}")
     recipe = {"puzzles": args.puzzles, "clues": list(_clue_range(args)), "seed": args.seed, "augment": args.augment,
-              "minimal": args.minimal}
+              **({"minimal": args.minimal} if args.minimal else {})}  # no key at 0: older run folders still match
     meta = out / "train.recipe.json"
     if not data.is_file() or not meta.is_file() or json.loads(meta.read_text()) != recipe:
-        if args.puzzles < 1 or args.augment < 1:
-            raise DgemmaError("--puzzles and --augment must be positive")
         pairs = task.training_puzzles(args.puzzles, _clue_range(args), args.seed, args.minimal, args.workers)
         with _bar(f"generating {args.puzzles} puzzles", args.puzzles * args.augment) as tick:
             task.write_jsonl(data, task.augmented(pairs, args.augment, args.seed), progress=tick)
@@ -245,14 +250,26 @@ def _bar(what: str, total: int):
 
 
 def _scored(pairs, what: str, solve) -> dict:
-    """Score ``solve(tick) -> [(answer, steps or None)]`` on ``pairs``; the summary plus seconds per puzzle."""
+    """Score ``solve(tick) -> [(answer, steps or None)]`` on ``pairs``; the summary plus seconds per puzzle
+    (all the time over all the puzzles) and, when every tick reports one puzzle (``--batch 1``), the median and
+    90th percentile of the puzzles' own wall times (from one tick to the next)."""
     t0 = time.perf_counter()
     score = task.Score()
-    with _bar(what, len(pairs)) as tick:
+    ticks = [(t0, 0)]
+    with _bar(what, len(pairs)) as bar:
+        def tick(n: int) -> None:
+            ticks.append((time.perf_counter(), n))
+            bar(n)
+
         answers = solve(tick)
     for (p, s), (a, steps) in zip(pairs, answers):
         score.add(p, s, a, steps)
-    return {**score.summary(), "seconds_per_puzzle": (time.perf_counter() - t0) / len(pairs)}
+    out = {**score.summary(), "seconds_per_puzzle": (time.perf_counter() - t0) / len(pairs)}
+    if len(ticks) == len(pairs) + 1 and all(n == 1 for _, n in ticks[1:]):
+        each = sorted(b - a for (a, _), (b, _) in zip(ticks, ticks[1:]))
+        out["median_seconds"] = statistics.median(each)
+        out["p90_seconds"] = each[math.ceil(0.9 * len(each)) - 1]  # nearest rank
+    return out
 
 
 def _check_restarts(args) -> None:
@@ -314,7 +331,8 @@ def _eval(args) -> int:
                 print(f"{name:8s} {mode:20s} exact {r['exact']:6.1%}  cells {r['cell_accuracy']:6.1%}  "
                       f"clues kept {r['clue_preservation']:6.1%}  "
                       + (f"steps {r['mean_steps']:5.1f}  " if "mean_steps" in r else "")
-                      + f"{r['seconds_per_puzzle'] * 1000:7.1f} ms/puzzle")
+                      + f"{r['seconds_per_puzzle'] * 1000:7.1f} ms/puzzle"
+                      + (f" (median {r['median_seconds'] * 1000:.1f} ms)" if "median_seconds" in r else ""))
     if args.json:
         print(json.dumps(rows))
     return 0

@@ -101,7 +101,8 @@ def draw(example: Example, seed: int, step: int, slot: int, vocab: int, cfg: Obj
 
 
 class TrainEncoderKV:
-    """Encoder K/V strategy for training: causal (and windowed) attention over the whole sequence, no cache;
+    """Encoder K/V strategy for training: causal (and windowed) attention over the ``s`` positions it is given
+    (the whole sequence, or with no AR loss only those the canvases read), no cache;
     keeps each layer's K/V for the decoder. ``setdefault`` so that activation-checkpoint recomputation
     does not replace the tensors the decoder's graph already holds."""
 
@@ -163,7 +164,8 @@ def lm_loss_sum(model, h: torch.Tensor, targets: torch.Tensor, chunk_rows: int) 
 
 
 class Objective(nn.Module):
-    """``forward(batch, draws) -> (diffusion CE sum, AR CE sum)`` for one micro-batch.
+    """``forward(batch, draws) -> (diffusion CE sum, AR CE sum)`` for one micro-batch (the AR sum is a zero,
+    not computed, when ``encoder_loss_weight`` is 0).
 
     ``draws``: K per example of the batch, example-major (``len(draws) = K * B``); ignored, and the
     diffusion sum a zero, with ``kind = "ar"``.
