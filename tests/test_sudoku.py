@@ -131,9 +131,13 @@ def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("sudoku")
     proc = _cli("train", "--out", str(out), "--puzzles", "64", "--steps", "2", "--set", "train.batch_size=8",
                 "--set", "train.micro_batch=8", "--set", "train.save_every=0", "--minimal", "0.125",
-                "--set", "objective.encoder_loss_weight=0")
+                "--set", "objective.encoder_loss_weight=0", "--hold-clues")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    prompts = [json.loads(line)["prompt"] for line in (out / "train.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
+    prompts = [r["prompt"] for r in rows]
+    # --hold-clues: each row's "fixed" spans cover exactly its clue cells
+    assert all({i for a, b in r["fixed"] for i in range(a, b)} == {i for i, ch in enumerate(r["prompt"]) if ch != "0"}
+               for r in rows)
     assert len(prompts) == 64 * 8 and sum(p.count("0") > 81 - 33 for p in prompts[-8 * 8:]) == 64  # 8 minimal
     assert "ar_loss" not in json.loads(proc.stdout.splitlines()[-1])["last"]  # weight 0: not computed
     summary = json.loads(proc.stdout.splitlines()[-1])
@@ -180,9 +184,15 @@ def test_eval_reports_both_decoders(trained):
     for r in row.values():  # one puzzle per batch: each puzzle's own wall time, their median and 90th percentile
         assert 0 < r["median_seconds"] <= r["p90_seconds"] <= 2 * r["seconds_per_puzzle"]
     assert "median_seconds" not in json.loads(proc.stdout)["medium"]["diffusion"]  # batch 32: no per-puzzle times
-    for bad in (["--restart-entropy", "0"], ["--restarts", "-1"]):
+    for bad, word in ((["--restart-entropy", "0"], "restart"), (["--restarts", "-1"], "restart"),
+                      (["--max-steps", "0"], "--max-steps must be a positive integer")):
         proc = _cli("eval", "--model", str(trained), "-n", "1", *bad)
-        assert proc.returncode == 2 and "restart" in proc.stderr and "Traceback" not in proc.stderr
+        assert proc.returncode == 2 and word in proc.stderr and "Traceback" not in proc.stderr
+    capped = _cli("eval", "--model", str(trained), "-n", "2", "--buckets", "medium", "--json", "--no-ar",
+                  "--restarts", "0", "--max-steps", "3")
+    assert capped.returncode == 0, capped.stderr[-2000:]
+    row = json.loads(capped.stdout)["medium"]  # the untrained model never settles: every attempt runs to the cap
+    assert row["spec-sampler"]["mean_steps"] == 3 and row["diffusion"]["mean_steps"] == 8 * 3
 
 
 def test_solve_show_draws_boards_and_gives_the_same_answers(trained, tmp_path):

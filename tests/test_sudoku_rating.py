@@ -317,10 +317,13 @@ def test_training_puzzles_mix_minimal_symmetric_ones_by_share():
         list(task.training_puzzles(2, (40, 46), 3, minimal=1.5))
 
 
-def test_train_minimal_share_out_of_range_is_one_line(tmp_path, capsys):
+@pytest.mark.parametrize("args, says", [(["--minimal", "2"], "--minimal takes a share from 0 to 1"),
+                                        (["--hold-clues", "--objective", "ar"], "--objective ar has none")])
+def test_bad_train_options_are_one_line(tmp_path, capsys, args, says):
     from dgemma.cli import main
 
     with pytest.raises(SystemExit) as e:
-        main(["sudoku", "train", "--out", str(tmp_path / "r"), "--minimal", "2"])
+        main(["sudoku", "train", "--out", str(tmp_path / "r"), *args])
     err = capsys.readouterr().err
-    assert e.value.code == 2 and err.count("\n") == 1 and "--minimal takes a share from 0 to 1" in err
+    assert e.value.code == 2 and err.count("\n") == 1 and says in err
+    assert not (tmp_path / "r").exists()  # checked before anything is written

@@ -34,7 +34,7 @@ from dgemma.fileio import atomic_write_text
 from dgemma.sudoku import board as sb
 from dgemma.sudoku import buckets as rated
 from dgemma.sudoku import task
-from dgemma.sudoku.solve import SOLVE_DEFAULTS, CellTokens, ar_boards, clue_constraint, restart_options, solve_boards
+from dgemma.sudoku.solve import SOLVE_DEFAULTS, CellTokens, ar_boards, clue_constraint, solve_boards, solve_options
 
 EVAL_SEED = 1_000_003  # differs from every training seed the commands use by default
 SPEC_SAMPLER = "spec-sampler"  # the eval row with no restarts: the sampler exactly as the spec has it
@@ -79,6 +79,9 @@ def add_parsers(sub) -> None:
                    help="share of the generated puzzles (before --augment's views) that are minimal puzzles "
                         "with 180-degree symmetry (mostly 24-30 clues, like published ones) instead of drawn by "
                         "--clues (0..1, rounded to whole puzzles; default %(default)s)")
+    t.add_argument("--hold-clues", action="store_true",
+                   help="hold the clue cells on the canvas in training (never noised, not in the loss), as "
+                        "--constrain does when solving; solve and eval such a model with --constrain")
     t.add_argument("--bucket")
     t.add_argument("--steps", type=int, default=2200)
     t.add_argument("--seed", type=int, default=0)
@@ -125,6 +128,9 @@ def add_parsers(sub) -> None:
                    help="also score diffusion with up to N restarts of boards that do not settle (or are not "
                         "sure enough, see --restart-entropy), side by side with the solve defaults; N = 0 is "
                         f"the spec's sampler, row '{SPEC_SAMPLER}' (default: no such row)")
+    e.add_argument("--max-steps", type=int, metavar="N",
+                   help="denoising steps at most per attempt; the temperature falls from t_max to t_min over "
+                        f"them (default {SOLVE_DEFAULTS['max_denoising_steps']})")
     e.add_argument("--restart-entropy", type=float, metavar="H",
                    help="in that row, also restart a board that settles with a mean entropy of H or more "
                         f"(default {SOLVE_DEFAULTS['restart_entropy']}; with no --restarts, "
@@ -149,6 +155,9 @@ def add_parsers(sub) -> None:
     v.add_argument("--restarts", type=int, metavar="N",
                    help="denoise a board that does not settle within the step cap again, up to N times "
                         f"(default {SOLVE_DEFAULTS['restarts']})")
+    v.add_argument("--max-steps", type=int, metavar="N",
+                   help="denoising steps at most per attempt; the temperature falls from t_max to t_min over "
+                        f"them (default {SOLVE_DEFAULTS['max_denoising_steps']})")
     v.add_argument("--restart-entropy", type=float, metavar="H",
                    help="also restart a board that settles with a mean entropy of H or more "
                         f"(default {SOLVE_DEFAULTS['restart_entropy']})")
@@ -200,18 +209,21 @@ def _train(args) -> int:
         raise DgemmaError("--puzzles and --augment must be positive")
     if not 0.0 <= args.minimal <= 1.0:
         raise DgemmaError(f"--minimal takes a share from 0 to 1, got {args.minimal}")
+    if args.hold_clues and args.objective == "ar":
+        raise DgemmaError("--hold-clues holds cells on the diffusion canvas; --objective ar has none")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tok_dir, data = out / "tokenizer", out / "train.jsonl"
     task.build_tokenizer().save(tok_dir)
     (out / "model_config.json").write_text(json.dumps(task.model_config(), indent=2) + "\n")
     recipe = {"puzzles": args.puzzles, "clues": list(_clue_range(args)), "seed": args.seed, "augment": args.augment,
-              **({"minimal": args.minimal} if args.minimal else {})}  # no key at 0: older run folders still match
+              **({"minimal": args.minimal} if args.minimal else {}),  # no key at 0: older run folders still match
+              **({"hold_clues": True} if args.hold_clues else {})}
     meta = out / "train.recipe.json"
     if not data.is_file() or not meta.is_file() or json.loads(meta.read_text()) != recipe:
         pairs = task.training_puzzles(args.puzzles, _clue_range(args), args.seed, args.minimal, args.workers)
         with _bar(f"generating {args.puzzles} puzzles", args.puzzles * args.augment) as tick:
-            task.write_jsonl(data, task.augmented(pairs, args.augment, args.seed), progress=tick)
+            task.write_jsonl(data, task.augmented(pairs, args.augment, args.seed), tick, args.hold_clues)
         atomic_write_text(meta, json.dumps(recipe) + "\n")
     raw = train_recipe(out, args.steps, args.seed, args.objective)
     for text in args.overrides:
@@ -272,11 +284,14 @@ def _scored(pairs, what: str, solve) -> dict:
     return out
 
 
-def _check_restarts(args) -> None:
-    """Fail on bad ``--restarts`` / ``--restart-entropy`` before loading a model (SamplingParams' own rules)."""
+def _check_sampling(args) -> None:
+    """Fail on bad ``--restarts`` / ``--restart-entropy`` / ``--max-steps`` before loading a model."""
     from dgemma.params import SamplingParams
 
-    SamplingParams(**{**SOLVE_DEFAULTS, **restart_options(args.restarts, args.restart_entropy)})
+    if args.max_steps is not None and args.max_steps < 1:
+        raise DgemmaError(f"--max-steps must be a positive integer, got {args.max_steps}")
+
+    SamplingParams(**{**SOLVE_DEFAULTS, **solve_options(args.restarts, args.restart_entropy, args.max_steps)})
 
 
 def bucket_pairs(name: str, n: int, seed: int) -> list[tuple[sb.Board, sb.Board]]:
@@ -300,7 +315,7 @@ def _eval(args) -> int:
         if name not in sb.BUCKETS:
             raise DgemmaError(f"unknown bucket {name!r}; choose from {', '.join(sb.BUCKETS)}")
     buckets += [rated.bucket_name(r) for r in rated.parse_ratings(args.rating)] if args.rating else []
-    _check_restarts(args)
+    _check_sampling(args)
     if any(not t > 0 for t in args.ar_temperature):
         raise DgemmaError("--ar-temperature values must be positive (greedy decoding is always scored)")
     engine = options.load_engine(args)
@@ -310,15 +325,18 @@ def _eval(args) -> int:
     for name in buckets:
         pairs = bucket_pairs(name, args.skip + args.n, args.seed)[args.skip:]
         boards = [p for p, _ in pairs]
-        modes = {"diffusion": lambda tick: solve_boards(engine, boards, args.batch, tick)} if args.diffusion else {}
+        cap = args.max_steps
+        modes = {"diffusion": lambda tick: solve_boards(engine, boards, args.batch, tick, max_steps=cap)
+                 } if args.diffusion else {}
         if args.restarts is not None or args.restart_entropy is not None:
             n = SOLVE_DEFAULTS["restarts"] if args.restarts is None else args.restarts
             h = SOLVE_DEFAULTS["restart_entropy"] if args.restart_entropy is None else args.restart_entropy
             name_h = f"-below{h:g}" if h is not None else ""
             modes[f"diffusion-restarts{n}{name_h}" if n else SPEC_SAMPLER] = lambda tick: solve_boards(
-                engine, boards, args.batch, tick, restarts=n, restart_entropy=h)
+                engine, boards, args.batch, tick, restarts=n, restart_entropy=h, max_steps=cap)
         if args.constrain:
-            modes[CONSTRAINED] = lambda tick: solve_boards(engine, boards, args.batch, tick, constrain=True)
+            modes[CONSTRAINED] = lambda tick: solve_boards(engine, boards, args.batch, tick, constrain=True,
+                                                           max_steps=cap)
         if args.ar:
             modes["autoregressive"] = lambda tick: [(a, None) for a in ar_boards(engine, boards, args.batch, tick)]
             for t in args.ar_temperature:
@@ -344,7 +362,7 @@ def _solve(args) -> int:
     puzzles = sb.read_puzzles(args.inputs, sys.stdin)
     if args.batch < 1:
         raise DgemmaError("--batch must be positive")
-    _check_restarts(args)
+    _check_sampling(args)
     engine = options.load_engine(args)
     boards = [b for b, _ in puzzles]
     cells = CellTokens(engine) if args.constrain else None  # a model that cannot be constrained fails first
@@ -353,11 +371,11 @@ def _solve(args) -> int:
         if not args.show:
             yield from (a for a, _ in solve_boards(engine, boards, args.batch, seed=args.seed,
                                                    constrain=args.constrain, restarts=args.restarts,
-                                                   restart_entropy=args.restart_entropy))
+                                                   restart_entropy=args.restart_entropy, max_steps=args.max_steps))
             return
         from dgemma.sudoku.view import solve_live
 
-        extra = restart_options(args.restarts, args.restart_entropy)
+        extra = solve_options(args.restarts, args.restart_entropy, args.max_steps)
         for b in boards:
             yield solve_live(engine, b, {**SOLVE_DEFAULTS, "seed": args.seed, **extra},
                              constraint=clue_constraint(engine, b, cells) if cells else None)

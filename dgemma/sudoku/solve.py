@@ -76,7 +76,8 @@ def clue_constraint(engine, board: sb.Board, cells: CellTokens | None = None):
 
 
 def solve_boards(engine, boards: list[sb.Board], batch: int = 32, tick=None, seed: int = SOLVE_DEFAULTS["seed"],
-                 constrain: bool = False, restarts: int | None = None, restart_entropy: float | None = None):
+                 constrain: bool = False, restarts: int | None = None, restart_entropy: float | None = None,
+                 max_steps: int | None = None):
     """Diffusion answers for ``boards``: ``[(answer board, steps)]``; ``tick(n)`` after each batch.
 
     Reproducible for a given ``seed`` (each row of a batch equals its solo run). ``constrain``: each board
@@ -84,8 +85,9 @@ def solve_boards(engine, boards: list[sb.Board], batch: int = 32, tick=None, see
     ``restarts`` and ``restart_entropy`` (default: the solve defaults'): boards that do not settle within the
     step cap, or settle with a mean entropy at or above ``restart_entropy``, are denoised again from noise, up
     to ``restarts`` times, and the most confident attempt is kept (``SamplingParams.restarts``).
+    ``max_steps``: the step cap of each attempt (default: the solve defaults'; the temperature falls over it).
     """
-    extra = restart_options(restarts, restart_entropy)
+    extra = solve_options(restarts, restart_entropy, max_steps)
     cells = CellTokens(engine) if constrain else None
     out = []
     for i in range(0, len(boards), batch):
@@ -118,7 +120,8 @@ def ar_boards(engine, boards: list[sb.Board], batch: int = 32, tick=None, temper
     return out
 
 
-def restart_options(restarts: int | None, restart_entropy: float | None) -> dict:
-    """Sampling overrides for the given restart settings (None: keep the solve defaults')."""
-    return {**({} if restarts is None else {"restarts": restarts}),
-            **({} if restart_entropy is None else {"restart_entropy": restart_entropy})}
+def solve_options(restarts: int | None = None, restart_entropy: float | None = None,
+                  max_steps: int | None = None) -> dict:
+    """Sampling overrides of the solve defaults (None: keep the default's)."""
+    named = {"restarts": restarts, "restart_entropy": restart_entropy, "max_denoising_steps": max_steps}
+    return {k: v for k, v in named.items() if v is not None}

@@ -146,16 +146,30 @@ def augmented(pairs: Iterable[tuple[Board, Board]], copies: int, seed: int) -> I
             yield relabel(puzzle, solution, rng)
 
 
-def record(puzzle: Board, solution: Board) -> dict[str, str]:
-    return {"prompt": "".join(map(str, puzzle)), "completion": "".join(map(str, solution))}
+def clue_spans(puzzle: Board) -> list[list[int]]:
+    """The clue cells as ``[start, end)`` runs of the 81-character answer: the data's ``"fixed"`` spans."""
+    spans: list[list[int]] = []
+    for i, v in enumerate(puzzle):
+        if v and spans and spans[-1][1] == i:
+            spans[-1][1] = i + 1
+        elif v:
+            spans.append([i, i + 1])
+    return spans
 
 
-def write_jsonl(path: Path, items: Iterable[tuple[Board, Board]], progress=None) -> int:
+def record(puzzle: Board, solution: Board, hold_clues: bool = False) -> dict:
+    """One JSONL training record; ``hold_clues``: the clue cells as ``"fixed"`` spans (held on the canvas,
+    not in the loss; such a model is solved with the clue constraint, ``--constrain``)."""
+    out: dict = {"prompt": "".join(map(str, puzzle)), "completion": "".join(map(str, solution))}
+    return {**out, "fixed": clue_spans(puzzle)} if hold_clues else out
+
+
+def write_jsonl(path: Path, items: Iterable[tuple[Board, Board]], progress=None, hold_clues: bool = False) -> int:
     n = 0
     tmp = Path(path).with_suffix(".tmp")
     with tmp.open("w") as f:
         for puzzle, solution in items:
-            f.write(json.dumps(record(puzzle, solution)) + "\n")
+            f.write(json.dumps(record(puzzle, solution, hold_clues)) + "\n")
             n += 1
             if progress is not None:
                 progress(1)

@@ -6,7 +6,9 @@ lists in the conversational form). With a chat template the conversation is rend
 one (or ``template = "raw"``) prompt and completion are plain text, BOS first, EOS after the answer.
 
 The supervised response is the answer's tokens up to and including its closing EOS, then EOS fill to a
-multiple of the canvas length (the fill is supervised too). Examples longer than ``max_length`` are
+multiple of the canvas length (the fill is supervised too). A text pair may also carry ``"fixed"``: character
+spans ``[start, end)`` of the completion that are given (a puzzle's clues): the tokens wholly inside them are
+never corrupted on the canvas (:attr:`Example.fixed`). Examples longer than ``max_length`` are
 skipped or cut to whole blocks, as the caller chooses, and counted; so are the tokens that the tokenizer
 maps to its unknown token (:meth:`DataStats.unknown_problem` says when the data does not suit it). The
 order of examples in training is a pure function of (seed, step): see :class:`DataStream`; nothing about
@@ -46,6 +48,9 @@ class Example:
     ids: tuple[int, ...]
     prefix_len: int  # index of the first supervised token
     block: int = 256  # canvas length
+    # Response positions (0 = the first token after the prompt) that the canvas holds at their clean token:
+    # never corrupted, still in the loss (the record's "fixed" spans; inference pins them likewise).
+    fixed: tuple[int, ...] = ()
 
     @property
     def n_blocks(self) -> int:
@@ -190,9 +195,28 @@ class ExampleBuilder:
             response = self.tok.encode(answer) + [self.eos]
         return prompt, response
 
+    def fixed_positions(self, record: dict[str, Any], where: str) -> tuple[int, ...]:
+        """The response positions inside the record's ``"fixed"`` character spans (none without the field)."""
+        spans = record.get("fixed")
+        if spans is None:
+            return ()
+        answer = record.get("completion")
+        if self.chat or not isinstance(answer, str) or not isinstance(record.get("prompt"), str):
+            raise DataError(f"{where}: 'fixed' spans need a prompt/completion pair of strings and data.template "
+                            f"= 'raw' (the spans index the completion's characters)")
+        if not isinstance(spans, list) or not all(
+                isinstance(sp, list) and len(sp) == 2 and all(type(x) is int for x in sp)
+                and 0 <= sp[0] < sp[1] <= len(answer) for sp in spans):
+            raise DataError(f"{where}: 'fixed' must be a list of [start, end] character spans with "
+                            f"0 <= start < end <= {len(answer)} (the completion's length)")
+        offsets = self.tok.backend.encode(answer, add_special_tokens=False).offsets
+        return tuple(i for i, (a, b) in enumerate(offsets)
+                     if b > a and any(s <= a and b <= e for s, e in spans))
+
     def build(self, record: dict[str, Any], where: str, stats: DataStats) -> Example | None:
         stats.records += 1
         prompt, response = self.prompt_and_response(record, where)
+        given = self.fixed_positions(record, where)
         stats.count_unknown(prompt + response, self.unk, where)
         n_blocks = max(1, math.ceil(len(response) / self.block))
         fits = (self.max_length - len(prompt)) // self.block
@@ -203,10 +227,11 @@ class ExampleBuilder:
             stats.truncated += 1
             n_blocks = fits
         response = (response + [self.eos] * (n_blocks * self.block))[: n_blocks * self.block]
+        fixed = tuple(i for i in given if i < len(response))
         ids = tuple(prompt + response)
         stats.kept += 1
         stats.tokens += len(ids)
-        return Example(ids=ids, prefix_len=len(prompt), block=self.block)
+        return Example(ids=ids, prefix_len=len(prompt), block=self.block, fixed=fixed)
 
     def load(self, path: str | Path, stats: DataStats | None = None, progress=None) -> list[Example]:
         """Every example of a JSONL file; ``progress(n)`` is called per record if given."""

@@ -15,6 +15,11 @@ autoregressive model of the same architecture, as a baseline trained on the same
 ``encoder_loss_weight = 0`` drops the AR co-loss; the encoder then runs only over the positions some canvas
 of the batch reads (prompt and earlier blocks), which gives the same K/V for less work.
 
+Fixed positions (not in the spec; :attr:`Example.fixed`, from the data's ``"fixed"`` spans: a puzzle's
+clues) are never corrupted: the canvas always shows them clean, as an inference-time pin does. They stay in
+the loss, where predicting them is trivial; so the model's output there, which is also the self-conditioning
+signal at inference (the sampler feeds back its distribution at pinned positions too), is the token itself.
+
 ``noise_power = p`` (not in the spec; default 1) skews the noise level: ``t = eps + (1 - eps) u^(1/p)``.
 
 ``draws_per_example = K > 1`` (not in the spec; default 1) gives each example K independent corruptions that
@@ -70,9 +75,10 @@ class Draw:
 
     t: float
     block: int
-    replace: torch.Tensor  # [C] bool
+    replace: torch.Tensor  # [C] bool (never at a fixed position)
     tokens: torch.Tensor  # [C] long, uniform over the vocabulary
     self_condition: bool
+    fixed: torch.Tensor | None = None  # [C] bool: never corrupted (Example.fixed); None: no fixed position
 
 
 def draws(example: Example, seed: int, step: int, slot: int, vocab: int, cfg: ObjectiveConfig,
@@ -90,8 +96,22 @@ def draws(example: Example, seed: int, step: int, slot: int, vocab: int, cfg: Ob
         replace = torch.rand(c, generator=g) < t
         tokens = torch.randint(0, vocab, (c,), generator=g)
         sc = bool(torch.rand((), generator=g) < cfg.self_conditioning_p)
-        out.append(Draw(t, block, replace, tokens, sc))
+        fixed = _fixed_in_block(example, block)
+        if fixed is not None:
+            replace &= ~fixed
+        out.append(Draw(t, block, replace, tokens, sc, fixed))
     return out
+
+
+def _fixed_in_block(example: Example, block: int) -> torch.Tensor | None:
+    """``[C]`` bool: the example's fixed positions inside response block ``block``, or None when none is."""
+    lo = block * example.block
+    inside = [i - lo for i in example.fixed if lo <= i < lo + example.block]
+    if not inside:
+        return None
+    mask = torch.zeros(example.block, dtype=torch.bool)
+    mask[inside] = True
+    return mask
 
 
 def draw(example: Example, seed: int, step: int, slot: int, vocab: int, cfg: ObjectiveConfig,
