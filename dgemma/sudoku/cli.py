@@ -80,8 +80,8 @@ def add_parsers(sub) -> None:
                         "with 180-degree symmetry (mostly 24-30 clues, like published ones) instead of drawn by "
                         "--clues (0..1, rounded to whole puzzles; default %(default)s)")
     t.add_argument("--hold-clues", action="store_true",
-                   help="hold the clue cells on the canvas in training (never noised, not in the loss), as "
-                        "--constrain does when solving; solve and eval such a model with --constrain")
+                   help="hold the clue cells on the canvas in training (never noised), as --constrain does when "
+                        "solving; solve and eval such a model with --constrain")
     t.add_argument("--bucket")
     t.add_argument("--steps", type=int, default=2200)
     t.add_argument("--seed", type=int, default=0)
@@ -290,7 +290,6 @@ def _check_sampling(args) -> None:
 
     if args.max_steps is not None and args.max_steps < 1:
         raise DgemmaError(f"--max-steps must be a positive integer, got {args.max_steps}")
-
     SamplingParams(**{**SOLVE_DEFAULTS, **solve_options(args.restarts, args.restart_entropy, args.max_steps)})
 
 

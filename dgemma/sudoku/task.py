@@ -158,8 +158,8 @@ def clue_spans(puzzle: Board) -> list[list[int]]:
 
 
 def record(puzzle: Board, solution: Board, hold_clues: bool = False) -> dict:
-    """One JSONL training record; ``hold_clues``: the clue cells as ``"fixed"`` spans (held on the canvas,
-    not in the loss; such a model is solved with the clue constraint, ``--constrain``)."""
+    """One JSONL training record; ``hold_clues``: the clue cells as ``"fixed"`` spans (never corrupted on the
+    canvas; such a model is solved with the clue constraint, ``--constrain``)."""
     out: dict = {"prompt": "".join(map(str, puzzle)), "completion": "".join(map(str, solution))}
     return {**out, "fixed": clue_spans(puzzle)} if hold_clues else out
 
