@@ -165,7 +165,7 @@ def test_solve_prints_one_answer_per_puzzle_in_order(trained, tmp_path):
 
 def test_eval_reports_both_decoders(trained):
     proc = _cli("eval", "--model", str(trained), "-n", "3", "--buckets", "medium", "--json", "--constrain",
-                "--restarts", "0")
+                "--restarts", "0", "--max-steps", "4")  # a short cap: the untrained model would run 8 x 32 steps
     assert proc.returncode == 0, proc.stderr[-2000:]
     row = json.loads(proc.stdout)["medium"]
     assert row["diffusion-constrained"]["clue_preservation"] == 1.0  # even the untrained model keeps them
@@ -178,21 +178,25 @@ def test_eval_reports_both_decoders(trained):
     assert row["diffusion"]["mean_steps"] >= row["spec-sampler"]["mean_steps"]
     assert "medium: generating 3 puzzles" in proc.stderr  # said before the slow part starts
     one = _cli("eval", "--model", str(trained), "-n", "2", "--skip", "1", "--buckets", "medium", "--json", "--no-ar",
-               "--restarts", "1", "--restart-entropy", "1e-30", "--batch", "1")
+               "--restarts", "1", "--restart-entropy", "1e-30", "--batch", "1", "--max-steps", "3")
     row = json.loads(one.stdout)["medium"]
     assert row["diffusion-restarts1-below1e-30"]["puzzles"] == 2  # puzzles 2 and 3
     for r in row.values():  # one puzzle per batch: each puzzle's own wall time, their median and 90th percentile
         assert 0 < r["median_seconds"] <= r["p90_seconds"] <= 2 * r["seconds_per_puzzle"]
     assert "median_seconds" not in json.loads(proc.stdout)["medium"]["diffusion"]  # batch 32: no per-puzzle times
+    # the untrained model never settles: every attempt runs to the cap (the defaults' 8 attempts, or 1 + 1)
+    assert row["diffusion"]["mean_steps"] == 8 * 3 and row["diffusion-restarts1-below1e-30"]["mean_steps"] == 2 * 3
+
+
+def test_bad_eval_options_are_one_line(trained, capsys):
+    from dgemma.cli import main
+
     for bad, word in ((["--restart-entropy", "0"], "restart"), (["--restarts", "-1"], "restart"),
                       (["--max-steps", "0"], "--max-steps must be a positive integer")):
-        proc = _cli("eval", "--model", str(trained), "-n", "1", *bad)
-        assert proc.returncode == 2 and word in proc.stderr and "Traceback" not in proc.stderr
-    capped = _cli("eval", "--model", str(trained), "-n", "2", "--buckets", "medium", "--json", "--no-ar",
-                  "--restarts", "0", "--max-steps", "3")
-    assert capped.returncode == 0, capped.stderr[-2000:]
-    row = json.loads(capped.stdout)["medium"]  # the untrained model never settles: every attempt runs to the cap
-    assert row["spec-sampler"]["mean_steps"] == 3 and row["diffusion"]["mean_steps"] == 8 * 3
+        with pytest.raises(SystemExit) as exit_:  # checked before the model loads or a puzzle is drawn
+            main(["sudoku", "eval", "--model", str(trained), "-n", "1", *bad])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and word in err and "Traceback" not in err and len(err.splitlines()) == 1
 
 
 def test_solve_show_draws_boards_and_gives_the_same_answers(trained, tmp_path):
