@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import random
 import subprocess
@@ -111,6 +112,18 @@ def _cli(*args, stdin=None, merged=False):
                           timeout=600, **pipes)
 
 
+def _inproc(capsys, *args) -> tuple[int, str, str]:
+    """``dgemma sudoku ARGS`` in this process, for input errors that stop before a model loads."""
+    from dgemma.cli import main
+
+    try:
+        rc = main(["sudoku", *args])
+    except SystemExit as e:
+        rc = e.code
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
 def test_generate_command():
     proc = _cli("generate", "-n", "4", "--bucket", "medium", "--seed", "3")
     lines = proc.stdout.split()
@@ -144,10 +157,10 @@ def trained(tmp_path_factory):
     return Path(summary["model"])
 
 
-def test_solve_prints_one_answer_per_puzzle_in_order(trained, tmp_path):
+def test_solve_prints_one_answer_per_puzzle_in_order(trained, tmp_path, capsys, monkeypatch):
     puzzles = [PUZZLE, PUZZLE.replace("0", "."), sb.format_board(sb.generate(40, random.Random(1))[0])]
     (tmp_path / "in.txt").write_text("\n".join(puzzles) + "\n")
-    once = ("--restarts", "1")  # the untrained model never settles: keep the 8 default attempts out of an I/O test
+    once = ("--restarts", "1", "--max-steps", "4")  # the untrained model never settles: keep an I/O test short
     proc = _cli("solve", str(tmp_path / "in.txt"), "--model", str(trained), *once)
     answers = proc.stdout.splitlines()
     assert len(answers) == 3
@@ -159,8 +172,9 @@ def test_solve_prints_one_answer_per_puzzle_in_order(trained, tmp_path):
     assert answers[0] == answers[1]  # '.' and '0' are the same blank
     stdin = _cli("solve", "-", "--model", str(trained), *once, stdin="\n".join(puzzles[:2]))
     assert stdin.stdout.splitlines() == answers[:2]
-    bad = _cli("solve", "-", "--model", str(trained), stdin=PUZZLE + "\n123\n")
-    assert bad.returncode == 2 and "<stdin>:2:" in bad.stderr and "Traceback" not in bad.stderr
+    monkeypatch.setattr("sys.stdin", io.StringIO(PUZZLE + "\n123\n"))
+    rc, _, err = _inproc(capsys, "solve", "-", "--model", str(trained))
+    assert rc == 2 and "<stdin>:2:" in err and "Traceback" not in err
 
 
 def test_eval_reports_both_decoders(trained):
@@ -201,17 +215,17 @@ def test_bad_eval_options_are_one_line(trained, capsys):
 
 def test_solve_show_draws_boards_and_gives_the_same_answers(trained, tmp_path):
     (tmp_path / "in.txt").write_text(PUZZLE + "\n")
-    once = ("--restarts", "1")
+    once = ("--restarts", "1", "--max-steps", "5")
     plain = _cli("solve", str(tmp_path / "in.txt"), "--model", str(trained), *once)
     shown = _cli("solve", str(tmp_path / "in.txt"), "--model", str(trained), "--show", *once)
     assert shown.returncode == plain.returncode == 1  # the untrained model's answer is no solution
     assert shown.stdout == plain.stdout and len(plain.stdout.split()) == 1  # stdout: one answer per line
     assert "------+-------+------" in shown.stderr
-    # the untrained model never settles: 2 attempts of 32 steps; the status line ends with a newline even
+    # the untrained model never settles: 2 attempts of 5 steps; the status line ends with a newline even
     # when stderr is not a terminal, so `2>&1` keeps the answer on a line of its own
     merged = _cli("solve", str(tmp_path / "in.txt"), "--model", str(trained), "--show", *once, merged=True)
     lines = merged.stdout.splitlines()
-    assert "done: 64 steps" in lines and plain.stdout.strip() in lines
+    assert "done: 10 steps" in lines and plain.stdout.strip() in lines
     # --pin, the old name of --constrain: the untrained model's answer keeps every clue and fills every blank
     pinned = _cli("solve", str(tmp_path / "in.txt"), "--model", str(trained), "--show", "--pin", *once)
     answer = sb.parse(pinned.stdout.strip())
@@ -356,20 +370,20 @@ def test_eval_help_explains_every_option_and_its_default():
     assert "(default 1000)" in blocks["-n"] and "spec-sampler" in blocks["--restarts"].replace("- ", "-")
 
 
-def test_solve_takes_puzzle_arguments_files_and_stdin(trained, tmp_path):
+def test_solve_takes_puzzle_arguments_files_and_stdin(trained, tmp_path, capsys):
     other = sb.format_board(sb.generate(40, random.Random(1))[0])
     (tmp_path / "in.txt").write_text(other + "\n")
-    once = ("--model", str(trained), "--restarts", "1")
+    once = ("--model", str(trained), "--restarts", "1", "--max-steps", "4")
     mixed = _cli("solve", PUZZLE, str(tmp_path / "in.txt"), "-", *once, stdin=PUZZLE.replace("0", ".") + "\n")
     answers = mixed.stdout.splitlines()
     assert len(answers) == 3 and answers[0] == answers[2]  # each row is its solo run; '.' and '0' are blanks
     assert answers[1:2] == _cli("solve", str(tmp_path / "in.txt"), *once).stdout.splitlines()
     assert "answer 1 (argument 1)" in mixed.stderr and "answer 3 (<stdin>:1)" in mixed.stderr
-    for bad in ("no-such-file.txt", PUZZLE[:-1], str(tmp_path)):
-        proc = _cli("solve", bad, *once)
-        assert proc.returncode == 2 and proc.stdout == "", bad
-        assert proc.stderr.count("\n") == 1 and "neither a file nor a puzzle" in proc.stderr, proc.stderr
-    assert "got 80 characters" in _cli("solve", PUZZLE[:-1], *once).stderr
+    for bad in ("no-such-file.txt", PUZZLE[:-1], str(tmp_path)):  # read before the model loads
+        rc, out, err = _inproc(capsys, "solve", bad, *once)
+        assert rc == 2 and out == "", bad
+        assert err.count("\n") == 1 and "neither a file nor a puzzle" in err, err
+        assert bad != PUZZLE[:-1] or "got 80 characters" in err
 
 
 def test_solve_names_invalid_answers_and_exits_1():
