@@ -133,6 +133,7 @@ def test_wrong_types(override, key):
     (BASE + ["train.betas=[0.9]"], "train.betas"),
     (BASE + ["objective.eps=0"], "objective.eps"),
     (BASE + ["objective.noise_power=0"], "objective.noise_power"),
+    (BASE + ["objective.focal_gamma=-1"], "objective.focal_gamma"),
     (BASE + ["lora.dropout=1.0"], "lora"),
     (BASE + ['objective.kind="causal"'], "objective.kind must be one of ('diffusion', 'ar')"),
     (BASE + ["train.schedule_steps=-1"], "train.schedule_steps"),

@@ -57,9 +57,9 @@ def _decoder_logits(model, batch, draws):
 
     orig = obj.lm_loss_sum
 
-    def spy(m, h, targets, chunk):
+    def spy(m, h, targets, chunk, *rest):
         seen.setdefault("enc" if "enc" not in seen else "dec", (h.detach(), targets))
-        return orig(m, h, targets, chunk)
+        return orig(m, h, targets, chunk, *rest)
 
     obj.lm_loss_sum = spy
     try:
@@ -142,6 +142,39 @@ def test_chunked_lm_loss_equals_full_cross_entropy(model):
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(gg, gw)
 
+
+
+def test_focal_weight_is_one_minus_p_to_the_gamma_held_constant(model64):
+    """``focal_gamma``: each row's cross-entropy times ``(1 - p)^gamma`` (p: the right token's probability),
+    the weight a constant in the backward pass; 0 is plain cross-entropy. Float64 weights (the sum is
+    accumulated in fp32, as every loss sum is)."""
+    m = model64
+    h = torch.randn(37, m.cfg.hidden_size, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, m.cfg.vocab_size, (37,))
+    logits = m.logits(h)
+    ce = F.cross_entropy(logits, t, reduction="none")
+    p = logits.detach().softmax(-1).gather(1, t[:, None])[:, 0]
+    for gamma in (0.5, 2.0):
+        want = ((1 - p) ** gamma * ce).sum()
+        (gw,) = torch.autograd.grad(want, h, retain_graph=True)
+        got = lm_loss_sum(m, h, t, chunk_rows=8, gamma=gamma)
+        (gg,) = torch.autograd.grad(got, h)
+        torch.testing.assert_close(got, want.float(), rtol=1e-6, atol=0)
+        torch.testing.assert_close(gg, gw, rtol=0, atol=1e-6 * float(gw.abs().max()))  # not detached: far off
+        assert got < ce.sum()
+    torch.testing.assert_close(lm_loss_sum(m, h, t, 8, 0.0), ce.sum().float(), rtol=1e-6, atol=0)
+
+
+def test_focal_gamma_weights_only_the_canvas_loss(model):
+    cfg = model.cfg
+    c, v = cfg.canvas_length, cfg.vocab_size
+    exs = [_example(6, 2, c, v, 41), _example(5, 3, c, v, 42)]
+    ds = [_draw(exs[0], 1, 0.6, False, v, 43), _draw(exs[1], 2, 0.4, False, v, 44)]
+    batch = collate(exs, pad_id=0)
+    with torch.no_grad():
+        plain = Objective(model, ObjectiveConfig())(batch, ds)
+        focal = Objective(model, ObjectiveConfig(focal_gamma=2.0))(batch, ds)
+    assert 0 < focal[0] < plain[0] and torch.equal(focal[1], plain[1])  # the AR co-loss is not weighted
 
 def test_token_counts():
     exs = [Example(tuple(range(5 + 32)), 5, 16), Example(tuple(range(3 + 16)), 3, 16)]

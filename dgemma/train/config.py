@@ -233,6 +233,7 @@ def validate(cfg: TrainConfig) -> None:
         (t.keep_checkpoints >= 1, "train.keep_checkpoints must be at least 1"),
         (0 < o.eps < 1, "objective.eps must be in (0, 1)"),
         (o.noise_power > 0, "objective.noise_power must be positive"),
+        (o.focal_gamma >= 0, "objective.focal_gamma must be at least 0"),
         (0 <= o.self_conditioning_p <= 1, "objective.self_conditioning_p must be in [0, 1]"),
         (o.encoder_loss_weight >= 0, "objective.encoder_loss_weight must be >= 0"),
         (o.loss_chunk_rows > 0, "objective.loss_chunk_rows must be positive"),

@@ -22,6 +22,12 @@ signal at inference (the sampler feeds back its distribution at pinned positions
 
 ``noise_power = p`` (not in the spec; default 1) skews the noise level: ``t = eps + (1 - eps) u^(1/p)``.
 
+``focal_gamma = g`` (not in the spec; default 0, plain cross-entropy) weights each canvas position's
+cross-entropy by ``(1 - p)^g``, ``p`` the model's probability of the right token there, held constant in
+the backward pass: the focal loss of Lin et al. (2017), the form of MGDM's token-level reweighting (Ye et
+al., 2024). Positions the model already gets right (a puzzle's clues, easy cells) weigh little, hard ones
+weigh up to 1. The AR co-loss stays plain.
+
 ``draws_per_example = K > 1`` (not in the spec; default 1) gives each example K independent corruptions that
 share one encoder pass: the decoder runs over ``B * K`` canvases, example-major, each reading its example's
 clean K/V. The K noise levels are stratified (``t_j = t_0 + j/K`` wrapped into ``[eps, 1)``), so one example
@@ -66,6 +72,7 @@ class ObjectiveConfig:
     self_conditioning_p: float = 0.5
     encoder_loss_weight: float = 1.0
     draws_per_example: int = 1  # K corruptions of each example, sharing its encoder pass
+    focal_gamma: float = 0.0  # not in the spec: canvas CE weighted by (1 - p)^gamma, p detached; 0 = plain CE
     loss_chunk_rows: int = 2048  # LM-head rows per checkpointed cross-entropy chunk
 
 
@@ -163,12 +170,18 @@ class TrainDecoderKV:
         return torch.cat([ek, k], dim=2), torch.cat([ev, v], dim=2), self.masks[sliding]
 
 
-def _ce_sum(model, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(model.logits(h), targets, reduction="sum")
+def _ce_sum(model, h: torch.Tensor, targets: torch.Tensor, gamma: float = 0.0) -> torch.Tensor:
+    if not gamma:
+        return F.cross_entropy(model.logits(h), targets, reduction="sum")
+    ce = F.cross_entropy(model.logits(h), targets, reduction="none")  # [N]
+    weight = (-torch.expm1(-ce.detach())).clamp_min(0.0) ** gamma  # (1 - p)^gamma, p = exp(-ce); a constant
+    return (weight * ce).sum()
 
 
-def lm_loss_sum(model, h: torch.Tensor, targets: torch.Tensor, chunk_rows: int) -> torch.Tensor:
-    """Summed cross-entropy of the soft-capped LM head over ``h [N, d]`` against ``targets [N]``.
+def lm_loss_sum(model, h: torch.Tensor, targets: torch.Tensor, chunk_rows: int, gamma: float = 0.0
+                ) -> torch.Tensor:
+    """Summed cross-entropy of the soft-capped LM head over ``h [N, d]`` against ``targets [N]``; with
+    ``gamma``, each row's term weighted by ``(1 - p)^gamma`` (``focal_gamma``).
 
     Chunked and checkpointed, so no more than ``chunk_rows x vocab`` fp32 logits exist at once, forward
     or backward (a 262k vocabulary makes the full logits the largest tensor of a step).
@@ -177,9 +190,9 @@ def lm_loss_sum(model, h: torch.Tensor, targets: torch.Tensor, chunk_rows: int) 
     for i in range(0, h.shape[0], chunk_rows):
         hc, tc = h[i: i + chunk_rows], targets[i: i + chunk_rows]
         if torch.is_grad_enabled():
-            total = total + torch.utils.checkpoint.checkpoint(_ce_sum, model, hc, tc, use_reentrant=False)
+            total = total + torch.utils.checkpoint.checkpoint(_ce_sum, model, hc, tc, gamma, use_reentrant=False)
         else:
-            total = total + _ce_sum(model, hc, tc)
+            total = total + _ce_sum(model, hc, tc, gamma)
     return total
 
 
@@ -267,7 +280,8 @@ class Objective(nn.Module):
                 soft = rows_soft.new_zeros(b, c, rows_soft.shape[-1]).index_copy(0, idx, rows_soft)
         x = m.self_conditioning(m.embed(noisy), soft)  # zero rows of `soft` = no signal for that example
         hd = m.run_layers(x, cpos, dec, encoder=False, checkpoint=self.checkpoint)  # [B, C, d]
-        diff = lm_loss_sum(m, hd.reshape(b * c, -1), clean.reshape(-1), self.cfg.loss_chunk_rows)
+        diff = lm_loss_sum(m, hd.reshape(b * c, -1), clean.reshape(-1), self.cfg.loss_chunk_rows,
+                           self.cfg.focal_gamma)
         return diff, ar
 
 
