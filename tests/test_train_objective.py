@@ -144,25 +144,31 @@ def test_chunked_lm_loss_equals_full_cross_entropy(model):
 
 
 
-def test_focal_weight_is_one_minus_p_to_the_gamma_held_constant(model64):
+def test_focal_loss_is_one_minus_p_to_the_gamma_times_the_cross_entropy(model64):
     """``focal_gamma``: each row's cross-entropy times ``(1 - p)^gamma`` (p: the right token's probability),
-    the weight a constant in the backward pass; 0 is plain cross-entropy. Float64 weights (the sum is
+    value and gradient (through the weight too); 0 is plain cross-entropy. Float64 weights (the sum is
     accumulated in fp32, as every loss sum is)."""
     m = model64
     h = torch.randn(37, m.cfg.hidden_size, dtype=torch.float64, requires_grad=True)
     t = torch.randint(0, m.cfg.vocab_size, (37,))
     logits = m.logits(h)
     ce = F.cross_entropy(logits, t, reduction="none")
-    p = logits.detach().softmax(-1).gather(1, t[:, None])[:, 0]
+    p = logits.softmax(-1).gather(1, t[:, None])[:, 0]
     for gamma in (0.5, 2.0):
         want = ((1 - p) ** gamma * ce).sum()
         (gw,) = torch.autograd.grad(want, h, retain_graph=True)
         got = lm_loss_sum(m, h, t, chunk_rows=8, gamma=gamma)
         (gg,) = torch.autograd.grad(got, h)
         torch.testing.assert_close(got, want.float(), rtol=1e-6, atol=0)
-        torch.testing.assert_close(gg, gw, rtol=0, atol=1e-6 * float(gw.abs().max()))  # not detached: far off
+        torch.testing.assert_close(gg, gw, rtol=0, atol=1e-6 * float(gw.abs().max()))  # weight detached: far off
         assert got < ce.sum()
     torch.testing.assert_close(lm_loss_sum(m, h, t, 8, 0.0), ce.sum().float(), rtol=1e-6, atol=0)
+    # a sure right answer (cross-entropy exactly 0 in fp32) keeps the gradient finite, even for gamma < 1
+    sure = torch.tensor([[60.0, 0.0, 0.0], [0.5, 0.2, 0.1]], requires_grad=True)
+    head = type("Head", (), {"logits": staticmethod(lambda x: x)})
+    assert F.cross_entropy(sure[:1], torch.tensor([0])) == 0
+    (g,) = torch.autograd.grad(lm_loss_sum(head, sure, torch.tensor([0, 1]), 8, gamma=0.5), sure)
+    assert torch.isfinite(g).all() and g[0].abs().max() < 1e-30
 
 
 def test_focal_gamma_weights_only_the_canvas_loss(model):

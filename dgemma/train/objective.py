@@ -23,10 +23,10 @@ signal at inference (the sampler feeds back its distribution at pinned positions
 ``noise_power = p`` (not in the spec; default 1) skews the noise level: ``t = eps + (1 - eps) u^(1/p)``.
 
 ``focal_gamma = g`` (not in the spec; default 0, plain cross-entropy) weights each canvas position's
-cross-entropy by ``(1 - p)^g``, ``p`` the model's probability of the right token there, held constant in
-the backward pass: the focal loss of Lin et al. (2017), the form of MGDM's token-level reweighting (Ye et
-al., 2024). Positions the model already gets right (a puzzle's clues, easy cells) weigh little, hard ones
-weigh up to 1. The AR co-loss stays plain.
+cross-entropy by ``(1 - p)^g``, ``p`` the model's probability of the right token there, differentiated
+through: the focal loss of Lin et al. (2017), the form of MGDM's token-level reweighting (Ye et al., 2024).
+Positions the model already gets right (a puzzle's clues, easy cells) weigh little, hard ones weigh up to
+1. The AR co-loss stays plain.
 
 ``draws_per_example = K > 1`` (not in the spec; default 1) gives each example K independent corruptions that
 share one encoder pass: the decoder runs over ``B * K`` canvases, example-major, each reading its example's
@@ -72,7 +72,7 @@ class ObjectiveConfig:
     self_conditioning_p: float = 0.5
     encoder_loss_weight: float = 1.0
     draws_per_example: int = 1  # K corruptions of each example, sharing its encoder pass
-    focal_gamma: float = 0.0  # not in the spec: canvas CE weighted by (1 - p)^gamma, p detached; 0 = plain CE
+    focal_gamma: float = 0.0  # not in the spec: canvas CE weighted by (1 - p)^gamma (focal loss); 0 = plain CE
     loss_chunk_rows: int = 2048  # LM-head rows per checkpointed cross-entropy chunk
 
 
@@ -174,7 +174,9 @@ def _ce_sum(model, h: torch.Tensor, targets: torch.Tensor, gamma: float = 0.0) -
     if not gamma:
         return F.cross_entropy(model.logits(h), targets, reduction="sum")
     ce = F.cross_entropy(model.logits(h), targets, reduction="none")  # [N]
-    weight = (-torch.expm1(-ce.detach())).clamp_min(0.0) ** gamma  # (1 - p)^gamma, p = exp(-ce); a constant
+    # (1 - p)^gamma, p = exp(-ce). A sure right answer has ce = 0 exactly (fp32, soft-capped logits): the
+    # floor keeps the weight's gradient there finite (0) for gamma < 1.
+    weight = (-torch.expm1(-ce)).clamp_min(torch.finfo(ce.dtype).tiny) ** gamma
     return (weight * ce).sum()
 
 
