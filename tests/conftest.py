@@ -127,6 +127,18 @@ def hf_model_factory():
     return load
 
 
+def run_main(capsys, *argv) -> tuple[int, str, str]:
+    """``dgemma ARGV`` in this process: ``(exit status, stdout, stderr)``."""
+    from dgemma.cli import main
+
+    try:
+        rc = main(list(argv))
+    except SystemExit as e:
+        rc = e.code
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
 

@@ -13,8 +13,9 @@ import torch
 import dgemma
 from dgemma import editing
 from dgemma.cache import KVCache
-from dgemma.cli import main
 from dgemma.engine import CanvasUpdate, StepUpdate
+
+from conftest import run_main
 
 KW = {"max_denoising_steps": 4, "confidence_threshold": 0.0}
 TEXT = "Grüße, 世界! A naïve café ☕ at the end.\n"
@@ -242,43 +243,34 @@ def test_bad_requests_are_value_errors(engine):
 ARGS = ["--max-denoising-steps", "4", "--confidence-threshold", "0", "--seed", "4", "--dtype", "float32"]
 
 
-def _main(capsys, *argv) -> tuple[int, str, str]:
-    try:
-        rc = main(list(argv))
-    except SystemExit as e:
-        rc = e.code
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
 def test_cli_edit_and_infill_print_what_the_api_gives(engine, path, tmp_path, capsys):
     f = tmp_path / "note.txt"
     f.write_bytes(TEXT.replace("\n", "\r\n").encode())  # CRLF stays as it is
     text = f.read_bytes().decode()
-    rc, out, err = _main(capsys, "edit", str(f), "--span", "3:9", "--model", str(path), *ARGS)
+    rc, out, err = run_main(capsys, "edit", str(f), "--span", "3:9", "--model", str(path), *ARGS)
     assert rc == 0 and out == editing.edit(engine, text, 3, 9, seed=4, **KW) and out.endswith("\r\n")
-    rc, out, _ = _main(capsys, "edit", str(f), "--span", ":4", "--length", "6", "--instruction", "Shout.",
+    rc, out, _ = run_main(capsys, "edit", str(f), "--span", ":4", "--length", "6", "--instruction", "Shout.",
                        "--model", str(path), *ARGS)
     assert rc == 0 and out == editing.edit(engine, text, 0, 4, "Shout.", length=6, seed=4, **KW)
-    rc, out, _ = _main(capsys, "edit", str(f), "--span", "5:", "--length", "3", "--write", "--model", str(path), *ARGS)
+    rc, out, _ = run_main(capsys, "edit", str(f), "--span", "5:", "--length", "3", "--write", "--model", str(path), *ARGS)
     assert rc == 0 and out == "" and f.read_bytes().decode() == editing.edit(engine, text, 5, len(text), length=3,
                                                                                seed=4, **KW)
-    rc, out, _ = _main(capsys, "infill", "--prefix", "ab", "--suffix", "yz", "--length", "2,5", "--model", str(path),
+    rc, out, _ = run_main(capsys, "infill", "--prefix", "ab", "--suffix", "yz", "--length", "2,5", "--model", str(path),
                        *ARGS)
     gap = editing.infill(engine, "ab", "yz", [2, 5], seed=4, **KW)
     assert rc == 0 and out == gap.text + "\n"
-    rc, out, _ = _main(capsys, "infill", "--prefix", "ab", "--suffix", "yz", "--length", "2,5", "--full",
+    rc, out, _ = run_main(capsys, "infill", "--prefix", "ab", "--suffix", "yz", "--length", "2,5", "--full",
                        "--model", str(path), *ARGS)
     assert out == "ab" + gap.text + "yz\n"
 
 
 def test_cli_draws_every_candidate_on_a_terminal_stderr(path, capsys, monkeypatch):
     monkeypatch.setattr("sys.stderr.isatty", lambda: True)
-    rc, out, err = _main(capsys, "infill", "--prefix", "ab", "--suffix", "yz", "--length", "2,5", "--model",
+    rc, out, err = run_main(capsys, "infill", "--prefix", "ab", "--suffix", "yz", "--length", "2,5", "--model",
                          str(path), *ARGS)
     assert rc == 0 and "\x1b" not in out
     assert "gap of 2 tokens" in err and "gap of 5 tokens" in err and "canvas 1  step 4/4" in err
-    rc, _, err = _main(capsys, "infill", "--prefix", "ab", "--suffix", "yz", "--plain", "--model", str(path), *ARGS)
+    rc, _, err = run_main(capsys, "infill", "--prefix", "ab", "--suffix", "yz", "--plain", "--model", str(path), *ARGS)
     assert rc == 0 and "gap of" not in err
 
 
@@ -297,6 +289,6 @@ def test_cli_user_mistakes_are_one_line_and_exit_2(path, tmp_path, capsys):
               "max_new_tokens"),
              (["edit", str(ok), "--span", "0:2", "--instruction", "x"], "no chat template")]  # the Sudoku model
     for argv, message in cases:
-        rc, out, err = _main(capsys, *argv)
+        rc, out, err = run_main(capsys, *argv)
         assert rc == 2 and out == "", argv
         assert len(err.strip().splitlines()) == 1 and err.startswith("dgemma: ") and message in err, err

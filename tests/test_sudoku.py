@@ -14,6 +14,8 @@ import pytest
 from dgemma.sudoku import board as sb
 from dgemma.sudoku import task
 
+from conftest import run_main
+
 ROOT = Path(__file__).resolve().parents[1]
 # A well-known puzzle (Project Euler 96, grid 01) and its unique solution.
 PUZZLE = "003020600900305001001806400008102900700000008006708200002609500800203009005010300"
@@ -112,18 +114,6 @@ def _cli(*args, stdin=None, merged=False):
                           timeout=600, **pipes)
 
 
-def _inproc(capsys, *args) -> tuple[int, str, str]:
-    """``dgemma sudoku ARGS`` in this process, for input errors that stop before a model loads."""
-    from dgemma.cli import main
-
-    try:
-        rc = main(["sudoku", *args])
-    except SystemExit as e:
-        rc = e.code
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
 def test_generate_command():
     proc = _cli("generate", "-n", "4", "--bucket", "medium", "--seed", "3")
     lines = proc.stdout.split()
@@ -173,7 +163,7 @@ def test_solve_prints_one_answer_per_puzzle_in_order(trained, tmp_path, capsys, 
     stdin = _cli("solve", "-", "--model", str(trained), *once, stdin="\n".join(puzzles[:2]))
     assert stdin.stdout.splitlines() == answers[:2]
     monkeypatch.setattr("sys.stdin", io.StringIO(PUZZLE + "\n123\n"))
-    rc, _, err = _inproc(capsys, "solve", "-", "--model", str(trained))
+    rc, _, err = run_main(capsys, "sudoku", "solve", "-", "--model", str(trained))
     assert rc == 2 and "<stdin>:2:" in err and "Traceback" not in err
 
 
@@ -203,14 +193,11 @@ def test_eval_reports_both_decoders(trained):
 
 
 def test_bad_eval_options_are_one_line(trained, capsys):
-    from dgemma.cli import main
-
     for bad, word in ((["--restart-entropy", "0"], "restart"), (["--restarts", "-1"], "restart"),
                       (["--max-steps", "0"], "--max-steps must be a positive integer")):
-        with pytest.raises(SystemExit) as exit_:  # checked before the model loads or a puzzle is drawn
-            main(["sudoku", "eval", "--model", str(trained), "-n", "1", *bad])
-        err = capsys.readouterr().err
-        assert exit_.value.code == 2 and word in err and "Traceback" not in err and len(err.splitlines()) == 1
+        # checked before the model loads or a puzzle is drawn
+        rc, _, err = run_main(capsys, "sudoku", "eval", "--model", str(trained), "-n", "1", *bad)
+        assert rc == 2 and word in err and "Traceback" not in err and len(err.splitlines()) == 1
 
 
 def test_solve_show_draws_boards_and_gives_the_same_answers(trained, tmp_path):
@@ -380,7 +367,7 @@ def test_solve_takes_puzzle_arguments_files_and_stdin(trained, tmp_path, capsys)
     assert answers[1:2] == _cli("solve", str(tmp_path / "in.txt"), *once).stdout.splitlines()
     assert "answer 1 (argument 1)" in mixed.stderr and "answer 3 (<stdin>:1)" in mixed.stderr
     for bad in ("no-such-file.txt", PUZZLE[:-1], str(tmp_path)):  # read before the model loads
-        rc, out, err = _inproc(capsys, "solve", bad, *once)
+        rc, out, err = run_main(capsys, "sudoku", "solve", bad, *once)
         assert rc == 2 and out == "", bad
         assert err.count("\n") == 1 and "neither a file nor a puzzle" in err, err
         assert bad != PUZZLE[:-1] or "got 80 characters" in err
