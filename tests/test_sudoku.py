@@ -180,6 +180,8 @@ def test_eval_reports_both_decoders(trained):
     assert row["spec-sampler"]["mean_steps"] >= 1
     # The solve defaults restart unsure boards, and every attempt's steps count.
     assert row["diffusion"]["mean_steps"] >= row["spec-sampler"]["mean_steps"]
+    # the untrained model never settles: every attempt runs to the cap (1 attempt, or the defaults' 8)
+    assert row["spec-sampler"]["mean_steps"] == 4 and row["diffusion"]["mean_steps"] == 8 * 4
     assert "medium: generating 3 puzzles" in proc.stderr  # said before the slow part starts
     one = _cli("eval", "--model", str(trained), "-n", "2", "--skip", "1", "--buckets", "medium", "--json", "--no-ar",
                "--restarts", "1", "--restart-entropy", "1e-30", "--batch", "1", "--max-steps", "3")
