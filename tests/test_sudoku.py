@@ -143,6 +143,8 @@ def trained(tmp_path_factory):
                for r in rows)
     assert len(prompts) == 64 * 8 and sum(p.count("0") > 81 - 33 for p in prompts[-8 * 8:]) == 64  # 8 minimal
     assert "ar_loss" not in json.loads(proc.stdout.splitlines()[-1])["last"]  # weight 0: not computed
+    # fp32 on every CPU, bf16 hardware or not: the recipe's numerics do not depend on the machine
+    assert json.loads((out / "run" / "train_config.json").read_text())["train"]["precision"] == "fp32"
     summary = json.loads(proc.stdout.splitlines()[-1])
     return Path(summary["model"])
 

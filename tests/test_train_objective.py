@@ -50,23 +50,10 @@ def _assert_grads_close(got: dict, want: dict, tol: float) -> None:
         assert scale > 0 and err <= tol * scale, f"{name}: max error {err:.1e}, {err / scale:.1e} of the largest"
 
 
-def _decoder_logits(model, batch, draws):
-    """Capture the graded decoder pass's logits by wrapping lm_loss_sum's inputs."""
-    seen = {}
-    import dgemma.train.objective as obj
-
-    orig = obj.lm_loss_sum
-
-    def spy(m, h, targets, chunk, *rest):
-        seen.setdefault("enc" if "enc" not in seen else "dec", (h.detach(), targets))
-        return orig(m, h, targets, chunk, *rest)
-
-    obj.lm_loss_sum = spy
-    try:
-        Objective(model, ObjectiveConfig()).eval()(batch, draws)
-    finally:
-        obj.lm_loss_sum = orig
-    return seen
+def _decoder_states(model, batch, draws):
+    """The graded decoder pass's final hidden states ``[B, C, d]`` (what the canvas loss reads)."""
+    with torch.no_grad():
+        return Objective(model, ObjectiveConfig()).eval().canvas_states(batch, draws)[0]
 
 
 @torch.no_grad()
@@ -80,7 +67,7 @@ def test_decoder_pass_equals_inference_with_the_prefix_cached(model64):
     exs = [_example(5, 3, c, v, 1), _example(9, 2, c, v, 2)]
     draws = [_draw(exs[0], 2, 0.5, False, v, 3), _draw(exs[1], 1, 0.7, False, v, 4)]
     batch = collate(exs, pad_id=0)
-    h = _decoder_logits(model, batch, draws)["dec"][0].view(2, c, -1)
+    h = _decoder_states(model, batch, draws)
     for i, (ex, d) in enumerate(zip(exs, draws)):
         start = ex.prefix_len + c * d.block
         assert start > cfg.sliding_window  # the window rule is exercised
@@ -102,12 +89,12 @@ def test_block_never_sees_its_own_clean_tokens(model):
     ex = _example(4, 3, c, v, 5)
     d = _draw(ex, 1, 1.0, False, v, 6)  # t = 1: every canvas position replaced, nothing clean leaks in
     d = Draw(d.t, d.block, torch.ones(c, dtype=torch.bool), d.tokens, False)
-    base = _decoder_logits(model, collate([ex], 0), [d])["dec"][0]
+    base = _decoder_states(model, collate([ex], 0), [d])
 
     def edited(pos):
         ids = list(ex.ids)
         ids[pos] = (ids[pos] + 7) % v
-        return _decoder_logits(model, collate([Example(tuple(ids), ex.prefix_len, c)], 0), [d])["dec"][0]
+        return _decoder_states(model, collate([Example(tuple(ids), ex.prefix_len, c)], 0), [d])
 
     own, later, earlier = 4 + c + 3, 4 + 2 * c + 1, 4 + c - 1
     torch.testing.assert_close(edited(own), base, atol=0, rtol=0)

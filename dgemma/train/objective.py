@@ -220,6 +220,18 @@ class Objective(nn.Module):
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """``first_pass=True`` runs the self-conditioning pass on every row (the signal still gated by each
         row's coin), so that all processes of a sharded run build the same graph; ``None``: only as needed."""
+        hd, clean, ar = self.canvas_states(batch, draws, first_pass)
+        if hd is None:  # kind = "ar": no decoder pass at all
+            return torch.zeros((), dtype=ar.dtype, device=ar.device), ar
+        diff = lm_loss_sum(self.model, hd.reshape(-1, hd.shape[-1]), clean.reshape(-1), self.cfg.loss_chunk_rows,
+                           self.cfg.focal_gamma)
+        return diff, ar
+
+    def canvas_states(self, batch: Batch, draws: list[Draw], first_pass: bool | None = None
+                      ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+        """The decoder's final hidden states over the corrupted canvases ``[B*K, C, d]`` (``model.logits`` of
+        them are the canvas predictions), their clean tokens ``[B*K, C]`` and the AR CE sum; ``(None, None,
+        ar)`` with ``kind = "ar"``."""
         m = self.model
         c, window = m.cfg.canvas_length, m.cfg.sliding_window
         ids = batch.ids  # [B, S]
@@ -253,8 +265,8 @@ class Objective(nn.Module):
             ar = lm_loss_sum(m, h[:, :-1][pairs], ids[:, 1:][pairs], self.cfg.loss_chunk_rows)
         else:  # a zero that keeps the sum's dtype and device (weight 0: the AR loss is not computed)
             ar = torch.zeros((), dtype=torch.float32, device=dev)
-        if ar_only:  # no decoder pass at all
-            return torch.zeros((), dtype=ar.dtype, device=dev), ar
+        if ar_only:
+            return None, None, ar
 
         # Decoder: the chosen blocks, corrupted.
         s = s_enc
@@ -282,9 +294,7 @@ class Objective(nn.Module):
                 soft = rows_soft.new_zeros(b, c, rows_soft.shape[-1]).index_copy(0, idx, rows_soft)
         x = m.self_conditioning(m.embed(noisy), soft)  # zero rows of `soft` = no signal for that example
         hd = m.run_layers(x, cpos, dec, encoder=False, checkpoint=self.checkpoint)  # [B, C, d]
-        diff = lm_loss_sum(m, hd.reshape(b * c, -1), clean.reshape(-1), self.cfg.loss_chunk_rows,
-                           self.cfg.focal_gamma)
-        return diff, ar
+        return hd, clean, ar
 
 
 def token_counts(examples: list[Example], draws_per_example: int = 1) -> tuple[int, int]:
