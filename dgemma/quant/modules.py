@@ -11,11 +11,11 @@ the reference path, ``True``: int8's torch kernel for any dtype, the workspace p
 * the reference path (always available, always right; the only one under autograd and off the CPU):
   dequantise the weight (for the experts one expert's rows; for the embedding the rows read, or blocks of
   ``EMBED_BLOCK`` vocabulary rows) into a fresh tensor and matmul;
-* int8 on the CPU with bf16 / fp16 activations: ``torch.ops.aten._weight_int8pack_mm`` (int8 codes ``[N, K]``
-  contiguous, one scale per output row in the activation's dtype), which never materialises the float weight
-  (3-8x faster than dequantising to bf16 and matmul, ``[M, 512] x [2048, 512]``, M = 1..1024, one thread);
-* every other float product on the CPU, int8 and int4 (fp32 activations, the fast dtype of a CPU without
-  bf16 hardware): :mod:`dgemma.quant.kernels`, the same dequantised weight bit for bit but built in a reused
+* int8 with ``fast=True`` only: ``torch.ops.aten._weight_int8pack_mm`` (int8 codes ``[N, K]`` contiguous, one
+  scale per output row in the activation's dtype), which never materialises the float weight (3-8x faster
+  than dequantising to bf16 and matmul on an AVX2 CPU, ``[M, 512] x [2048, 512]``, M = 1..1024, one thread),
+  but crashes the process on an AVX-512/AMX Xeon (see ``_KERNEL_K_MULTIPLE``), so it is not the default;
+* every other float product on the CPU, int8 and int4, fp32 or bf16: :mod:`dgemma.quant.kernels`, the same dequantised weight bit for bit but built in a reused
   per-thread workspace (int4 unpacked with int16 ops, no scale expansion), then one ``F.linear``; its products
   equal the reference path's. On an AVX2 CPU torch 2.13's kernels for these cases (``_weight_int8pack_mm``
   with fp32, ``_weight_int4pack_mm_for_cpu``, ``_int_mm``) ran 16-70x slower than the fp32 matmul, so none is
@@ -33,17 +33,18 @@ from dgemma.quant import formats, kernels
 
 EMBED_BLOCK = 4096  # vocabulary rows dequantised at a time by the embedding's logits / soft embedding
 _INT8_MM = getattr(torch.ops.aten, "_weight_int8pack_mm", None)
-_KERNEL_DTYPES = (torch.bfloat16, torch.float16)
+# torch 2.13's kernel crashes the process (segmentation fault) on an AVX-512/AMX Xeon with bf16 activations:
+# for K not a multiple of 16 (K = 8, 24, 40, 72, 100 crashed; 16 ... 192 in steps of 16 did not) and also in
+# a whole model at other widths. So it is taken only when asked for (``fast=True``), and never for such K.
+_KERNEL_K_MULTIPLE = 16
 
 
 def uses_int8_kernel(x: torch.Tensor, fast: bool | None) -> bool:
     """Whether an int8 product with activations ``x`` takes ``_weight_int8pack_mm`` (module docstring).
-    Never under autograd (the kernel has no derivative)."""
-    if _INT8_MM is None or (torch.is_grad_enabled() and x.requires_grad):
+    Never under autograd (the kernel has no derivative), nor for a width it crashes on."""
+    if _INT8_MM is None or (torch.is_grad_enabled() and x.requires_grad) or x.shape[-1] % _KERNEL_K_MULTIPLE:
         return False
-    if fast is not None:
-        return fast
-    return x.device.type == "cpu" and x.dtype in _KERNEL_DTYPES
+    return bool(fast)  # default (None): off, see _KERNEL_K_MULTIPLE
 
 
 def int8_mm(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
