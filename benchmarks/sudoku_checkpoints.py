@@ -28,18 +28,17 @@ import dgemma
 from dgemma.loading import load_weights
 from dgemma.sudoku import buckets, task
 from dgemma.sudoku.solve import solve_boards
-from dgemma.train.data import Example, collate
+from dgemma.train.data import DataStats, Example, ExampleBuilder, collate
 from dgemma.train.objective import Draw, Objective, ObjectiveConfig
 
 PROBES = (("t1", 1.0, True, False), ("t1_sc", 1.0, True, True), ("t0.6", 0.6, False, False),
           ("t0.6_sc", 0.6, False, True))  # (name, t, noise the clue cells too, self-conditioning)
 
 
-def _ids(puzzle, solution) -> Example:
-    tok = {str(d): len(task.SPECIALS) + d for d in range(10)}  # the task's tokenizer: specials, then digits
-    prompt = [task.SPECIALS.index("<bos>")] + [tok[str(v)] for v in puzzle]
-    answer = [tok[str(v)] for v in solution] + [task.SPECIALS.index("<eos>")]
-    return Example(ids=tuple(prompt + answer), prefix_len=len(prompt), block=task.CANVAS)
+def examples(pairs) -> list[Example]:
+    """The pairs as the trainer sees them: ``sudoku train``'s records through the trainer's example builder."""
+    build = ExampleBuilder(task.build_tokenizer(), task.CANVAS, 2 * task.CANVAS, template="raw").build
+    return [build(task.record(p, s), f"puzzle {k}", DataStats()) for k, (p, s) in enumerate(pairs)]
 
 
 def probe(model, pairs, t: float, clues_too: bool, self_condition: bool, seed: int = 0) -> dict[str, float]:
@@ -52,7 +51,7 @@ def probe(model, pairs, t: float, clues_too: bool, self_condition: bool, seed: i
         draws.append(Draw(t, 0, replace, torch.randint(0, task.VOCAB, (task.CANVAS,), generator=g), self_condition))
     obj = Objective(model, ObjectiveConfig(encoder_loss_weight=0.0))
     with torch.no_grad():
-        hd, clean, _ = obj.canvas_states(collate([_ids(p, s) for p, s in pairs], 0), draws)
+        hd, clean, _ = obj.canvas_states(collate(examples(pairs), 0), draws)
         logits = model.logits(hd).float()  # [B, C, V]
     ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), clean, reduction="none")  # [B, C]
     right = logits.argmax(-1) == clean

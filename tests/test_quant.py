@@ -102,7 +102,7 @@ def test_int8_kernel_matches_the_reference_path(dtype):
     tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
     torch.testing.assert_close(fast, ref, rtol=tol, atol=tol * float(ref.abs().max()))
     assert fast.dtype == dtype
-    qw.fast = None  # the default: the kernel for bf16 on the CPU only
+    qw.fast = None  # the default
     assert not modules.uses_int8_kernel(x, None)  # the default: off (it crashed on an AVX-512 Xeon)
     assert not modules.uses_int8_kernel(x.float().requires_grad_(), True)  # never under autograd
     # a width the kernel crashes on (K % 16 != 0) takes the reference path even when the kernel is asked for
