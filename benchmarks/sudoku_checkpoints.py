@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from pathlib import Path
 
 import torch
@@ -28,6 +27,7 @@ import dgemma
 from dgemma.loading import load_weights
 from dgemma.sudoku import buckets, task
 from dgemma.sudoku.solve import solve_boards
+from dgemma.train import checkpoint
 from dgemma.train.data import DataStats, Example, ExampleBuilder, collate
 from dgemma.train.objective import Draw, Objective, ObjectiveConfig
 
@@ -59,9 +59,7 @@ def probe(model, pairs, t: float, clues_too: bool, self_condition: bool, seed: i
 
 
 def checkpoints(run: Path) -> list[Path]:
-    steps = sorted((int(m.group(1)), d) for d in (run / "checkpoints").glob("step-*")
-                   if (m := re.fullmatch(r"step-(\d+)", d.name)) and (d / "trainer_state.json").is_file())
-    return [d for _, d in steps] + ([run / "final"] if (run / "final" / "config.json").is_file() else [])
+    return checkpoint.complete(run) + ([run / "final"] if (run / "final" / "config.json").is_file() else [])
 
 
 def main() -> None:

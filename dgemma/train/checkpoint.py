@@ -38,8 +38,8 @@ def checkpoints_dir(out: Path) -> Path:
     return Path(out) / "checkpoints"
 
 
-def latest(out: Path) -> Path | None:
-    """The newest complete checkpoint under ``out`` (``trainer_state.json`` present), or None."""
+def complete(out: Path) -> list[Path]:
+    """The complete checkpoints under ``out`` (``trainer_state.json`` present), oldest step first."""
     found = []
     root = checkpoints_dir(out)
     if root.is_dir():
@@ -47,7 +47,13 @@ def latest(out: Path) -> Path | None:
             m = _STEP.match(d.name)
             if m and (d / STATE_FILE).is_file():
                 found.append((int(m.group(1)), d))
-    return max(found)[1] if found else None
+    return [d for _, d in sorted(found)]
+
+
+def latest(out: Path) -> Path | None:
+    """The newest complete checkpoint under ``out``, or None."""
+    found = complete(out)
+    return found[-1] if found else None
 
 
 def _flatten_optimizer(osd: dict) -> tuple[dict[str, torch.Tensor], list[dict]]:
