@@ -247,9 +247,11 @@ def _train(args) -> int:
 
 
 @contextmanager
-def _bar(what: str, total: int):
-    """A rich progress bar on stderr when it is a terminal; yields ``tick(n)``."""
-    print(f"{what} ...", file=sys.stderr)
+def _bar(what: str, total: int, announce: bool = True):
+    """A rich progress bar on stderr when it is a terminal; yields ``tick(n)``. ``announce``: also say
+    ``what`` on a line of its own when stderr is not a terminal."""
+    if announce or sys.stderr.isatty():
+        print(f"{what} ...", file=sys.stderr)
     if not sys.stderr.isatty():
         yield lambda n: None
         return
@@ -367,10 +369,13 @@ def _solve(args) -> int:
     cells = CellTokens(engine) if args.constrain else None  # a model that cannot be constrained fails first
 
     def answers():
-        if not args.show:
-            yield from (a for a, _ in solve_boards(engine, boards, args.batch, seed=args.seed,
-                                                   constrain=args.constrain, restarts=args.restarts,
-                                                   restart_entropy=args.restart_entropy, max_steps=args.max_steps))
+        if not args.show:  # a bar on a terminal: a board that never settles runs 64 attempts by default
+            what = f"solving {len(boards)} puzzle" + ("s" if len(boards) != 1 else "")
+            with _bar(what, len(boards), announce=False) as tick:
+                found = solve_boards(engine, boards, args.batch, tick, seed=args.seed, constrain=args.constrain,
+                                     restarts=args.restarts, restart_entropy=args.restart_entropy,
+                                     max_steps=args.max_steps)
+            yield from (a for a, _ in found)
             return
         from dgemma.sudoku.view import solve_live
 
