@@ -28,10 +28,8 @@ from dgemma.constraints import CanvasConstraint, CanvasRule
 from dgemma.sudoku import board as sb
 from dgemma.sudoku import task
 from dgemma.sudoku.cli import bucket_pairs
+from dgemma.sudoku.rating import UNITS
 from dgemma.sudoku.solve import SOLVE_DEFAULTS
-
-UNITS = ([[r * 9 + c for c in range(9)] for r in range(9)] + [[r * 9 + c for r in range(9)] for c in range(9)]
-         + [[(br * 3 + r) * 9 + bc * 3 + c for r in range(3) for c in range(3)] for br in range(3) for bc in range(3)])
 
 
 def conflicts(digits: list[int]) -> set[int]:

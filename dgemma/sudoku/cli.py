@@ -369,7 +369,7 @@ def _solve(args) -> int:
     cells = CellTokens(engine) if args.constrain else None  # a model that cannot be constrained fails first
 
     def answers():
-        if not args.show:  # a bar on a terminal: a board that never settles runs 64 attempts by default
+        if not args.show:  # a bar on a terminal: a board that never settles runs every restart to the cap
             what = f"solving {len(boards)} puzzle" + ("s" if len(boards) != 1 else "")
             with _bar(what, len(boards), announce=False) as tick:
                 found = solve_boards(engine, boards, args.batch, tick, seed=args.seed, constrain=args.constrain,
