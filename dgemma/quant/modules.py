@@ -19,7 +19,8 @@ the reference path, ``True``: int8's torch kernel for any dtype, the workspace p
   dequantised weight bit for bit but built in a reused per-thread workspace (int4 unpacked with int16 ops,
   no scale expansion), then one ``F.linear``; its products equal the reference path's. On an AVX2 CPU
   torch 2.13's kernels for these cases (``_weight_int8pack_mm`` with fp32, ``_weight_int4pack_mm_for_cpu``,
-  ``_int_mm``) ran 16-70x slower than the fp32 matmul, so none is used (docs/BENCHMARKS.md, ``benchmarks/quant_step.py --kernels``).
+  ``_int_mm``) ran 16-70x slower than the fp32 matmul, so none is used (docs/BENCHMARKS.md,
+  ``benchmarks/quant_step.py --kernels``).
 """
 
 from __future__ import annotations
