@@ -4,7 +4,7 @@ Defaults are the spec's (section 2.4); :func:`SamplingParams.from_generation_con
 values, where ``null`` or absent fields keep the defaults. Unlike the reference, ``t_max == t_min`` (a
 constant temperature) is allowed and ``confidence_threshold=0`` means "never stop early" (a fixed step
 count). Every really invalid value raises ``ValueError`` naming the field. On disk, what transformers does
-not accept (``restarts``, ``restart_entropy``, such values) sits in dgemma_generation.json (``dgemma.genconfig``).
+not accept (``restarts``, ``restart_entropy``, ``restart_after``, such values) sits in dgemma_generation.json (``dgemma.genconfig``).
 """
 
 from __future__ import annotations
@@ -41,6 +41,10 @@ class SamplingParams:
     # the first that qualifies, else the most confident: settled before unsettled, then lowest entropy.
     restarts: int = 0
     restart_entropy: float | None = None
+    # An attempt that has not settled after this many steps is given up while a restart remains (it still
+    # competes as the most confident); the temperature schedule still runs over `max_denoising_steps`, so a
+    # failing attempt costs fewer steps without cooling faster. None: every attempt may run to the cap.
+    restart_after: int | None = None
     eos_token_id: tuple[int, ...] | None = None  # None: the model's; () disables EOS stopping
     pad_token_id: int | None = None
     seed: int | None = None
@@ -66,6 +70,7 @@ class SamplingParams:
             "restarts": _is_int(self.restarts) and self.restarts >= 0,
             "restart_entropy": self.restart_entropy is None or (_is_num(self.restart_entropy)
                                                                 and self.restart_entropy > 0),
+            "restart_after": self.restart_after is None or (_is_int(self.restart_after) and self.restart_after > 0),
             "eos_token_id": eos is None or (isinstance(eos, tuple) and all(_is_int(e) and e >= 0 for e in eos)),
             "pad_token_id": self.pad_token_id is None or (_is_int(self.pad_token_id) and self.pad_token_id >= 0),
             "seed": self.seed is None or _is_int(self.seed),
@@ -113,6 +118,7 @@ _RULES = {
     "confidence_threshold": "a number >= 0; 0 means never stop early",
     "restarts": "an integer >= 0",
     "restart_entropy": "a number > 0, or None for the stopping rule alone",
+    "restart_after": "an integer > 0, or None to let every attempt run to max_denoising_steps",
     "eos_token_id": "a token id or a list of token ids",
     "pad_token_id": "a token id or None",
     "seed": "an integer or None",

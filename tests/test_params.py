@@ -14,7 +14,7 @@ SPEC_DEFAULTS = {"max_new_tokens": 256, "max_denoising_steps": 48, "entropy_boun
                  "t_min": 0.4, "stability_threshold": 1, "confidence_threshold": 0.005, "eos_token_id": None,
                  "pad_token_id": None, "seed": None, "initial_canvas": None,
                  "pinned_canvas": None, "restarts": 0,  # restarts: not in the spec; 0 is its behaviour
-                 "restart_entropy": None}
+                 "restart_entropy": None, "restart_after": None}
 
 INVALID = [
     ("max_new_tokens", 0), ("max_new_tokens", -1), ("max_new_tokens", 1.5), ("max_new_tokens", True),
@@ -29,6 +29,8 @@ INVALID = [
     ("restarts", -1), ("restarts", 1.5), ("restarts", None),
     ("restart_entropy", 0), ("restart_entropy", -1e-3), ("restart_entropy", math.nan),
     ("restart_entropy", math.inf), ("restart_entropy", "1e-12"), ("restart_entropy", True),
+    ("restart_after", 0), ("restart_after", -2), ("restart_after", 1.5), ("restart_after", True),
+    ("restart_after", "16"),
     ("confidence_threshold", -0.1), ("confidence_threshold", math.nan), ("confidence_threshold", math.inf),
     ("eos_token_id", "x"), ("eos_token_id", [-1]), ("eos_token_id", -1), ("eos_token_id", [1, "2"]),
     ("eos_token_id", [1.0]), ("eos_token_id", True), ("eos_token_id", [True]),

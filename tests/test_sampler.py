@@ -124,6 +124,29 @@ def test_restarts_redo_only_canvases_that_did_not_settle(engine):
         engine.generate("x", restarts=-1)
 
 
+def test_restart_after_gives_up_unsettled_attempts_on_the_full_schedule(engine):
+    never = dict(max_new_tokens=32, max_denoising_steps=4, confidence_threshold=1e-12, seed=5, eos_token_id=())
+    # attempts 0 and 1 are given up after 2 steps; the last attempt (no restart left) runs to the cap
+    got = engine.generate("x", restarts=2, restart_after=2, **never)
+    assert got.steps == [2 + 2 + 4, 2 + 2 + 4]
+    steps, _ = _stream(engine, "x", restarts=2, restart_after=2, **never)
+    assert [(e.canvas, e.attempt) for e in steps if e.step in (2, 3, 5)] == [(c, a) for c in (0, 1) for a in range(3)]
+    # the given-up attempt took the first steps of the 4-step schedule, not a 2-step schedule's
+    plain, _ = _stream(engine, "x", **never)
+    short, _ = _stream(engine, "x", **{**never, "max_denoising_steps": 2})
+    first = [(e.draft_tokens, e.mean_entropy) for e in steps if e.canvas == 0][:2]
+    assert first == [(e.draft_tokens, e.mean_entropy) for e in plain if e.canvas == 0][:2]
+    assert first[1][1] != [e.mean_entropy for e in short if e.canvas == 0][1]  # 2nd step: T 0.7, not 0.4
+    # with no restarts, or past the cap, it changes nothing; a canvas that settles first is not affected
+    for kw in ({"restart_after": 2}, {"restarts": 2, "restart_after": 4}, {"restarts": 2, "restart_after": 9}):
+        assert engine.generate("x", **never, **kw).steps == engine.generate("x", **never, restarts=kw.get(
+            "restarts", 0)).steps
+    sure = dict(max_new_tokens=32, confidence_threshold=1e9, stability_threshold=0, seed=5, restarts=3)
+    assert engine.generate("x", restart_after=1, **sure).steps == [1, 1]
+    with pytest.raises(ValueError, match="restart_after"):
+        engine.generate("x", restart_after=0)
+
+
 def _attempts_and_kept(engine, **kw):
     """Per canvas: the (final mean entropy, argmax canvas) of each attempt, and the committed canvas."""
     attempts, kept = {}, {}

@@ -189,20 +189,23 @@ def test_eval_reports_both_decoders(trained):
     assert row["spec-sampler"]["mean_steps"] == 4 and row["diffusion"]["mean_steps"] == attempts * 4
     assert "medium: generating 3 puzzles" in proc.stderr  # said before the slow part starts
     one = _cli("eval", "--model", str(trained), "-n", "2", "--skip", "1", "--buckets", "medium", "--json", "--no-ar",
-               "--restarts", "1", "--restart-entropy", "1e-30", "--batch", "1", "--max-steps", "3")
+               "--restarts", "1", "--restart-entropy", "1e-30", "--batch", "1", "--max-steps", "3",
+               "--restart-after", "2")
     row = json.loads(one.stdout)["medium"]
     assert row["diffusion-restarts1-below1e-30"]["puzzles"] == 2  # puzzles 2 and 3
     for r in row.values():  # one puzzle per batch: each puzzle's own wall time, their median and 90th percentile
         assert 0 < r["median_seconds"] <= r["p90_seconds"] <= 2 * r["seconds_per_puzzle"]
     assert "median_seconds" not in json.loads(proc.stdout)["medium"]["diffusion"]  # batch 32: no per-puzzle times
-    # the untrained model never settles: every attempt runs to the cap (the defaults' attempts, or 1 + 1)
-    assert row["diffusion"]["mean_steps"] == attempts * 3
-    assert row["diffusion-restarts1-below1e-30"]["mean_steps"] == 2 * 3
+    # the untrained model never settles: every attempt but the last is given up after 2 steps, the last runs
+    # to the cap (the defaults' attempts, or 1 + 1)
+    assert row["diffusion"]["mean_steps"] == (attempts - 1) * 2 + 3
+    assert row["diffusion-restarts1-below1e-30"]["mean_steps"] == 2 + 3
 
 
 def test_bad_eval_options_are_one_line(trained, capsys):
     for bad, word in ((["--restart-entropy", "0"], "restart"), (["--restarts", "-1"], "restart"),
-                      (["--max-steps", "0"], "--max-steps must be a positive integer")):
+                      (["--max-steps", "0"], "--max-steps must be a positive integer"),
+                      (["--restart-after", "0"], "restart_after")):
         # checked before the model loads or a puzzle is drawn
         rc, _, err = run_main(capsys, "sudoku", "eval", "--model", str(trained), "-n", "1", *bad)
         assert rc == 2 and word in err and "Traceback" not in err and len(err.splitlines()) == 1
@@ -359,7 +362,7 @@ def test_eval_help_explains_every_option_and_its_default():
         elif line.strip():
             blocks[name] += " " + line.strip()
     for option in ("-n", "--buckets", "--seed", "--skip", "--batch", "--no-ar", "--constrain", "--restarts",
-                   "--restart-entropy", "--json", "--model", "--device", "--dtype"):
+                   "--restart-entropy", "--restart-after", "--json", "--model", "--device", "--dtype"):
         assert "default" in blocks[option], blocks[option]
     assert "--constrain, --pin" in text and "diffusion-constrained" in blocks["--constrain"].replace("- ", "-")
     assert "(default 1000)" in blocks["-n"] and "spec-sampler" in blocks["--restarts"].replace("- ", "-")

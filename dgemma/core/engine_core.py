@@ -284,7 +284,9 @@ class EngineCore:
                 events.append(StepEvent(r.request_id, r.canvas, r.result.steps[-1], a.tolist(), int(mask.sum()),
                                         out.mean_entropy[i], mask.tolist(), r.attempt))
             new = None if r.constraint is None else r.constraint.update(r.canvas, r.attempt, r.result.steps[-1], a)
-            if settled or r.step_index == 1:
+            given_up = p.restart_after is not None and r.attempt < p.restarts and \
+                p.max_denoising_steps - r.step_index + 1 >= p.restart_after
+            if settled or r.step_index == 1 or given_up:
                 self._end_attempt(r, events)
             else:
                 r.step_index -= 1

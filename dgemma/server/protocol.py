@@ -3,7 +3,7 @@
 Request bodies follow OpenAI's chat and completions APIs; unknown fields are ignored. dgemma's sampling
 options ride along as extra body fields under their ``generation_config.json`` names
 (``max_denoising_steps``, ``entropy_bound``, ``t_max``, ``t_min``, ``stability_threshold``,
-``confidence_threshold``, ``restarts``, ``restart_entropy``, plus ``initial_canvas`` / ``pinned_canvas``)
+``confidence_threshold``, ``restarts``, ``restart_entropy``, ``restart_after``, plus ``initial_canvas`` / ``pinned_canvas``)
 and are validated by ``SamplingParams``. ``temperature`` and ``top_p`` are accepted and ignored: the
 sampler's temperature is the ``t_max`` -> ``t_min`` schedule over the denoising steps.
 ``include_drafts: true`` adds a ``draft`` chunk per denoising step to a stream (dgemma's extension);
@@ -27,7 +27,8 @@ Seed = Annotated[int, Strict(), Field(ge=-(2**63), le=2**63 - 1)]
 
 # The sampling options taken from a request body, under their generation_config.json names.
 SAMPLING_FIELDS = ("max_denoising_steps", "entropy_bound", "t_max", "t_min", "stability_threshold",
-                   "confidence_threshold", "restarts", "restart_entropy", "initial_canvas", "pinned_canvas")
+                   "confidence_threshold", "restarts", "restart_entropy", "restart_after", "initial_canvas",
+                   "pinned_canvas")
 
 
 class ApiError(Exception):
@@ -93,6 +94,7 @@ class SamplingFields(_Body):
     confidence_threshold: float | None = None
     restarts: Int | None = None
     restart_entropy: float | None = None
+    restart_after: Int | None = None
     initial_canvas: list[Int] | None = None
     pinned_canvas: list[Int] | None = None
     response_format: dict[str, Any] | None = None

@@ -128,9 +128,7 @@ def add_parsers(sub) -> None:
                    help="also score diffusion with up to N restarts of boards that do not settle (or are not "
                         "sure enough, see --restart-entropy), side by side with the solve defaults; N = 0 is "
                         f"the spec's sampler, row '{SPEC_SAMPLER}' (default: no such row)")
-    e.add_argument("--max-steps", type=int, metavar="N",
-                   help="denoising steps at most per attempt; the temperature falls from t_max to t_min over "
-                        f"them (default {SOLVE_DEFAULTS['max_denoising_steps']})")
+    _add_attempt_options(e)
     e.add_argument("--restart-entropy", type=float, metavar="H",
                    help="in that row, also restart a board that settles with a mean entropy of H or more "
                         f"(default {SOLVE_DEFAULTS['restart_entropy']}; with no --restarts, "
@@ -155,12 +153,20 @@ def add_parsers(sub) -> None:
     v.add_argument("--restarts", type=int, metavar="N",
                    help="denoise a board that does not settle within the step cap again, up to N times "
                         f"(default {SOLVE_DEFAULTS['restarts']})")
-    v.add_argument("--max-steps", type=int, metavar="N",
-                   help="denoising steps at most per attempt; the temperature falls from t_max to t_min over "
-                        f"them (default {SOLVE_DEFAULTS['max_denoising_steps']})")
+    _add_attempt_options(v)
     v.add_argument("--restart-entropy", type=float, metavar="H",
                    help="also restart a board that settles with a mean entropy of H or more "
                         f"(default {SOLVE_DEFAULTS['restart_entropy']})")
+
+
+def _add_attempt_options(p) -> None:
+    """The shape of one attempt, for ``eval`` (every diffusion row) and ``solve``."""
+    p.add_argument("--max-steps", type=int, metavar="N",
+                   help="denoising steps at most per attempt; the temperature falls from t_max to t_min over "
+                        f"them (default {SOLVE_DEFAULTS['max_denoising_steps']})")
+    p.add_argument("--restart-after", type=int, metavar="N",
+                   help="give up an attempt that has not settled after N steps while a restart remains; the "
+                        f"temperature still falls over --max-steps (default {SOLVE_DEFAULTS['restart_after']})")
 
 
 def run(parser, args) -> int:
@@ -292,7 +298,8 @@ def _check_sampling(args) -> None:
 
     if args.max_steps is not None and args.max_steps < 1:
         raise DgemmaError(f"--max-steps must be a positive integer, got {args.max_steps}")
-    SamplingParams(**{**SOLVE_DEFAULTS, **solve_options(args.restarts, args.restart_entropy, args.max_steps)})
+    SamplingParams(**{**SOLVE_DEFAULTS, **solve_options(args.restarts, args.restart_entropy, args.max_steps,
+                                                     args.restart_after)})
 
 
 def bucket_pairs(name: str, n: int, seed: int) -> list[tuple[sb.Board, sb.Board]]:
@@ -326,18 +333,19 @@ def _eval(args) -> int:
     for name in buckets:
         pairs = bucket_pairs(name, args.skip + args.n, args.seed)[args.skip:]
         boards = [p for p, _ in pairs]
-        cap = args.max_steps
-        modes = {"diffusion": lambda tick: solve_boards(engine, boards, args.batch, tick, max_steps=cap)
+        cap, after = args.max_steps, args.restart_after
+        modes = {"diffusion": lambda tick: solve_boards(engine, boards, args.batch, tick, max_steps=cap,
+                                                        restart_after=after)
                  } if args.diffusion else {}
         if args.restarts is not None or args.restart_entropy is not None:
             n = SOLVE_DEFAULTS["restarts"] if args.restarts is None else args.restarts
             h = SOLVE_DEFAULTS["restart_entropy"] if args.restart_entropy is None else args.restart_entropy
             name_h = f"-below{h:g}" if h is not None else ""
             modes[f"diffusion-restarts{n}{name_h}" if n else SPEC_SAMPLER] = lambda tick: solve_boards(
-                engine, boards, args.batch, tick, restarts=n, restart_entropy=h, max_steps=cap)
+                engine, boards, args.batch, tick, restarts=n, restart_entropy=h, max_steps=cap, restart_after=after)
         if args.constrain:
             modes[CONSTRAINED] = lambda tick: solve_boards(engine, boards, args.batch, tick, constrain=True,
-                                                           max_steps=cap)
+                                                           max_steps=cap, restart_after=after)
         if args.ar:
             modes["autoregressive"] = lambda tick: [(a, None) for a in ar_boards(engine, boards, args.batch, tick)]
             for t in args.ar_temperature:
@@ -374,12 +382,12 @@ def _solve(args) -> int:
             with _bar(what, len(boards), announce=False) as tick:
                 found = solve_boards(engine, boards, args.batch, tick, seed=args.seed, constrain=args.constrain,
                                      restarts=args.restarts, restart_entropy=args.restart_entropy,
-                                     max_steps=args.max_steps)
+                                     max_steps=args.max_steps, restart_after=args.restart_after)
             yield from (a for a, _ in found)
             return
         from dgemma.sudoku.view import solve_live
 
-        extra = solve_options(args.restarts, args.restart_entropy, args.max_steps)
+        extra = solve_options(args.restarts, args.restart_entropy, args.max_steps, args.restart_after)
         for b in boards:
             yield solve_live(engine, b, {**SOLVE_DEFAULTS, "seed": args.seed, **extra},
                              constraint=clue_constraint(engine, b, cells) if cells else None)

@@ -17,7 +17,7 @@ SOLVE_DEFAULTS = {"max_new_tokens": task.CANVAS, "max_denoising_steps": 32, "t_m
                   # (benchmarks/sudoku_restart_study.py). The count: the most that a 1,000-puzzle evaluation
                   # could afford; hard validation boards solved 39% / 50% / 64% / 72.5% at 7 / 15 / 31 / 63
                   # restarts (docs/TRAINING.md). Boards solved on the first attempt cost no more.
-                  "restarts": 63, "restart_entropy": 1e-12, "seed": 0}
+                  "restarts": 63, "restart_entropy": 1e-12, "restart_after": None, "seed": 0}
 
 
 CONSTRAIN_ERROR = ("--constrain needs a model that writes a board as one token per cell and the digits 1-9 as "
@@ -79,7 +79,7 @@ def clue_constraint(engine, board: sb.Board, cells: CellTokens | None = None):
 
 def solve_boards(engine, boards: list[sb.Board], batch: int = 32, tick=None, seed: int = SOLVE_DEFAULTS["seed"],
                  constrain: bool = False, restarts: int | None = None, restart_entropy: float | None = None,
-                 max_steps: int | None = None):
+                 max_steps: int | None = None, restart_after: int | None = None):
     """Diffusion answers for ``boards``: ``[(answer board, steps)]``; ``tick(n)`` after each batch.
 
     Reproducible for a given ``seed`` (each row of a batch equals its solo run). ``constrain``: each board
@@ -87,9 +87,10 @@ def solve_boards(engine, boards: list[sb.Board], batch: int = 32, tick=None, see
     ``restarts`` and ``restart_entropy`` (default: the solve defaults'): boards that do not settle within the
     step cap, or settle with a mean entropy at or above ``restart_entropy``, are denoised again from noise, up
     to ``restarts`` times, and the most confident attempt is kept (``SamplingParams.restarts``).
-    ``max_steps``: the step cap of each attempt (default: the solve defaults'; the temperature falls over it).
+    ``max_steps``: the step cap of each attempt (default: the solve defaults'; the temperature falls over it);
+    ``restart_after``: the steps after which an unsettled attempt is given up while a restart remains.
     """
-    extra = solve_options(restarts, restart_entropy, max_steps)
+    extra = solve_options(restarts, restart_entropy, max_steps, restart_after)
     cells = CellTokens(engine) if constrain else None
     out = []
     for i in range(0, len(boards), batch):
@@ -123,7 +124,8 @@ def ar_boards(engine, boards: list[sb.Board], batch: int = 32, tick=None, temper
 
 
 def solve_options(restarts: int | None = None, restart_entropy: float | None = None,
-                  max_steps: int | None = None) -> dict:
+                  max_steps: int | None = None, restart_after: int | None = None) -> dict:
     """Sampling overrides of the solve defaults (None: keep the default's)."""
-    named = {"restarts": restarts, "restart_entropy": restart_entropy, "max_denoising_steps": max_steps}
+    named = {"restarts": restarts, "restart_entropy": restart_entropy, "max_denoising_steps": max_steps,
+             "restart_after": restart_after}
     return {k: v for k, v in named.items() if v is not None}
