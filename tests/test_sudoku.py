@@ -173,7 +173,7 @@ def test_eval_reports_both_decoders(trained):
     from dgemma.sudoku.solve import SOLVE_DEFAULTS
 
     proc = _cli("eval", "--model", str(trained), "-n", "3", "--buckets", "medium", "--json", "--constrain",
-                "--restarts", "0", "--max-steps", "4")  # a short cap: the untrained model would run 64 x 32 steps
+                "--restarts", "0", "--max-steps", "4")  # a short cap: the untrained model would run 128 x 16 steps
     assert proc.returncode == 0, proc.stderr[-2000:]
     row = json.loads(proc.stdout)["medium"]
     assert row["diffusion-constrained"]["clue_preservation"] == 1.0  # even the untrained model keeps them
