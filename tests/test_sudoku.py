@@ -196,8 +196,7 @@ def test_eval_reports_both_decoders(trained):
     for r in row.values():  # one puzzle per batch: each puzzle's own wall time, their median and 90th percentile
         assert 0 < r["median_seconds"] <= r["p90_seconds"] <= 2 * r["seconds_per_puzzle"]
     assert "median_seconds" not in json.loads(proc.stdout)["medium"]["diffusion"]  # batch 32: no per-puzzle times
-    # the untrained model never settles: every attempt but the last is given up after 2 steps, the last runs
-    # to the cap (the defaults' attempts, or 1 + 1)
+    # never settles: each attempt but the last (of the defaults' or 1 + 1) is given up after 2 steps
     assert row["diffusion"]["mean_steps"] == (attempts - 1) * 2 + 3
     assert row["diffusion-restarts1-below1e-30"]["mean_steps"] == 2 + 3
 

@@ -120,10 +120,9 @@ def add_parsers(sub) -> None:
     e.add_argument("--no-diffusion", dest="diffusion", action="store_false",
                    help="skip the diffusion row (for a model trained with `sudoku train --objective ar`)")
     e.add_argument("--constrain", "--pin", dest="constrain", action="store_true",
-                   help="also decode under the clue constraint, side by side, row 'diffusion-constrained': clue "
-                        "cells held at their digit, blanks limited to the digits 1-9, <eos> after the 81 cells, "
-                        "on every step of every restart; the solve defaults otherwise (--pin is an alias; "
-                        "default: off)")
+                   help="also decode under the clue constraint, side by side, row 'diffusion-constrained': clue cells "
+                        "held at their digit, blanks limited to the digits 1-9, <eos> after the 81 cells, on every "
+                        "step of every restart; the solve defaults otherwise (--pin is an alias; default: off)")
     e.add_argument("--restarts", type=int, metavar="N",
                    help="also score diffusion with up to N restarts of boards that do not settle (or are not "
                         "sure enough, see --restart-entropy), side by side with the solve defaults; N = 0 is "
@@ -140,23 +139,21 @@ def add_parsers(sub) -> None:
                             "column or box rule and keeps every clue); 1 when any is not (each is named on "
                             "stderr; stdout still has one answer per puzzle); 2 on a usage mistake.")
     v.add_argument("inputs", nargs="*", metavar="PUZZLE|FILE",
-                   help="an 81-character puzzle (0 or . for a blank), or a file of them, one per line "
-                        "('-' or none: stdin)")
+                   help="an 81-character puzzle (0 or . for a blank), or a file of them, one per line ('-' or none: "
+                        "stdin)")
     options.add_model_options(v)
     v.add_argument("--batch", type=int, default=32, help="puzzles decoded together (default %(default)s)")
     v.add_argument("--show", action="store_true", help="draw each board live as it is denoised (on stderr)")
     v.add_argument("--seed", type=int, default=SOLVE_DEFAULTS["seed"], help="sampling seed (default 0)")
     v.add_argument("--constrain", "--pin", dest="constrain", action="store_true",
                    help="decode under the clue constraint: clue cells held at their digit, blanks limited to the "
-                        "digits 1-9, <eos> after the 81 cells, on every step of every restart (--pin is an "
-                        "alias; default: off, the canvas is free)")
-    v.add_argument("--restarts", type=int, metavar="N",
-                   help="denoise a board that does not settle within the step cap again, up to N times "
-                        f"(default {SOLVE_DEFAULTS['restarts']})")
+                        "digits 1-9, <eos> after the 81 cells, on every step of every restart (--pin is an alias; "
+                        "default: off, the canvas is free)")
+    v.add_argument("--restarts", type=int, metavar="N", help="denoise a board that does not settle within the "
+                   f"step cap again, up to N times (default {SOLVE_DEFAULTS['restarts']})")
     _add_attempt_options(v)
-    v.add_argument("--restart-entropy", type=float, metavar="H",
-                   help="also restart a board that settles with a mean entropy of H or more "
-                        f"(default {SOLVE_DEFAULTS['restart_entropy']})")
+    v.add_argument("--restart-entropy", type=float, metavar="H", help="also restart a board that settles with a "
+                   f"mean entropy of H or more (default {SOLVE_DEFAULTS['restart_entropy']})")
 
 
 def _add_attempt_options(p) -> None:
@@ -165,8 +162,8 @@ def _add_attempt_options(p) -> None:
                    help="denoising steps at most per attempt; the temperature falls from t_max to t_min over "
                         f"them (default {SOLVE_DEFAULTS['max_denoising_steps']})")
     p.add_argument("--restart-after", type=int, metavar="N",
-                   help="give up an attempt that has not settled after N steps while a restart remains; the "
-                        f"temperature still falls over --max-steps (default {SOLVE_DEFAULTS['restart_after']})")
+                   help="give up an unsettled attempt after N steps while a restart remains; the temperature still "
+                        f"falls over --max-steps (default {SOLVE_DEFAULTS['restart_after'] or 'none'})")
 
 
 def run(parser, args) -> int:
@@ -333,19 +330,17 @@ def _eval(args) -> int:
     for name in buckets:
         pairs = bucket_pairs(name, args.skip + args.n, args.seed)[args.skip:]
         boards = [p for p, _ in pairs]
-        cap, after = args.max_steps, args.restart_after
-        modes = {"diffusion": lambda tick: solve_boards(engine, boards, args.batch, tick, max_steps=cap,
-                                                        restart_after=after)
+        shape = {"max_steps": args.max_steps, "restart_after": args.restart_after}  # every diffusion row's
+        modes = {"diffusion": lambda tick: solve_boards(engine, boards, args.batch, tick, **shape)
                  } if args.diffusion else {}
         if args.restarts is not None or args.restart_entropy is not None:
             n = SOLVE_DEFAULTS["restarts"] if args.restarts is None else args.restarts
             h = SOLVE_DEFAULTS["restart_entropy"] if args.restart_entropy is None else args.restart_entropy
             name_h = f"-below{h:g}" if h is not None else ""
             modes[f"diffusion-restarts{n}{name_h}" if n else SPEC_SAMPLER] = lambda tick: solve_boards(
-                engine, boards, args.batch, tick, restarts=n, restart_entropy=h, max_steps=cap, restart_after=after)
+                engine, boards, args.batch, tick, restarts=n, restart_entropy=h, **shape)
         if args.constrain:
-            modes[CONSTRAINED] = lambda tick: solve_boards(engine, boards, args.batch, tick, constrain=True,
-                                                           max_steps=cap, restart_after=after)
+            modes[CONSTRAINED] = lambda tick: solve_boards(engine, boards, args.batch, tick, constrain=True, **shape)
         if args.ar:
             modes["autoregressive"] = lambda tick: [(a, None) for a in ar_boards(engine, boards, args.batch, tick)]
             for t in args.ar_temperature:
