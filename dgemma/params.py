@@ -4,7 +4,8 @@ Defaults are the spec's (section 2.4); :func:`SamplingParams.from_generation_con
 values, where ``null`` or absent fields keep the defaults. Unlike the reference, ``t_max == t_min`` (a
 constant temperature) is allowed and ``confidence_threshold=0`` means "never stop early" (a fixed step
 count). Every really invalid value raises ``ValueError`` naming the field. On disk, what transformers does
-not accept (``restarts``, ``restart_entropy``, ``restart_after``, such values) sits in dgemma_generation.json (``dgemma.genconfig``).
+not accept (``restarts``, ``restart_entropy``, ``restart_after``, such values) sits in dgemma_generation.json
+(``dgemma.genconfig``).
 """
 
 from __future__ import annotations
