@@ -13,8 +13,10 @@ A :class:`CanvasConstraint` gives, for each canvas (and each restart of it), a :
 The core calls ``start(canvas, attempt)`` when a denoising of a canvas begins and ``update(canvas, attempt,
 step, draft)`` after each of its steps; a rule that ``update`` returns holds from the next step on (what a
 grammar needs). ``finish(canvas, tokens)`` turns the kept attempt's tokens into the canvas's output (a
-grammar cuts each value at the terminator the model placed, as EOS cuts an answer). Re-noised positions take uniform noise over the whole vocabulary (the model's input noise),
-whatever their set: only what the sampler draws and the draft are constrained. ``EngineCore.add`` checks
+grammar cuts each value at the terminator the model placed, as EOS cuts an answer). With
+``parallel_attempts`` above 1 the calls of several attempts of a canvas interleave: a constraint that keeps
+state between them keeps it per attempt. Re-noised positions take uniform noise over the whole vocabulary
+(the model's input noise), whatever their set: only what the sampler draws and the draft are constrained. ``EngineCore.add`` checks
 what it can (``validate``: static rules); a rule that ``start`` or ``update`` returns later is checked when
 it arrives, and a bad one raises ValueError from ``EngineCore.step``, as any failing step does.
 
@@ -172,32 +174,34 @@ def merge(a: CanvasRule | None, b: CanvasRule | None) -> CanvasRule | None:
 
 class Combined(CanvasConstraint):
     """Several constraints at once (later ones win on fixed and initial tokens; sets intersect). It keeps
-    its parts' current rules: one object per request."""
+    its parts' current rules for each attempt of the canvas in progress: one object per request."""
 
     def __init__(self, *parts: CanvasConstraint):
         self.parts = [p for p in parts if p is not None]
-        self.current: list[CanvasRule | None] = [None] * len(self.parts)
+        self.current: dict[int, list[CanvasRule | None]] = {}  # attempt -> each part's rule
 
     def start(self, canvas: int, attempt: int) -> CanvasRule | None:
-        self.current = [p.start(canvas, attempt) for p in self.parts]
-        return self._merged()
+        if attempt == 0:  # a new canvas: the previous one's attempts are over
+            self.current = {}
+        self.current[attempt] = [p.start(canvas, attempt) for p in self.parts]
+        return self._merged(attempt)
 
     def update(self, canvas: int, attempt: int, step: int, draft: torch.Tensor) -> CanvasRule | None:
         changed = False
         for i, p in enumerate(self.parts):
             new = p.update(canvas, attempt, step, draft)
             if new is not None:
-                self.current[i], changed = new, True
-        return self._merged() if changed else None
+                self.current[attempt][i], changed = new, True
+        return self._merged(attempt) if changed else None
 
     def finish(self, canvas: int, tokens: torch.Tensor) -> torch.Tensor:
         for p in self.parts:
             tokens = p.finish(canvas, tokens)
         return tokens
 
-    def _merged(self) -> CanvasRule | None:
+    def _merged(self, attempt: int) -> CanvasRule | None:
         out = None
-        for rule in self.current:
+        for rule in self.current[attempt]:
             out = merge(out, rule)
         return out
 

@@ -7,8 +7,9 @@ dgemma writes holds its sampling defaults in two files:
 
 * ``generation_config.json``: only keys and values that class accepts, the entropy bound as ``sampler_config``;
 * ``dgemma_generation.json`` (:data:`DGEMMA_FILE`): the rest, which transformers never reads: ``restarts``,
-  ``restart_entropy``, ``restart_after``, ``seed``, any other key transformers does not know, and values it
-  would refuse (then a temperature pair goes here whole, and transformers samples with its own defaults for it).
+  ``restart_entropy``, ``restart_after``, ``parallel_attempts``, ``seed``, any other key transformers does not
+  know, and values it would refuse (then a temperature pair goes here whole, and transformers samples with its
+  own defaults for it).
 
 In memory dgemma keeps one flat dict, the *merged view* (:func:`merge`): generation_config.json with the
 entropy bound flat and dgemma_generation.json laid over it; :func:`split` turns it back into the two files.

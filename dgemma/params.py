@@ -4,8 +4,8 @@ Defaults are the spec's (section 2.4); :func:`SamplingParams.from_generation_con
 values, where ``null`` or absent fields keep the defaults. Unlike the reference, ``t_max == t_min`` (a
 constant temperature) is allowed and ``confidence_threshold=0`` means "never stop early" (a fixed step
 count). Every really invalid value raises ``ValueError`` naming the field. On disk, what transformers does
-not accept (``restarts``, ``restart_entropy``, ``restart_after``, such values) sits in dgemma_generation.json
-(``dgemma.genconfig``).
+not accept (``restarts``, ``restart_entropy``, ``restart_after``, ``parallel_attempts``, such values) sits in
+dgemma_generation.json (``dgemma.genconfig``).
 """
 
 from __future__ import annotations
@@ -27,6 +27,9 @@ def _is_num(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+MAX_PARALLEL_ATTEMPTS = 64  # rows one request may add to a decoder pass
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_new_tokens: int = 256
@@ -46,6 +49,10 @@ class SamplingParams:
     # competes as the most confident); the temperature schedule still runs over `max_denoising_steps`, so a
     # failing attempt costs fewer steps without cooling faster. None: every attempt may run to the cap.
     restart_after: int | None = None
+    # How many attempts of a canvas run at once, as rows of the same decoder pass reading the request's one
+    # KV slot (at most 1 + restarts). The first that qualifies ends the canvas, so with restarts the answer
+    # comes after fewer passes, each with more rows. 1: one attempt after another.
+    parallel_attempts: int = 1
     eos_token_id: tuple[int, ...] | None = None  # None: the model's; () disables EOS stopping
     pad_token_id: int | None = None
     seed: int | None = None
@@ -72,6 +79,8 @@ class SamplingParams:
             "restart_entropy": self.restart_entropy is None or (_is_num(self.restart_entropy)
                                                                 and self.restart_entropy > 0),
             "restart_after": self.restart_after is None or (_is_int(self.restart_after) and self.restart_after > 0),
+            "parallel_attempts": _is_int(self.parallel_attempts)
+            and 1 <= self.parallel_attempts <= MAX_PARALLEL_ATTEMPTS,
             "eos_token_id": eos is None or (isinstance(eos, tuple) and all(_is_int(e) and e >= 0 for e in eos)),
             "pad_token_id": self.pad_token_id is None or (_is_int(self.pad_token_id) and self.pad_token_id >= 0),
             "seed": self.seed is None or _is_int(self.seed),
@@ -120,6 +129,7 @@ _RULES = {
     "restarts": "an integer >= 0",
     "restart_entropy": "a number > 0, or None for the stopping rule alone",
     "restart_after": "an integer > 0, or None to let every attempt run to max_denoising_steps",
+    "parallel_attempts": f"an integer from 1 to {MAX_PARALLEL_ATTEMPTS}",
     "eos_token_id": "a token id or a list of token ids",
     "pad_token_id": "a token id or None",
     "seed": "an integer or None",

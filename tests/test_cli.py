@@ -250,6 +250,17 @@ def test_canvas_state_starts_a_restarted_attempt_afresh():
     assert state.attempt == 0 and state.steps_per_canvas == [3]
 
 
+def test_canvas_state_follows_one_attempt_of_a_pass_with_parallel_attempts():
+    state = CanvasState(max_steps=4)
+    state.update(StepUpdate(0, 1, [5, 6], 1, 0.5, [True, False], attempt=0))
+    state.update(StepUpdate(0, 1, [7, 7], 2, 0.1, [True, True], attempt=1))  # the other row of the same pass
+    assert (state.draft, state.attempt) == ([5, 6], 0)
+    state.update(StepUpdate(0, 2, [5, 8], 2, 0.2, [True, True], attempt=0))
+    assert state.fresh == [False, True] and state.draft == [5, 8]
+    state.update(StepUpdate(0, 3, [1, 2], 1, 0.9, [True, False], attempt=2))  # its lane's next attempt
+    assert (state.draft, state.attempt, state.fresh) == ([1, 2], 2, [True, False])
+
+
 def test_notebook_view_updates_one_display_per_event(monkeypatch):
     from dgemma.view import notebook
 

@@ -14,7 +14,7 @@ SPEC_DEFAULTS = {"max_new_tokens": 256, "max_denoising_steps": 48, "entropy_boun
                  "t_min": 0.4, "stability_threshold": 1, "confidence_threshold": 0.005, "eos_token_id": None,
                  "pad_token_id": None, "seed": None, "initial_canvas": None,
                  "pinned_canvas": None, "restarts": 0,  # restarts: not in the spec; 0 is its behaviour
-                 "restart_entropy": None, "restart_after": None}
+                 "restart_entropy": None, "restart_after": None, "parallel_attempts": 1}
 
 INVALID = [
     ("max_new_tokens", 0), ("max_new_tokens", -1), ("max_new_tokens", 1.5), ("max_new_tokens", True),
@@ -30,7 +30,8 @@ INVALID = [
     ("restart_entropy", 0), ("restart_entropy", -1e-3), ("restart_entropy", math.nan),
     ("restart_entropy", math.inf), ("restart_entropy", "1e-12"), ("restart_entropy", True),
     ("restart_after", 0), ("restart_after", -2), ("restart_after", 1.5), ("restart_after", True),
-    ("restart_after", "16"),
+    ("restart_after", "16"), ("parallel_attempts", 0), ("parallel_attempts", 65), ("parallel_attempts", None),
+    ("parallel_attempts", 2.0), ("parallel_attempts", True),
     ("confidence_threshold", -0.1), ("confidence_threshold", math.nan), ("confidence_threshold", math.inf),
     ("eos_token_id", "x"), ("eos_token_id", [-1]), ("eos_token_id", -1), ("eos_token_id", [1, "2"]),
     ("eos_token_id", [1.0]), ("eos_token_id", True), ("eos_token_id", [True]),

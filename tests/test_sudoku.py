@@ -184,13 +184,15 @@ def test_eval_reports_both_decoders(trained):
     assert row["spec-sampler"]["mean_steps"] >= 1
     # The solve defaults restart unsure boards, and every attempt's steps count.
     assert row["diffusion"]["mean_steps"] >= row["spec-sampler"]["mean_steps"]
-    # the untrained model never settles: every attempt runs to the cap (1 attempt, or 1 + the defaults' restarts)
-    attempts = 1 + SOLVE_DEFAULTS["restarts"]
-    assert row["spec-sampler"]["mean_steps"] == 4 and row["diffusion"]["mean_steps"] == attempts * 4
+    # the untrained model never settles: every attempt runs to the cap (1 attempt, or 1 + the defaults' restarts,
+    # the defaults' parallel_attempts at a time: the steps are decoder passes)
+    attempts, lanes = 1 + SOLVE_DEFAULTS["restarts"], SOLVE_DEFAULTS["parallel_attempts"]
+    assert attempts % lanes == 0 and lanes > 1
+    assert row["spec-sampler"]["mean_steps"] == 4 and row["diffusion"]["mean_steps"] == attempts // lanes * 4
     assert "medium: generating 3 puzzles" in proc.stderr  # said before the slow part starts
     one = _cli("eval", "--model", str(trained), "-n", "2", "--skip", "1", "--buckets", "medium", "--json", "--no-ar",
                "--restarts", "1", "--restart-entropy", "1e-30", "--batch", "1", "--max-steps", "3",
-               "--restart-after", "2")
+               "--restart-after", "2", "--parallel-attempts", "1")
     row = json.loads(one.stdout)["medium"]
     assert row["diffusion-restarts1-below1e-30"]["puzzles"] == 2  # puzzles 2 and 3
     for r in row.values():  # one puzzle per batch: each puzzle's own wall time, their median and 90th percentile
@@ -204,7 +206,7 @@ def test_eval_reports_both_decoders(trained):
 def test_bad_eval_options_are_one_line(trained, capsys):
     for bad, word in ((["--restart-entropy", "0"], "restart"), (["--restarts", "-1"], "restart"),
                       (["--max-steps", "0"], "--max-steps must be a positive integer"),
-                      (["--restart-after", "0"], "restart_after")):
+                      (["--restart-after", "0"], "restart_after"), (["--parallel-attempts", "0"], "parallel_attempts")):
         # checked before the model loads or a puzzle is drawn
         rc, _, err = run_main(capsys, "sudoku", "eval", "--model", str(trained), "-n", "1", *bad)
         assert rc == 2 and word in err and "Traceback" not in err and len(err.splitlines()) == 1
@@ -218,11 +220,15 @@ def test_solve_show_draws_boards_and_gives_the_same_answers(trained, tmp_path):
     assert shown.returncode == plain.returncode == 1  # the untrained model's answer is no solution
     assert shown.stdout == plain.stdout and len(plain.stdout.split()) == 1  # stdout: one answer per line
     assert "------+-------+------" in shown.stderr
-    # the untrained model never settles: 2 attempts of 5 steps; the status line ends with a newline even
-    # when stderr is not a terminal, so `2>&1` keeps the answer on a line of its own
+    # the untrained model never settles: 2 attempts of 5 steps, side by side (the defaults' 2 parallel attempts)
+    # or one after the other; the status line ends with a newline even when stderr is not a terminal, so
+    # `2>&1` keeps the answer on a line of its own
     merged = _cli("solve", str(tmp_path / "in.txt"), "--model", str(trained), "--show", *once, merged=True)
     lines = merged.stdout.splitlines()
-    assert "done: 10 steps" in lines and plain.stdout.strip() in lines
+    assert "done: 5 steps" in lines and plain.stdout.strip() in lines
+    one = _cli("solve", str(tmp_path / "in.txt"), "--model", str(trained), "--show", *once, "--parallel-attempts",
+               "1", merged=True)
+    assert "done: 10 steps" in one.stdout.splitlines()
     # --pin, the old name of --constrain: the untrained model's answer keeps every clue and fills every blank
     pinned = _cli("solve", str(tmp_path / "in.txt"), "--model", str(trained), "--show", "--pin", *once)
     answer = sb.parse(pinned.stdout.strip())
@@ -244,66 +250,6 @@ def test_render_marks_clues_and_changes():
     assert {s.start: str(s.style) for s in again.spans}[0] == "cyan"  # unchanged since the previous step
 
 
-def test_default_model_is_the_embedded_checkpoint_or_a_clear_error(tmp_path, monkeypatch):
-    import dgemma.embedded as emb
-    from dgemma.errors import LoadError
-
-    monkeypatch.setattr(emb, "SUDOKU", tmp_path / "none")
-    with pytest.raises(LoadError, match="--model"):
-        emb.default_model()
-    (tmp_path / "ship").mkdir()
-    (tmp_path / "ship" / "config.json").write_text("{}")
-    monkeypatch.setattr(emb, "SUDOKU", tmp_path / "ship")
-    assert emb.default_model() == tmp_path / "ship"
-
-
-def test_embedded_generation_config_holds_the_solve_defaults():
-    """`dgemma generate` on the embedded model samples as `dgemma sudoku solve` does (restarts included)."""
-    from dgemma.embedded import default_model
-    from dgemma.loading import read_generation_config
-    from dgemma.params import SamplingParams
-    from dgemma.sudoku.solve import SOLVE_DEFAULTS
-
-    gen = read_generation_config(default_model())  # generation_config.json + dgemma_generation.json
-    params = SamplingParams.from_generation_config(gen)  # (takes no seed from a file: a seed is per call)
-    assert {k: getattr(params, k) for k in SOLVE_DEFAULTS if k != "seed"} == \
-        {k: v for k, v in SOLVE_DEFAULTS.items() if k != "seed"}
-    assert gen["seed"] == SOLVE_DEFAULTS["seed"]
-
-
-EMBEDDED_MIN_EXACT = 20  # of 24; measured 24 in fp32 on the CPU with the solve defaults (20 with no
-# restarts); bf16 hardware computes in bf16
-
-
-def test_embedded_model_solves_fixed_puzzles():
-    """The model that ships in the package loads offline and solves most of a fixed set of 36-46-clue
-    puzzles (its 1,000-puzzle figures are in its card), never changing a clue."""
-    import dgemma
-    from dgemma.embedded import default_model
-    from dgemma.sudoku.solve import solve_boards
-
-    engine = dgemma.load(default_model())
-    pairs = list(task.puzzles(24, sb.BUCKETS["unsloth"], seed=2024))
-    answers = solve_boards(engine, [p for p, _ in pairs])
-    exact = sum(a == s for (_, s), (a, _) in zip(pairs, answers))
-    assert exact >= EMBEDDED_MIN_EXACT, exact
-    assert all(a[i] == p[i] for (p, _), (a, _) in zip(pairs, answers) for i in range(81) if p[i])
-    held = solve_boards(engine, [p for p, _ in pairs[:8]], constrain=True)  # clues held by the constraint
-    assert all(a[i] == p[i] for (p, _), (a, _) in zip(pairs, held) for i in range(81) if p[i])
-    assert sum(a == s for (_, s), (a, _) in zip(pairs, held)) >= 6
-
-
-def test_commands_use_the_embedded_model_without_model_option():
-    puzzle = sb.format_board(next(iter(task.puzzles(1, (44, 44), seed=5)))[0])
-    solved = _cli("solve", "-", stdin=puzzle + "\n")
-    assert solved.returncode == 0, solved.stderr
-    answer = sb.parse(solved.stdout.strip())
-    assert sb.is_solution(answer, sb.parse(puzzle))  # a 44-clue puzzle: the embedded model solves it
-    gen = subprocess.run([sys.executable, "-m", "dgemma", "generate", puzzle], capture_output=True, text=True,
-                         cwd=ROOT, timeout=300)
-    assert gen.returncode == 0 and len(gen.stdout.strip()) == 81 and gen.stdout.strip().isdigit()
-
-
 def test_problems_name_the_broken_rules():
     p, s = sb.parse(PUZZLE), sb.parse(SOLUTION)
     assert sb.problems(s, p) == [] and sb.problems(s) == []
@@ -319,7 +265,7 @@ def test_problems_name_the_broken_rules():
 
 
 def test_eval_buckets_share_no_puzzle_and_no_solution_grid():
-    from dgemma.sudoku.cli import EVAL_SEED
+    from dgemma.sudoku.parsers import EVAL_SEED
 
     names = ("unsloth", "medium", "hard")
     drawn = {b: list(task.bucket_puzzles(12, b, EVAL_SEED)) for b in names}
@@ -361,7 +307,8 @@ def test_eval_help_explains_every_option_and_its_default():
         elif line.strip():
             blocks[name] += " " + line.strip()
     for option in ("-n", "--buckets", "--seed", "--skip", "--batch", "--no-ar", "--constrain", "--restarts",
-                   "--restart-entropy", "--restart-after", "--json", "--model", "--device", "--dtype"):
+                   "--restart-entropy", "--restart-after", "--parallel-attempts", "--json", "--model", "--device",
+                   "--dtype"):
         assert "default" in blocks[option], blocks[option]
     assert "--constrain, --pin" in text and "diffusion-constrained" in blocks["--constrain"].replace("- ", "-")
     assert "(default 1000)" in blocks["-n"] and "spec-sampler" in blocks["--restarts"].replace("- ", "-")

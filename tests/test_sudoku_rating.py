@@ -261,7 +261,7 @@ def test_generated_puzzles_are_unique_symmetric_minimal_and_rated():
 
 def test_rated_eval_buckets_have_their_own_seeds():
     from dgemma.sudoku import cli
-    from dgemma.sudoku.cli import EVAL_SEED
+    from dgemma.sudoku.parsers import EVAL_SEED
 
     offsets = list(buckets.RATING_SEED_OFFSETS.values())
     assert len(set(offsets)) == len(offsets) and not set(offsets) & set(task.BUCKET_SEED_OFFSETS.values())

@@ -18,7 +18,7 @@ from dgemma.errors import DgemmaError
 SAMPLING_OPTIONS = (("max_new_tokens", int), ("max_denoising_steps", int), ("entropy_bound", float),
                     ("t_max", float), ("t_min", float), ("stability_threshold", int),
                     ("confidence_threshold", float), ("restarts", int), ("restart_entropy", float),
-                    ("restart_after", int), ("seed", int))
+                    ("restart_after", int), ("parallel_attempts", int), ("seed", int))
 THREADS_ENV = "DGEMMA_THREADS"
 ONE_THREAD_BELOW = 100_000_000  # parameters
 

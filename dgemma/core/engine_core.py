@@ -5,10 +5,13 @@
 1. admit waiting requests into free KV slots (the prefix cache may already hold part of a prompt);
 2. encoder: commits of finished canvases (one batched call) and prompt chunks (one right-padded call),
    under the scheduler's token budget; a request whose prompt is now encoded starts its first canvas;
-3. decoder: one pass over every request that is denoising, whatever its canvas, attempt or step, then one
-   sampler step (``dgemma.sampler.step``: each row at its own temperature, with its own entropy bound
-   and its canvas constraint's rule: fixed tokens, allowed sets), then each constraint's update hook;
-4. bookkeeping: stopping rule, restarts, the canvas's output cut at EOS / ``max_new_tokens``, retirement.
+3. decoder: one pass over every attempt in progress of every request that is denoising (a request runs up
+   to ``parallel_attempts`` attempts of its canvas at once, rows reading its one KV slot), whatever its
+   canvas, attempt or step, then one sampler step (``dgemma.sampler.step``: each row at its own
+   temperature, with its own entropy bound and its canvas constraint's rule: fixed tokens, allowed sets),
+   then each constraint's update hook;
+4. bookkeeping: stopping rule, restarts (the first attempt that qualifies ends the canvas), the canvas's
+   output cut at EOS / ``max_new_tokens``, retirement.
 
 Rows of one pass are equal to the same request run alone up to float rounding (padding changes matmul
 shapes), and draw the same random numbers (each request has its own generator), so a request's tokens do
@@ -31,7 +34,8 @@ import torch
 from dgemma import constraints, sampler
 from dgemma.constraints import CanvasConstraint, CanvasRule
 from dgemma.core.pool import SlotPool, available_memory, token_bytes
-from dgemma.core.request import (ABORTED, COMMIT, DENOISE, FINISHED, Attempt, CanvasEvent, Request, StepEvent)
+from dgemma.core.request import (ABORTED, COMMIT, DENOISE, FINISHED, Attempt, CanvasEvent, Lane, Request,
+                                 StepEvent)
 from dgemma.core.scheduler import Scheduler
 from dgemma.params import SamplingParams
 
@@ -45,10 +49,10 @@ class CoreStats:
 
     prefix_hit_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
     encoded_tokens: int = 0  # tokens through the encoder (prompts and commits)
-    denoise_steps: int = 0  # row-steps (one request, one step)
+    denoise_steps: int = 0  # row-steps (one attempt of one request, one step)
     decoder_passes: int = 0
     generated_tokens: int = 0
-    last_rows: int = 0  # rows of the last decoder pass (0: the last step had none)
+    last_rows: int = 0  # rows (attempts) of the last decoder pass (0: the last step had none)
 
 
 class EngineCore:
@@ -188,10 +192,10 @@ class EngineCore:
                 r.encoded += n
                 if r.encoded == len(r.prompt_ids):
                     self._start_canvas(r)
-        rows = self.scheduler.denoising()
-        self.stats.last_rows = len(rows)
-        if rows:
-            self._denoise(rows, events)
+        denoising = self.scheduler.denoising()
+        self.stats.last_rows = 0
+        if denoising:
+            self._denoise(denoising, events)
         return events
 
     def _encode(self, items: list[tuple[Request, list[int]]]) -> None:
@@ -214,19 +218,26 @@ class EngineCore:
                 self.stats.encoded_tokens += len(ids)
 
     def _start_canvas(self, req: Request) -> None:
-        """A fresh denoising of the request's current canvas (a new canvas, or a restart of this one)."""
+        """The denoising of the request's current canvas: its first ``parallel_attempts`` attempts (no more than
+        ``1 + restarts``), each from fresh noise."""
+        p = req.params
+        req.lanes, req.attempts, req.best = [], 0, None
+        req.result.steps.append(0)
+        req.status = DENOISE
+        for _ in range(min(p.parallel_attempts, p.restarts + 1)):
+            req.lanes.append(self._new_lane(req))
+
+    def _new_lane(self, req: Request) -> Lane:
+        """The next attempt at the request's current canvas: its rule and starting tokens (drawn from
+        ``req.gen`` unless the rule gives them)."""
         c, vocab = self.cfg.canvas_length, self.cfg.vocab_size
-        rule = req.rule = None if req.constraint is None else self._rule(req.constraint.start(req.canvas, req.attempt))
+        attempt, req.attempts = req.attempts, req.attempts + 1
+        rule = None if req.constraint is None else self._rule(req.constraint.start(req.canvas, attempt))
         start = rule.initial if rule is not None else None
         x = start.clone() if start is not None else torch.randint(0, vocab, (c,), generator=req.gen)  # [C]
         if rule is not None and rule.fixed is not None:
             x = torch.where(rule.fixed >= 0, rule.fixed, x)
-        req.x, req.soft, req.history, req.last = x, None, [], None
-        req.step_index = req.params.max_denoising_steps
-        req.status = DENOISE
-        if req.attempt == 0:
-            req.result.steps.append(0)
-            req.best = None
+        return Lane(attempt, x, rule, req.params.max_denoising_steps)
 
     def _rule(self, rule: CanvasRule | None) -> CanvasRule | None:
         """A constraint's rule checked (ValueError) and resolved, its sets' table on the model's device."""
@@ -247,65 +258,94 @@ class EngineCore:
             raise ValueError(f"constraint.finish must return {c} token ids in [0, {vocab})")
         return out.long().to(tokens.device)
 
-    def _denoise(self, rows: list[Request], events: list) -> None:
-        """One decoder pass and one sampler step for ``rows``, then each row's stopping rule."""
+    def _denoise(self, reqs: list[Request], events: list) -> None:
+        """One decoder pass and one sampler step for every lane of ``reqs`` (each lane a row reading its
+        request's KV slot), then each lane's stopping rule."""
         c, d, vocab, device = self.cfg.canvas_length, self.cfg.hidden_size, self.cfg.vocab_size, self.model.device
-        x = torch.stack([r.x for r in rows]).to(device)  # [n, C]
+        rows = [(r, lane) for r in reqs for lane in r.lanes]
+        x = torch.stack([lane.x for _, lane in rows]).to(device)  # [n, C]
         soft = None
-        if any(r.soft is not None for r in rows):  # a zero input is exactly the no-input pass
+        if any(lane.soft is not None for _, lane in rows):  # a zero input is exactly the no-input pass
             zero = torch.zeros(c, d, dtype=self.model.dtype, device=device)
-            soft = torch.stack([r.soft if r.soft is not None else zero for r in rows])  # [n, C, d]
-        h = self.model.decode_hidden(x, self.pool.rows([r.slot for r in rows]), soft)  # [n, C, d]
+            soft = torch.stack([lane.soft if lane.soft is not None else zero for _, lane in rows])  # [n, C, d]
+        h = self.model.decode_hidden(x, self.pool.rows([r.slot for r, _ in rows]), soft)  # [n, C, d]
         u, noise = [], []
-        for r in rows:  # each request's own draws: its uniforms, then its re-noise tokens
+        for r, _ in rows:  # each request's own draws, lane by lane: its uniforms, then its re-noise tokens
             u.append(torch.rand(c, generator=r.gen))
             noise.append(torch.randint(0, vocab, (c,), generator=r.gen))
-        mask = constraints.stack([r.rule for r in rows], c)  # fixed [n, C], allowed sets; None: all free
-        out = sampler.step(self.model, h, [r.params.temperature(r.step_index) for r in rows],
-                           [r.params.entropy_bound for r in rows], torch.stack(u), torch.stack(noise), mask,
-                           soft=any(r.step_index > 1 for r in rows), fused=self.fused)
+        mask = constraints.stack([lane.rule for _, lane in rows], c)  # fixed [n, C], allowed sets; None: all free
+        out = sampler.step(self.model, h, [r.params.temperature(lane.step_index) for r, lane in rows],
+                           [r.params.entropy_bound for r, _ in rows], torch.stack(u), torch.stack(noise), mask,
+                           soft=any(lane.step_index > 1 for _, lane in rows), fused=self.fused)
         self.stats.decoder_passes += 1
         self.stats.denoise_steps += len(rows)
-        for i, r in enumerate(rows):
-            p = r.params
+        self.stats.last_rows = len(rows)
+        for r in reqs:
             r.result.steps[-1] += 1
-            a = out.argmax[i]
-            hist = r.history
-            stable = len(hist) >= p.stability_threshold and all(
-                torch.equal(prev, a) for prev in hist[len(hist) - p.stability_threshold:])
-            if p.stability_threshold:
-                hist.append(a)
-                del hist[: -p.stability_threshold]
-            settled = stable and out.mean_entropy[i] < p.confidence_threshold
-            fixed = 0 if r.rule is None or r.rule.fixed is None else int((r.rule.fixed >= 0).sum())
-            r.last = Attempt(a, settled, out.mean_entropy[i], out.mean_entropy[i] * c / max(1, c - fixed))
-            if r.step_events:
-                mask = out.accepted[i]
-                events.append(StepEvent(r.request_id, r.canvas, r.result.steps[-1], a.tolist(), int(mask.sum()),
-                                        out.mean_entropy[i], mask.tolist(), r.attempt))
-            new = None if r.constraint is None else r.constraint.update(r.canvas, r.attempt, r.result.steps[-1], a)
-            given_up = p.restart_after is not None and r.attempt < p.restarts and \
-                p.max_denoising_steps - r.step_index + 1 >= p.restart_after
-            if settled or r.step_index == 1 or given_up:
-                self._end_attempt(r, events)
-            else:
-                r.step_index -= 1
-                r.x, r.soft = out.next_x[i], out.soft[i]
-                if new is not None:  # the hook's rule holds from the next step: its fixed tokens go in now
-                    r.rule = self._rule(new)
-                    if r.rule is not None and r.rule.fixed is not None:
-                        r.x = torch.where(r.rule.fixed.to(r.x.device) >= 0, r.rule.fixed.to(r.x.device), r.x)
+        ended: dict[Request, list[Lane]] = {}
+        for i, (r, lane) in enumerate(rows):
+            if self._advance(r, lane, out, i, events):
+                ended.setdefault(r, []).append(lane)
+        for r, lanes in ended.items():
+            self._end_attempts(r, lanes, events)
 
-    def _end_attempt(self, req: Request, events: list) -> None:
-        """Keep the better attempt; restart the canvas, or emit it and commit it or finish."""
+    def _advance(self, r: Request, lane: Lane, out: sampler.Step, i: int, events: list) -> bool:
+        """Lane ``lane`` after the step whose row ``i`` of ``out`` is its own: its attempt's state, its step
+        event and constraint hook, then True if the attempt ends (settled, at the last step of the schedule, or
+        given up after ``restart_after`` steps while another attempt can start), else its next input."""
+        p = r.params
+        a = out.argmax[i]
+        hist = lane.history
+        stable = len(hist) >= p.stability_threshold and all(
+            torch.equal(prev, a) for prev in hist[len(hist) - p.stability_threshold:])
+        if p.stability_threshold:
+            hist.append(a)
+            del hist[: -p.stability_threshold]
+        settled = stable and out.mean_entropy[i] < p.confidence_threshold
+        fixed = 0 if lane.rule is None or lane.rule.fixed is None else int((lane.rule.fixed >= 0).sum())
+        c = a.shape[0]
+        lane.last = Attempt(a, settled, out.mean_entropy[i], out.mean_entropy[i] * c / max(1, c - fixed))
+        step = r.result.steps[-1]
+        if r.step_events:
+            mask = out.accepted[i]
+            events.append(StepEvent(r.request_id, r.canvas, step, a.tolist(), int(mask.sum()),
+                                    out.mean_entropy[i], mask.tolist(), lane.attempt))
+        new = None if r.constraint is None else r.constraint.update(r.canvas, lane.attempt, step, a)
+        taken = p.max_denoising_steps - lane.step_index + 1  # steps of this attempt so far
+        given_up = p.restart_after is not None and r.attempts <= p.restarts and taken >= p.restart_after
+        if settled or lane.step_index == 1 or given_up:
+            return True
+        lane.step_index -= 1
+        lane.x, lane.soft = out.next_x[i], out.soft[i]
+        if new is not None:  # the hook's rule holds from the next step: its fixed tokens go in now
+            lane.rule = self._rule(new)
+            if lane.rule is not None and lane.rule.fixed is not None:
+                fixed_tokens = lane.rule.fixed.to(lane.x.device)
+                lane.x = torch.where(fixed_tokens >= 0, fixed_tokens, lane.x)
+        return False
+
+    def _end_attempts(self, req: Request, ended: list[Lane], events: list) -> None:
+        """Attempts ``ended`` (lanes of ``req``, in lane order) are over: keep the most confident attempt so
+        far; end the canvas if it qualifies or no attempt is left, else start new attempts in their lanes."""
         p = req.params
-        if req.best is None or req.last.rank() < req.best.rank():
-            req.best = req.last
-        if not req.best.qualifies(p) and req.attempt < p.restarts:
-            req.attempt += 1
-            self._start_canvas(req)
-            return
-        req.attempt = 0
+        for lane in ended:
+            if req.best is None or lane.last.rank() < req.best.rank():
+                req.best = lane.last
+        if not req.best.qualifies(p):
+            for lane in ended:
+                i = req.lanes.index(lane)
+                if req.attempts <= p.restarts:
+                    req.lanes[i] = self._new_lane(req)
+                else:
+                    del req.lanes[i]
+            if req.lanes:
+                return
+        self._end_canvas(req, events)
+
+    def _end_canvas(self, req: Request, events: list) -> None:
+        """Emit the kept attempt of the canvas, then commit it (more canvases to come) or finish."""
+        p = req.params
+        req.lanes = []  # attempts still running lose to one that qualified (their soft inputs are whole buffers)
         tokens = req.best.tokens
         req.result.entropy.append(req.best.free_entropy)
         if req.constraint is not None:  # e.g. a grammar cuts each slot at the terminator the model chose
@@ -322,8 +362,7 @@ class EngineCore:
         if finished:
             req.result.finish_reason = "stop" if hit_eos else "length"
             req.finished_at = now
-            req.x = req.soft = req.last = req.best = None  # the soft input keeps a whole step's buffer alive
-            req.history = []
+            req.best = None
             self.scheduler.retire(req, FINISHED)
         else:
             req.pending, req.status, req.ready_step = tokens, COMMIT, self.steps

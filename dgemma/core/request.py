@@ -2,13 +2,18 @@
 
 Life of a :class:`Request`: ``waiting`` (queued) -> ``prefill`` (holds a KV slot; its prompt is encoded,
 in chunks under the step's token budget, after whatever the prefix cache already held) -> ``denoise``
-(canvas k, attempt a, one decoder pass and one sampler step per engine step) -> ``commit`` (the chosen
-canvas goes through the encoder) -> ``denoise`` (canvas k+1) ... -> ``finished``; ``aborted`` from any state.
-The last canvas is never committed.
+(canvas k: one decoder pass and one sampler step per engine step for each of its attempts in progress, its
+:class:`Lane` s) -> ``commit`` (the chosen canvas goes through the encoder) -> ``denoise`` (canvas k+1) ... ->
+``finished``; ``aborted`` from any state. The last canvas is never committed.
+
+Attempts (restarts): a canvas is denoised up to ``1 + params.restarts`` times from fresh noise, up to
+``params.parallel_attempts`` of them at once, each a row of the same decoder pass reading the request's one
+KV slot. The first attempt that qualifies (``Attempt.qualifies``) ends the canvas; if none does, the most
+confident one is kept when the last ends.
 
 A request owns its RNG: one CPU ``torch.Generator`` seeded with ``params.seed`` that draws only for this
 request (a canvas's starting noise, then per step the uniforms and the re-noise tokens), so its random
-numbers do not depend on what else is running.
+numbers do not depend on what else is running (its lanes draw in lane order).
 
 A request holds one canvas constraint (``dgemma.constraints``; ``initial_canvas`` and ``pinned_canvas``
 are one), asked for a rule at the start of each denoising of a canvas and after each of its steps.
@@ -80,6 +85,19 @@ class Attempt:
 
 
 @dataclass(eq=False)
+class Lane:
+    """One attempt at a canvas in progress: a row of the decoder pass that reads its request's KV slot."""
+
+    attempt: int  # which attempt of the canvas, from 0
+    x: torch.Tensor  # [C] decoder input of the next step
+    rule: CanvasRule | None  # the constraint's rule for the next step (resolved; None: free)
+    step_index: int  # counts down from max_denoising_steps to 1 (the temperature schedule's index)
+    soft: torch.Tensor | None = None  # [C, d] self-conditioning input of the next step (None: first step)
+    history: list[torch.Tensor] = field(default_factory=list)  # previous argmax canvases, newest last
+    last: Attempt | None = None  # this attempt's state after its latest step
+
+
+@dataclass(eq=False)
 class Request:
     request_id: Any
     prompt_ids: list[int]
@@ -93,13 +111,8 @@ class Request:
     encoded: int = 0  # prompt tokens whose K/V are in the slot (prefix-cache hits included)
     # the canvas in progress
     canvas: int = 0
-    attempt: int = 0
-    step_index: int = 0  # counts down from max_denoising_steps to 1 (the temperature schedule's index)
-    rule: CanvasRule | None = None  # the constraint's rule for the current step (resolved; None: free)
-    x: torch.Tensor | None = None  # [C] decoder input of the next step
-    soft: torch.Tensor | None = None  # [C, d] self-conditioning input of the next step (None: first step)
-    history: list[torch.Tensor] = field(default_factory=list)  # previous argmax canvases, newest last
-    last: Attempt | None = None  # this attempt's state after its latest step
+    lanes: list[Lane] = field(default_factory=list)  # its attempts in progress (params.parallel_attempts at most)
+    attempts: int = 0  # attempts of this canvas started so far
     best: Attempt | None = None  # the most confident finished attempt of this canvas
     pending: torch.Tensor | None = None  # [C] the canvas to commit next
     ready_step: int = 0  # the engine step since which it waits for the encoder (commit or prompt chunk)

@@ -3,8 +3,8 @@
 Request bodies follow OpenAI's chat and completions APIs; unknown fields are ignored. dgemma's sampling
 options ride along as extra body fields under their ``generation_config.json`` names
 (``max_denoising_steps``, ``entropy_bound``, ``t_max``, ``t_min``, ``stability_threshold``,
-``confidence_threshold``, ``restarts``, ``restart_entropy``, ``restart_after``, plus ``initial_canvas`` /
-``pinned_canvas``) and are validated by ``SamplingParams``. ``temperature`` and ``top_p`` are accepted and
+``confidence_threshold``, ``restarts``, ``restart_entropy``, ``restart_after``, ``parallel_attempts``, plus
+``initial_canvas`` / ``pinned_canvas``) and are validated by ``SamplingParams``. ``temperature`` and ``top_p`` are accepted and
 ignored: the sampler's temperature is the ``t_max`` -> ``t_min`` schedule over the denoising steps.
 ``include_drafts: true`` adds a ``draft`` chunk per denoising step to a stream (dgemma's extension);
 ``ignore_eos: true`` generates ``max_tokens`` tokens whatever the model says (as vLLM's field of that name).
@@ -27,8 +27,8 @@ Seed = Annotated[int, Strict(), Field(ge=-(2**63), le=2**63 - 1)]
 
 # The sampling options taken from a request body, under their generation_config.json names.
 SAMPLING_FIELDS = ("max_denoising_steps", "entropy_bound", "t_max", "t_min", "stability_threshold",
-                   "confidence_threshold", "restarts", "restart_entropy", "restart_after", "initial_canvas",
-                   "pinned_canvas")
+                   "confidence_threshold", "restarts", "restart_entropy", "restart_after", "parallel_attempts",
+                   "initial_canvas", "pinned_canvas")
 
 
 class ApiError(Exception):
@@ -95,6 +95,7 @@ class SamplingFields(_Body):
     restarts: Int | None = None
     restart_entropy: float | None = None
     restart_after: Int | None = None
+    parallel_attempts: Int | None = None
     initial_canvas: list[Int] | None = None
     pinned_canvas: list[Int] | None = None
     response_format: dict[str, Any] | None = None

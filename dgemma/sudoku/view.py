@@ -49,8 +49,10 @@ def solve_live(engine, puzzle: sb.Board, params: dict, console: Console | None =
     previous = None
     answer = puzzle
     with Live(render(puzzle, puzzle, None, "step 0"), console=console, auto_refresh=False) as live:
+        shown = 0  # the step drawn last: other attempts of the same pass (parallel_attempts) are not drawn
         for event in engine.stream(sb.format_board(puzzle), constraint=constraint, **params):
-            if isinstance(event, StepUpdate):
+            if isinstance(event, StepUpdate) and event.step != shown:
+                shown = event.step
                 draft = task.answer_board(engine.decode(event.draft_tokens))
                 again = f"attempt {event.attempt + 1}  " if event.attempt else ""
                 live.update(render(puzzle, draft, previous,

@@ -72,6 +72,8 @@ class CanvasState:
         if hasattr(event, "draft_tokens"):  # a denoising step
             mask = list(event.accepted_mask) or [True] * len(event.draft_tokens)
             attempt = getattr(event, "attempt", 0)
+            if event.canvas == self.canvas and event.step == self.step and attempt != self.attempt:
+                return  # another attempt of the same pass (parallel_attempts): the view follows the first
             if event.canvas != self.canvas or event.step == 1 or attempt != self.attempt:
                 before, before_ok = [None] * len(mask), [False] * len(mask)
             else:
