@@ -75,7 +75,7 @@ def solve(engine, boards, mode: str, keep: float, restarts: int, batch: int = 32
         cons = None if mode == "fresh" else [
             WarmRestart(mode, keep, 1000 + i + j, engine.config.vocab_size, digit_of) for j in range(len(chunk))]
         for c in engine.generate([sb.format_board(b) for b in chunk], constraint=cons,
-                                 **{**SOLVE_DEFAULTS, "restarts": restarts}):
+                                 **{**SOLVE_DEFAULTS, "restarts": restarts, "parallel_attempts": 1}):
             out.append((task.answer_board(c.text), sum(c.steps)))
     return out
 

@@ -64,7 +64,8 @@ class StepUpdate:
     accepted: int
     mean_entropy: float
     accepted_mask: list[bool] = field(default_factory=list)  # positions that kept their sampled token
-    attempt: int = 0  # with restarts: which denoising of this canvas, from 0 (``step`` counts them all)
+    attempt: int = 0  # with restarts: which denoising of this canvas, from 0 (``step`` counts the canvas's
+    # decoder passes across attempts; with parallel_attempts the attempts of one pass share its step)
 
 
 @dataclass

@@ -45,9 +45,10 @@ class SamplingParams:
     # the first that qualifies, else the most confident: settled before unsettled, then lowest entropy.
     restarts: int = 0
     restart_entropy: float | None = None
-    # An attempt that has not settled after this many steps is given up while a restart remains (it still
-    # competes as the most confident); the temperature schedule still runs over `max_denoising_steps`, so a
-    # failing attempt costs fewer steps without cooling faster. None: every attempt may run to the cap.
+    # An attempt that has not settled after this many steps is given up when a new attempt can take its place
+    # (it still competes as the most confident); the temperature schedule still runs over
+    # `max_denoising_steps`, so a failing attempt costs fewer steps without cooling faster. None: every
+    # attempt may run to the cap.
     restart_after: int | None = None
     # How many attempts of a canvas run at once, as rows of the same decoder pass reading the request's one
     # KV slot (at most 1 + restarts). The first that qualifies ends the canvas, so with restarts the answer

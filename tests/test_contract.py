@@ -227,7 +227,7 @@ def test_sudoku_train_output_loads_in_transformers(tmp_path, capsys):
                  "--set", "train.batch_size=4", "--set", "train.micro_batch=4", "--set", "train.save_every=0"]) == 0
     final = Path(json.loads(capsys.readouterr().out.splitlines()[-1])["model"])
     assert _read(final / genconfig.DGEMMA_FILE) == {k: SOLVE_DEFAULTS[k] for k in ("restarts", "restart_entropy",
-                                                                                  "seed")}
+                                                                                  "parallel_attempts", "seed")}
     check_transformers_loads(final)
     params = dgemma.load(final).defaults
     assert {k: getattr(params, k) for k in SOLVE_DEFAULTS if k != "seed"} == \

@@ -85,6 +85,12 @@ def test_restart_after_replaces_a_given_up_lane_while_attempts_remain(engine):
     # attempts 0, 1 given up after 2 passes; attempts 2, 3 (the last two) run to the cap: 2 + 4 passes
     assert result.steps == [6] and rows == 12
     assert [(e.step, e.attempt) for e in steps if e.step in (2, 3)] == [(2, 0), (2, 1), (3, 2), (3, 3)]
+    # one attempt left for two given-up lanes: the first lane takes it, the second keeps its attempt running
+    result, steps, rows = _run(engine, [2, 5], seed=1, restarts=2, restart_after=2, max_denoising_steps=4,
+                               parallel_attempts=2)
+    assert [(e.step, e.attempt) for e in steps] == [(1, 0), (1, 1), (2, 0), (2, 1), (3, 2), (3, 1), (4, 2), (4, 1),
+                                                    (5, 2), (6, 2)]
+    assert result.steps == [6] and rows == 10
 
 
 def test_lanes_of_several_requests_share_a_pass_and_each_gets_its_solo_tokens(engine):

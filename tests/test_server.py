@@ -142,6 +142,11 @@ def test_same_text_as_engine_generate(server, ckpt, engine):
     two = client.completions.create(model=ckpt.name, prompt="The printing press", max_tokens=40, seed=6, n=2,
                                     extra_body=FAST)
     assert two.choices[1].text == local.text
+    # dgemma's attempt options ride along as body fields: two attempts per pass, as the engine runs them
+    racing = {**FAST, "restarts": 3, "parallel_attempts": 2}
+    out = client.completions.create(model=ckpt.name, prompt="The printing press", max_tokens=40, seed=7,
+                                    extra_body=racing)
+    assert out.choices[0].text == engine.generate("The printing press", max_new_tokens=40, seed=7, **racing).text
 
 
 def test_streaming_with_drafts_and_usage(server, ckpt):

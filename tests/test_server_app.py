@@ -68,6 +68,7 @@ def test_routes_and_limits(app_client):
     ({"messages": USER, "restart_after": 1.5}, "restart_after"),
     ({"messages": USER, "parallel_attempts": 0}, "parallel_attempts"),
     ({"messages": USER, "parallel_attempts": 65}, "parallel_attempts"),
+    ({"messages": USER, "parallel_attempts": 5}, "parallel_attempts"),  # above the server's limit of 4
     ({"messages": USER, "pinned_canvas": [1, 2]}, "pinned_canvas"),
     ({"messages": USER, "chat_template_kwargs": {"enable_thinking": "yes"}}, "chat_template_kwargs.enable_thinking"),
     ({"messages": USER, "stop": ["a", "b", "c", "d", "e"]}, "stop"),

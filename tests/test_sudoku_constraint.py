@@ -38,7 +38,8 @@ def test_clue_constraint_holds_on_every_step_of_every_restart(scrambled):
     cells = CellTokens(engine)
     assert cells.digits == [task.SPECIALS.__len__() + d for d in range(10)] and cells.eos == 1
     # no canvas settles (confidence threshold 0): each attempt runs to its 3-step cap, then restarts
-    params = {**SOLVE_DEFAULTS, "max_denoising_steps": 3, "confidence_threshold": 0, "restarts": 2}
+    params = {**SOLVE_DEFAULTS, "max_denoising_steps": 3, "confidence_threshold": 0, "restarts": 2,
+              "parallel_attempts": 1}
 
     def drafts(constraint):
         events = list(engine.stream(PUZZLE, constraint=constraint, **params))

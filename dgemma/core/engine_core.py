@@ -165,6 +165,7 @@ class EngineCore:
         if req is None:
             return False
         self.scheduler.retire(req, ABORTED)
+        req.lanes, req.best = [], None  # a caller that keeps the request does not keep its pass's buffers
         req.result.finish_reason = "abort"
         req.finished_at = time.monotonic()
         return True
@@ -221,11 +222,10 @@ class EngineCore:
         """The denoising of the request's current canvas: its first ``parallel_attempts`` attempts (no more than
         ``1 + restarts``), each from fresh noise."""
         p = req.params
-        req.lanes, req.attempts, req.best = [], 0, None
+        req.attempts, req.best = 0, None
+        lanes = [self._new_lane(req) for _ in range(min(p.parallel_attempts, p.restarts + 1))]  # may raise
+        req.lanes, req.status = lanes, DENOISE
         req.result.steps.append(0)
-        req.status = DENOISE
-        for _ in range(min(p.parallel_attempts, p.restarts + 1)):
-            req.lanes.append(self._new_lane(req))
 
     def _new_lane(self, req: Request) -> Lane:
         """The next attempt at the request's current canvas: its rule and starting tokens (drawn from
@@ -283,16 +283,19 @@ class EngineCore:
         for r in reqs:
             r.result.steps[-1] += 1
         ended: dict[Request, list[Lane]] = {}
+        spare = {r: r.params.restarts + 1 - r.attempts for r in reqs}  # attempts each request can still start
         for i, (r, lane) in enumerate(rows):
-            if self._advance(r, lane, out, i, events):
+            if self._advance(r, lane, out, i, events, spare[r] > 0):
                 ended.setdefault(r, []).append(lane)
+                spare[r] -= 1
         for r, lanes in ended.items():
             self._end_attempts(r, lanes, events)
 
-    def _advance(self, r: Request, lane: Lane, out: sampler.Step, i: int, events: list) -> bool:
+    def _advance(self, r: Request, lane: Lane, out: sampler.Step, i: int, events: list, spare: bool) -> bool:
         """Lane ``lane`` after the step whose row ``i`` of ``out`` is its own: its attempt's state, its step
         event and constraint hook, then True if the attempt ends (settled, at the last step of the schedule, or
-        given up after ``restart_after`` steps while another attempt can start), else its next input."""
+        given up after ``restart_after`` steps when ``spare``: a new attempt can still take the lane), else its
+        next input."""
         p = r.params
         a = out.argmax[i]
         hist = lane.history
@@ -312,7 +315,7 @@ class EngineCore:
                                     out.mean_entropy[i], mask.tolist(), lane.attempt))
         new = None if r.constraint is None else r.constraint.update(r.canvas, lane.attempt, step, a)
         taken = p.max_denoising_steps - lane.step_index + 1  # steps of this attempt so far
-        given_up = p.restart_after is not None and r.attempts <= p.restarts and taken >= p.restart_after
+        given_up = spare and p.restart_after is not None and taken >= p.restart_after
         if settled or lane.step_index == 1 or given_up:
             return True
         lane.step_index -= 1
@@ -345,11 +348,11 @@ class EngineCore:
     def _end_canvas(self, req: Request, events: list) -> None:
         """Emit the kept attempt of the canvas, then commit it (more canvases to come) or finish."""
         p = req.params
-        req.lanes = []  # attempts still running lose to one that qualified (their soft inputs are whole buffers)
         tokens = req.best.tokens
-        req.result.entropy.append(req.best.free_entropy)
         if req.constraint is not None:  # e.g. a grammar cuts each slot at the terminator the model chose
             tokens = self._finished(req, tokens)
+        req.lanes = []  # attempts still running lose to one that qualified (their soft inputs are whole buffers)
+        req.result.entropy.append(req.best.free_entropy)
         budget = p.max_new_tokens - len(req.result.token_ids)
         new, hit_eos = sampler.cut(tokens.tolist(), set(p.eos_token_id or ()), budget)
         req.result.token_ids += new

@@ -37,7 +37,7 @@ WAITING, PREFILL, DENOISE, COMMIT, FINISHED, ABORTED = "waiting", "prefill", "de
 class StepEvent:
     request_id: Hashable
     canvas: int  # canvas index within this generation, from 0
-    step: int  # denoising step within the canvas, from 1 (restarts go on counting)
+    step: int  # decoder pass of the canvas, from 1 (restarts go on counting; the attempts of a pass share it)
     draft: list[int]  # current argmax canvas
     accepted: int  # positions that kept their sampled token this step
     mean_entropy: float

@@ -58,6 +58,7 @@ class Limits:
     max_prompt_tokens: int | None = None  # None: the core's context decides
     max_denoising_steps: int = 1024
     max_restarts: int = 16
+    max_parallel_attempts: int = 4  # rows one request adds to each decoder pass
     max_stop: int = 4  # stop strings
     max_body_bytes: int = 1 << 20
     max_queue: int | None = None  # requests waiting for a slot, past it 429 (None: 4 x max_num_seqs)
@@ -188,7 +189,8 @@ def to_sampling_params(req: SamplingFields, defaults: SamplingParams, limits: Li
     stops = req.stops()
     if len(stops) > limits.max_stop or any(not s for s in stops):
         raise ApiError(400, f"stop takes at most {limits.max_stop} non-empty strings", param="stop")
-    for field, most in (("max_denoising_steps", limits.max_denoising_steps), ("restarts", limits.max_restarts)):
+    for field, most in (("max_denoising_steps", limits.max_denoising_steps), ("restarts", limits.max_restarts),
+                        ("parallel_attempts", limits.max_parallel_attempts)):
         value = getattr(req, field)
         if value is not None and value > most:
             raise ApiError(400, f"{field} is {value}, above this server's limit of {most}", param=field)

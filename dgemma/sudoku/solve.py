@@ -16,8 +16,9 @@ SOLVE_DEFAULTS = {"max_new_tokens": task.CANVAS, "max_denoising_steps": 16, "t_m
                   # 16 steps the temperature falls twice as fast as at 32, and more wrong boards settle sure
                   # of themselves: below 1e-12 they ended the restarts (hard validation boards saturated at
                   # 67%), below 1e-18 few do. On validation puzzles (seed 4242, 200 per bucket) this solved
-                  # hard 84.0% and rated easy 92.0% in 409 / 275 steps per board, against 72.5% / - in 610 /
-                  # - for the 32-step cap with 63 restarts below 1e-12 (docs/TRAINING.md). The worst case is
+                  # hard 84.0% and rated easy 92.0% in 409 / 275 steps per board (one attempt after another),
+                  # against 72.5% / - in 610 / - for the 32-step cap with 63 restarts below 1e-12
+                  # (docs/TRAINING.md). The worst case is
                   # the same 2,048 steps (128 x 16, was 64 x 32); boards solved on the first attempt cost less.
                   # Two attempts run at once, as two rows of each decoder pass (the first that qualifies wins):
                   # one puzzle at a time, a pass costs ~1.4x but a board needs about half the passes (first 100
