@@ -21,8 +21,9 @@ SOLVE_DEFAULTS = {"max_new_tokens": task.CANVAS, "max_denoising_steps": 16, "t_m
                   # (docs/TRAINING.md). The worst case is
                   # the same 2,048 steps (128 x 16, was 64 x 32); boards solved on the first attempt cost less.
                   # Two attempts run at once, as two rows of each decoder pass (the first that qualifies wins):
-                  # one puzzle at a time, a pass costs ~1.4x but a board needs about half the passes (first 100
-                  # medium evaluation puzzles, side by side: median 165 vs 181 ms, mean 0.98 vs 1.33 s).
+                  # one puzzle at a time, a pass costs ~1.5x but a board needs about half the passes (first 100
+                  # medium evaluation puzzles, side by side: median 193 vs 205 ms, mean 1.07 vs 1.41 s;
+                  # docs/bench/sudoku-parallel-attempts-xeon.json).
                   "restarts": 127, "restart_entropy": 1e-18, "restart_after": None, "parallel_attempts": 2,
                   "seed": 0}
 
