@@ -291,11 +291,11 @@ class EngineCore:
         for r, lanes in ended.items():
             self._end_attempts(r, lanes, events)
 
-    def _advance(self, r: Request, lane: Lane, out: sampler.Step, i: int, events: list, spare: bool) -> bool:
+    def _advance(self, r: Request, lane: Lane, out: sampler.Step, i: int, events: list, replaceable: bool) -> bool:
         """Lane ``lane`` after the step whose row ``i`` of ``out`` is its own: its attempt's state, its step
         event and constraint hook, then True if the attempt ends (settled, at the last step of the schedule, or
-        given up after ``restart_after`` steps when ``spare``: a new attempt can still take the lane), else its
-        next input."""
+        given up after ``restart_after`` steps when ``replaceable``: a new attempt can still take the lane), else
+        its next input."""
         p = r.params
         a = out.argmax[i]
         hist = lane.history
@@ -315,7 +315,7 @@ class EngineCore:
                                     out.mean_entropy[i], mask.tolist(), lane.attempt))
         new = None if r.constraint is None else r.constraint.update(r.canvas, lane.attempt, step, a)
         taken = p.max_denoising_steps - lane.step_index + 1  # steps of this attempt so far
-        given_up = spare and p.restart_after is not None and taken >= p.restart_after
+        given_up = replaceable and p.restart_after is not None and taken >= p.restart_after
         if settled or lane.step_index == 1 or given_up:
             return True
         lane.step_index -= 1
