@@ -16,9 +16,10 @@ grammar needs). ``finish(canvas, tokens)`` turns the kept attempt's tokens into 
 grammar cuts each value at the terminator the model placed, as EOS cuts an answer). With
 ``parallel_attempts`` above 1 the calls of several attempts of a canvas interleave: a constraint that keeps
 state between them keeps it per attempt. Re-noised positions take uniform noise over the whole vocabulary
-(the model's input noise), whatever their set: only what the sampler draws and the draft are constrained. ``EngineCore.add`` checks
-what it can (``validate``: static rules); a rule that ``start`` or ``update`` returns later is checked when
-it arrives, and a bad one raises ValueError from ``EngineCore.step``, as any failing step does.
+(the model's input noise), whatever their set: only what the sampler draws and the draft are constrained.
+``EngineCore.add`` checks what it can (``validate``: static rules); a rule that ``start`` or ``update``
+returns later is checked when it arrives, and a bad one raises ValueError from ``EngineCore.step``, as any
+failing step does.
 
 :class:`Rules` is a fixed map canvas -> rule; :func:`pinned`, :func:`initial` and :func:`allowed` build
 one, :class:`Combined` merges several constraints. :class:`StepMask` is the rules of the rows of one

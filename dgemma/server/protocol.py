@@ -4,8 +4,9 @@ Request bodies follow OpenAI's chat and completions APIs; unknown fields are ign
 options ride along as extra body fields under their ``generation_config.json`` names
 (``max_denoising_steps``, ``entropy_bound``, ``t_max``, ``t_min``, ``stability_threshold``,
 ``confidence_threshold``, ``restarts``, ``restart_entropy``, ``restart_after``, ``parallel_attempts``, plus
-``initial_canvas`` / ``pinned_canvas``) and are validated by ``SamplingParams``. ``temperature`` and ``top_p`` are accepted and
-ignored: the sampler's temperature is the ``t_max`` -> ``t_min`` schedule over the denoising steps.
+``initial_canvas`` / ``pinned_canvas``) and are validated by ``SamplingParams``. ``temperature`` and ``top_p``
+are accepted and ignored: the sampler's temperature is the ``t_max`` -> ``t_min`` schedule over the denoising
+steps.
 ``include_drafts: true`` adds a ``draft`` chunk per denoising step to a stream (dgemma's extension);
 ``ignore_eos: true`` generates ``max_tokens`` tokens whatever the model says (as vLLM's field of that name).
 ``response_format`` (``json_object`` / ``json_schema``) and forced tool calls are compiled into canvas

@@ -268,7 +268,8 @@ def _solve(args) -> int:
             what = f"solving {len(boards)} puzzle" + ("s" if len(boards) != 1 else "")
             with _bar(what, len(boards), announce=False) as tick:
                 found = solve_boards(engine, boards, args.batch, tick, seed=args.seed, constrain=args.constrain,
-                                     restarts=args.restarts, restart_entropy=args.restart_entropy, **attempt_shape(args))
+                                     restarts=args.restarts, restart_entropy=args.restart_entropy,
+                                     **attempt_shape(args))
             yield from (a for a, _ in found)
             return
         from dgemma.sudoku.view import solve_live
